@@ -1,0 +1,82 @@
+"""Configuration: JSON-Schema validation with defaults, errors that name the key, input-mode checks."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from .bids import LabelError, check_label
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+DEFAULT_CONFIG = REPO / "config" / "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value that brainfuse cannot run with; the message names the key."""
+
+
+def _with_defaults(validator_class):
+    """A validator that fills in ``default`` values before checking (the jsonschema FAQ recipe)."""
+    validate_props = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def load_schema() -> dict:
+    with open(SCHEMA) as f:
+        return yaml.safe_load(f)
+
+
+def _key(error) -> str:
+    path = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties":
+        # The offending key is in the message, not the path: name it in full.
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        path += extra[:1]
+    return ".".join(path) or "<top level>"
+
+
+def validate(config: dict) -> dict:
+    """Return a validated copy of ``config`` with defaults filled in, or raise ConfigError."""
+    config = copy.deepcopy(dict(config))
+    errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  config key '{_key(e)}': {e.message}" for e in errors]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    if config["bids_dir"] and config["dicom_dir"]:
+        raise ConfigError("config keys 'bids_dir' and 'dicom_dir' are both set: give one input (or neither, for the demo)")
+    try:
+        config["subjects"] = [check_label(s, "subject label") for s in config["subjects"]]
+    except LabelError as e:
+        raise ConfigError(f"config key 'subjects': {e}") from None
+    return config
+
+
+def load(path=DEFAULT_CONFIG, **overrides) -> dict:
+    """Read a YAML config, apply overrides (top-level keys), validate."""
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    config.update(overrides)
+    return validate(config)
+
+
+def input_mode(config: dict) -> str:
+    """'bids', 'dicom' or 'demo'."""
+    if config.get("bids_dir"):
+        return "bids"
+    if config.get("dicom_dir"):
+        return "dicom"
+    return "demo"

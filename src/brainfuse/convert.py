@@ -1,0 +1,1100 @@
+"""convert: one subject's raw DICOM folder -> BIDS (dcm2niix), de-identified, with a manifest of every series.
+
+Steps for one subject (:func:`convert_subject`):
+
+1. Pre-scan every file with pydicom (pixel data deferred): non-DICOM files, unreadable or truncated DICOM,
+   non-image objects (reports, DICOMDIR) and incomplete series are found here and get manifest rows.
+2. Each series (SeriesInstanceUID) is converted on its own by dcm2niix (``-z y -ba y -b y``) from a folder
+   of links to its files, so a bad series cannot take the others down and outputs map to series exactly.
+3. Every image dcm2niix writes is mapped to a BIDS name by the first matching rule (:data:`DEFAULT_RULES`
+   after the user's ``convert.rules``): regexes on SeriesDescription / ProtocolName / ImageType / any
+   sidecar field -> datatype, suffix, entities, or skip with a reason.
+4. Sidecars are scrubbed (deny-listed keys, and any key whose value contains an identifying value read
+   from the source headers), NIfTI header text fields are checked the same way, and files are moved into
+   the BIDS tree with write-to-temporary-then-rename (the image last).
+
+dcm2niix is called directly rather than through nipype's ``Dcm2niix`` interface: the interface guesses its
+outputs by parsing dcm2niix's stdout and renames nothing, whereas here each series runs in its own folder
+with a fixed output name, which is what makes the series -> output mapping exact.
+
+Identifying values never reach file names, the manifest or log lines: descriptions and paths are passed
+through the same scrubber before they are written anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .bids import ENTITY_ORDER, LabelError, bids_path, check_label
+
+log = logging.getLogger("brainfuse.convert")
+
+MANIFEST_COLUMNS = [
+    "subject", "session", "series_number", "series_description", "protocol_name", "image_type", "n_files",
+    "decision", "reason", "datatype", "suffix", "bids_name", "outputs", "source",
+]
+DECISIONS = ("converted", "skipped", "failed")
+
+# --------------------------------------------------------------------------------------------------
+# Mapping rules
+# --------------------------------------------------------------------------------------------------
+# A rule: {"name", "match": {field(s): regex}, "exclude": {field(s): regex}, "min_volumes": int,
+#          "action": "convert" | "skip", "reason": str, "datatype", "suffix", "entities": {...},
+#          "dir": "always" | "auto" | "never"}.
+# "A|B" as a field name means "A or B"; list values (ImageType) are matched joined with "\".
+# Regexes are case-insensitive ``re.search``. The first rule whose match/exclude/min_volumes all hold wins.
+_T1_NAMES = r"t1w?(?![a-z0-9])|mprage|mp[-_ ]rage|bravo|spgr|tfl3d|(?<![a-z])tfl(?![a-z])|tfe|t1[-_ ]|[-_ ]t1"
+_T1_NOT = r"mp2rage|inv[-_ ]?[12]|t1[-_ ]?map|t1rho|uni[-_ ]?den|flair"
+
+DEFAULT_RULES: list[dict] = [
+    {"name": "localizer", "action": "skip", "reason": "localizer/scout",
+     "match": {"SeriesDescription|ProtocolName|ImageType":
+               r"locali[sz]er|scout|survey|3[-_ ]?plane|aahead|(?<![a-z])loc(?![a-z])|calibration|(^|\\)LOCALIZER"}},
+    {"name": "derived-diffusion-map", "action": "skip",
+     "reason": "scanner-derived diffusion map (ADC/FA/TRACEW/tensor)",
+     "match": {"ImageType": r"(^|\\)(ADC|EADC|FA|TRACEW|TENSOR|EXP|ISODWI|COLFA|CALC_BVALUE)(\\|$)"}},
+    {"name": "derived-diffusion-name", "action": "skip",
+     "reason": "scanner-derived diffusion map (ADC/FA/TRACEW/tensor)",
+     "match": {"SeriesDescription": r"[-_ ](ADC|eADC|FA|ColFA|TRACEW|TENSOR(_B0)?|Isotropic|CALC_BVALUE)$"}},
+    {"name": "derived", "action": "skip", "reason": "derived image (ImageType DERIVED: reformat, map or post-processing)",
+     "match": {"ImageType": r"(^|\\)DERIVED(\\|$)"}},
+    {"name": "phase", "action": "skip", "reason": "phase image",
+     "match": {"ImageType": r"(^|\\)(P|PHASE)(\\|$)"}},
+    {"name": "sbref", "action": "skip", "reason": "single-band reference image (not used)",
+     "match": {"SeriesDescription|ProtocolName": r"sbref"}},
+    {"name": "dwi", "datatype": "dwi", "suffix": "dwi", "dir": "always",
+     "match": {"SeriesDescription|ProtocolName|ImageType": r"dwi|dti|diff|hardi|dmri|noddi|(^|\\)DIFFUSION(\\|$)"}},
+    {"name": "bold", "datatype": "func", "suffix": "bold", "dir": "auto", "min_volumes": 2,
+     "match": {"SeriesDescription|ProtocolName": r"bold|fmri|func|rest|task|ep2d_pace"}},
+    {"name": "T1w-normalised", "datatype": "anat", "suffix": "T1w", "entities": {"rec": "norm"},
+     "match": {"SeriesDescription|ProtocolName": _T1_NAMES, "ImageType|ImageTypeText": r"(^|\\)NORM(\\|$)"},
+     "exclude": {"SeriesDescription|ProtocolName": _T1_NOT}},
+    {"name": "T1w", "datatype": "anat", "suffix": "T1w",
+     "match": {"SeriesDescription|ProtocolName": _T1_NAMES},
+     "exclude": {"SeriesDescription|ProtocolName": _T1_NOT}},
+    # dcm2niix's own guess (sidecar field BidsGuess) for names the regexes above do not know.
+    {"name": "guess-dwi", "datatype": "dwi", "suffix": "dwi", "dir": "always", "match": {"BidsGuess": r"^dwi\\.*_dwi$"}},
+    {"name": "guess-bold", "datatype": "func", "suffix": "bold", "dir": "auto", "min_volumes": 2,
+     "match": {"BidsGuess": r"^func\\.*_bold$"}},
+    {"name": "guess-T1w", "datatype": "anat", "suffix": "T1w", "match": {"BidsGuess": r"^anat\\.*_T1w$"},
+     "exclude": {"SeriesDescription|ProtocolName": _T1_NOT}},
+    {"name": "other", "action": "skip",
+     "reason": "not T1w, BOLD or DWI by the mapping rules (add a convert.rules entry to keep it)", "match": {}},
+]
+
+RULE_KEYS = {"name", "match", "exclude", "min_volumes", "action", "reason", "datatype", "suffix", "entities", "dir"}
+RULE_ENTITIES = {"task", "acq", "ce", "rec", "dir", "run", "echo"}
+DATATYPES = {"anat", "func", "dwi", "fmap", "perf"}
+
+
+class ConvertConfigError(ValueError):
+    """A convert.* configuration value that cannot be used; the message names the key."""
+
+
+@dataclass
+class Mapping:
+    """Series -> BIDS rules plus the conversion settings from the config's ``convert`` section."""
+    rules: list = field(default_factory=lambda: list(DEFAULT_RULES))
+    task: str = "rest"
+    deny_keys: tuple = ()
+
+
+def _check_rule(rule, where: str) -> dict:
+    if not isinstance(rule, dict):
+        raise ConvertConfigError(f"config key '{where}': a rule must be a mapping")
+    unknown = set(rule) - RULE_KEYS
+    if unknown:
+        raise ConvertConfigError(f"config key '{where}.{sorted(unknown)[0]}': unknown rule key (known: {sorted(RULE_KEYS)})")
+    for part in ("match", "exclude"):
+        crit = rule.get(part, {})
+        if not isinstance(crit, dict):
+            raise ConvertConfigError(f"config key '{where}.{part}': must map field names to regular expressions")
+        for key, pattern in crit.items():
+            try:
+                re.compile(str(pattern))
+            except re.error as e:
+                raise ConvertConfigError(f"config key '{where}.{part}.{key}': invalid regular expression ({e})") from None
+    if "match" not in rule:
+        raise ConvertConfigError(f"config key '{where}.match': required (use {{}} to match every series)")
+    action = rule.get("action", "convert")
+    if action not in ("convert", "skip"):
+        raise ConvertConfigError(f"config key '{where}.action': must be 'convert' or 'skip', not {action!r}")
+    if action == "convert":
+        if rule.get("datatype") not in DATATYPES:
+            raise ConvertConfigError(f"config key '{where}.datatype': must be one of {sorted(DATATYPES)}")
+        if not re.fullmatch(r"[A-Za-z0-9]+", str(rule.get("suffix", ""))):
+            raise ConvertConfigError(f"config key '{where}.suffix': a BIDS suffix (letters and digits) is required")
+        entities = rule.get("entities", {}) or {}
+        if not isinstance(entities, dict):
+            raise ConvertConfigError(f"config key '{where}.entities': must be a mapping")
+        for key, value in entities.items():
+            if key not in RULE_ENTITIES:
+                raise ConvertConfigError(f"config key '{where}.entities.{key}': not one of {sorted(RULE_ENTITIES)}")
+            try:
+                check_label(str(value), f"entity {key}")
+            except LabelError as e:
+                raise ConvertConfigError(f"config key '{where}.entities.{key}': {e}") from None
+        if rule.get("dir", "never") not in ("always", "auto", "never"):
+            raise ConvertConfigError(f"config key '{where}.dir': must be 'always', 'auto' or 'never'")
+    if "min_volumes" in rule and not (isinstance(rule["min_volumes"], int) and rule["min_volumes"] >= 1):
+        raise ConvertConfigError(f"config key '{where}.min_volumes': must be a positive integer")
+    return dict(rule)
+
+
+def load_mapping(section: dict | None = None) -> Mapping:
+    """Mapping from the config's ``convert`` section: user ``rules`` first, then the defaults.
+
+    Keys: ``rules`` (list of rules, default []), ``default_rules`` (bool, default true),
+    ``task`` (BOLD task label when neither the rule nor the series name gives one, default "rest"),
+    ``deny_keys`` (extra sidecar keys to remove, default []).
+    """
+    section = dict(section or {})
+    unknown = set(section) - {"rules", "default_rules", "task", "deny_keys"}
+    if unknown:
+        raise ConvertConfigError(f"config key 'convert.{sorted(unknown)[0]}': unknown key")
+    rules = section.get("rules") or []
+    if not isinstance(rules, list):
+        raise ConvertConfigError("config key 'convert.rules': must be a list of rules")
+    user = [_check_rule(r, f"convert.rules[{i}]") for i, r in enumerate(rules)]
+    for i, r in enumerate(user):
+        r.setdefault("name", f"convert.rules[{i}]")
+    defaults = section.get("default_rules", True)
+    if not isinstance(defaults, bool):
+        raise ConvertConfigError("config key 'convert.default_rules': must be true or false")
+    try:
+        task = check_label(str(section.get("task", "rest")), "task label")
+    except LabelError as e:
+        raise ConvertConfigError(f"config key 'convert.task': {e}") from None
+    deny = section.get("deny_keys") or []
+    if not isinstance(deny, list) or not all(isinstance(k, str) for k in deny):
+        raise ConvertConfigError("config key 'convert.deny_keys': must be a list of sidecar key names")
+    return Mapping(rules=user + (list(DEFAULT_RULES) if defaults else []), task=task, deny_keys=tuple(deny))
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return "\\".join(_text(v) for v in value)
+    return str(value)
+
+
+def match_rule(rule: dict, fields: dict) -> bool:
+    """Whether ``rule`` applies to an image with these header/sidecar ``fields``."""
+    for key, pattern in rule.get("match", {}).items():
+        if not any(re.search(pattern, _text(fields.get(k)), re.I) for k in key.split("|")):
+            return False
+    for key, pattern in rule.get("exclude", {}).items():
+        if any(re.search(pattern, _text(fields.get(k)), re.I) for k in key.split("|")):
+            return False
+    if rule.get("min_volumes") and fields.get("_volumes", 1) < rule["min_volumes"]:
+        return False
+    return True
+
+
+def first_rule(rules, fields) -> dict | None:
+    return next((r for r in rules if match_rule(r, fields)), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# De-identification
+# --------------------------------------------------------------------------------------------------
+# Header fields whose values identify a person, a place or a date (DICOM PS3.15 basic profile, the
+# parts that occur in MR exports). Their values, read from every source file, are searched for in
+# everything written.
+IDENTIFYING_KEYWORDS = (
+    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate", "PatientBirthTime",
+    "PatientBirthName", "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "PatientAge",
+    "PatientWeight", "PatientSize", "IssuerOfPatientID", "MedicalRecordLocator", "InstitutionName",
+    "InstitutionAddress", "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber",
+    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
+    "PerformingPhysicianName", "OperatorsName", "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord",
+    "RequestingPhysician", "AccessionNumber", "StudyID", "StudyDate", "SeriesDate", "AcquisitionDate",
+    "ContentDate", "AcquisitionDateTime", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+    "RequestedProcedureID", "PerformedProcedureStepID", "ScheduledProcedureStepID",
+)
+# Sidecar keys always removed (dcm2niix -ba y keeps some of them), besides any key with Patient (but
+# PatientPosition), Date, UID, Physician, Operator or Institution in its name.
+DENY_KEYS = {
+    "StationName", "DeviceSerialNumber", "AccessionNumber", "StudyID", "StudyDescription",
+    "ProcedureStepDescription", "PerformedProcedureStepDescription", "RequestedProcedureDescription",
+    "ImageComments", "SeriesComments", "StudyComments", "AcquisitionComments", "BidsGuess",
+}
+_DENY_RE = re.compile(r"^(?!PatientPosition$)Patient|Date|UID$|Physician|Operator|Institution")
+_PLACEHOLDERS = {"anonymous", "anonymized", "anonymised", "anon", "none", "unknown", "n/a", "null", "removed",
+                 "deidentified", "de-identified", "nil", "xxx"}
+REMOVED = "[removed]"
+
+
+def _tokens(value: str) -> list[str]:
+    return re.findall(r"[A-Za-z0-9]+", value)
+
+
+class Scrubber:
+    """Finds and removes identifying values (read from the source headers) in any text."""
+
+    def __init__(self, values=()):
+        self.values: set[str] = set()
+        self._patterns: list[re.Pattern] = []
+        for v in values:
+            self.add(v)
+
+    def add(self, value) -> None:
+        value = str(value).strip()
+        if not value or value in self.values:
+            return
+        alnum = "".join(_tokens(value))
+        if len(alnum) < 3 or value.lower() in _PLACEHOLDERS or len(set(alnum)) == 1:
+            return
+        self.values.add(value)
+        variants = [_tokens(value)]
+        if re.fullmatch(r"\d{8}", value):                # DICOM date YYYYMMDD: also YYYY-MM-DD etc.
+            variants.append([value[:4], value[4:6], value[6:]])
+        if "^" in value or "=" in value:                  # person name: each component of 4+ characters
+            variants += [[c] for c in re.split(r"[\^=]", value) if len("".join(_tokens(c))) >= 4]
+        for toks in variants:
+            if not toks:
+                continue
+            body = r"[^A-Za-z0-9]{0,3}".join(re.escape(t) for t in toks)
+            short = len("".join(toks)) < 6 or "".join(toks).isdigit() or len(toks) == 1 and len(toks[0]) < 8
+            pattern = rf"(?<![A-Za-z0-9]){body}(?![A-Za-z0-9])" if short else body
+            self._patterns.append(re.compile(pattern, re.I))
+
+    def found(self, text) -> bool:
+        text = _text(text)
+        return any(p.search(text) for p in self._patterns)
+
+    def clean(self, text) -> str:
+        text = _text(text)
+        for p in self._patterns:
+            text = p.sub(REMOVED, text)
+        return text
+
+    def found_bytes(self, data: bytes) -> bool:
+        return self.found(data.decode("latin-1"))
+
+
+def identifying_values(ds) -> list[str]:
+    """Values of the identifying header fields of one pydicom dataset (top level)."""
+    out = []
+    for kw in IDENTIFYING_KEYWORDS:
+        try:
+            value = ds.get(kw)
+        except Exception:       # a corrupt element: its value is unknown, nothing to search for
+            continue
+        if value is None or value == "":
+            continue
+        values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+        out += [str(v) for v in values if str(v).strip()]
+    return out
+
+
+def scrub_sidecar(meta: dict, scrubber: Scrubber, deny_keys=()) -> tuple[dict, list[str]]:
+    """Sidecar without deny-listed keys and without any key whose value holds an identifying value."""
+    deny = DENY_KEYS | set(deny_keys)
+    clean, removed = {}, []
+    for key, value in meta.items():
+        if key in deny or _DENY_RE.search(key) or scrubber.found(key) or _holds_identifying(value, scrubber):
+            removed.append(key)
+        else:
+            clean[key] = value
+    return clean, removed
+
+
+def _holds_identifying(value, scrubber: Scrubber) -> bool:
+    if isinstance(value, dict):
+        return any(scrubber.found(k) or _holds_identifying(v, scrubber) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_identifying(v, scrubber) for v in value)
+    if isinstance(value, bool) or value is None:
+        return False
+    if isinstance(value, (int, float)):
+        return str(value) in scrubber.values
+    return scrubber.found(value)
+
+
+# NIfTI-1 header text fields (offset, length): data_type, db_name, descrip, aux_file, intent_name.
+_NIFTI_TEXT = ((4, 10), (14, 18), (148, 80), (228, 24), (328, 16))
+
+
+def _scrub_nifti(src: Path, dst: Path, scrubber: Scrubber) -> None:
+    """Copy a .nii.gz, blanking header text fields that hold identifying values; refuse identifying
+    values anywhere else in the header or its extensions."""
+    with gzip.open(src, "rb") as f:
+        head = bytearray(f.read(352))
+        vox_offset = int(np.frombuffer(bytes(head[108:112]), "<f4")[0]) if len(head) >= 352 else 352
+        ext = f.read(max(vox_offset - 352, 0))
+    changed = False
+    for off, n in _NIFTI_TEXT:
+        if scrubber.found_bytes(bytes(head[off:off + n]).split(b"\0")[0]):
+            head[off:off + n] = b"\0" * n
+            changed = True
+    if scrubber.found_bytes(bytes(head) + ext):
+        raise ValueError("identifying value in the NIfTI header extension")
+    if not changed:
+        shutil.copyfile(src, dst)
+        return
+    with gzip.open(src, "rb") as f, gzip.open(dst, "wb", compresslevel=6) as g:
+        f.read(352)
+        g.write(bytes(head))
+        shutil.copyfileobj(f, g, 1 << 20)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pre-scan
+# --------------------------------------------------------------------------------------------------
+_DICOMDIR_SOP = "1.2.840.10008.1.3.10"
+# Storage classes that always carry pixel data (MR, enhanced MR, CT, enhanced CT, secondary capture, PET).
+_IMAGE_SOP = {"1.2.840.10008.5.1.4.1.1." + s for s in ("4", "4.1", "4.3", "2", "2.1", "7", "128", "130")}
+_NON_IMAGE_SOP = {"1.2.840.10008.5.1.4.1.1.66": "raw data", "1.2.840.10008.5.1.4.1.1.88.22": "structured report",
+                  "1.2.840.10008.5.1.4.1.1.4.2": "MR spectroscopy", "1.2.840.10008.5.1.4.1.1.104.1": "encapsulated PDF"}
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)     # PixelData, FloatPixelData, DoubleFloatPixelData
+
+
+@dataclass
+class DicomFile:
+    path: Path
+    series_uid: str
+    study_uid: str
+    series_number: int | None
+    description: str
+    protocol: str
+    image_type: str
+    has_pixels: bool
+    sop_class: str
+    instance: int | None
+    position: tuple | None
+    frames: int
+    temporal_positions: int | None
+    locations: int | None
+    mosaic: bool
+
+
+@dataclass
+class Series:
+    uid: str
+    files: list = field(default_factory=list)
+
+    @property
+    def first(self) -> DicomFile:
+        return self.files[0]
+
+    @property
+    def number(self):
+        return self.first.series_number
+
+
+@dataclass
+class BadFile:
+    path: Path
+    decision: str       # skipped (not DICOM) | failed (corrupt)
+    reason: str
+
+
+def _int(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_header(path: Path):
+    """(pydicom dataset, None) or (None, BadFile). Pixel data are not read, but their extent is checked
+    against the file size, and an image object without pixel data is reported as truncated."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.tag import Tag
+
+    try:
+        ds = pydicom.dcmread(str(path), defer_size=1024)
+    except InvalidDicomError:
+        return None, BadFile(path, "skipped", "not a DICOM file")
+    except Exception as e:  # pydicom raises many kinds on damaged files
+        return None, BadFile(path, "failed", f"corrupt DICOM: unreadable header ({type(e).__name__})")
+    try:
+        meta = getattr(ds, "file_meta", None)
+        sop = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else "") or "")
+        if sop == _DICOMDIR_SOP or path.name.upper() == "DICOMDIR":
+            return None, BadFile(path, "skipped", "DICOMDIR (index of the export, no image)")
+        pixel = next((ds._dict[Tag(t)] for t in _PIXEL_TAGS if Tag(t) in ds._dict), None)
+        if pixel is not None:
+            length, tell = getattr(pixel, "length", None), getattr(pixel, "value_tell", None)
+            size = path.stat().st_size
+            if length is not None and tell is not None and length != 0xFFFFFFFF and tell + length > size:
+                return None, BadFile(path, "failed",
+                                     f"corrupt DICOM: truncated pixel data ({max(size - tell, 0)} of {length} bytes)")
+        elif sop in _IMAGE_SOP or "Rows" in ds:
+            return None, BadFile(path, "failed", "corrupt DICOM: image object without pixel data (truncated file?)")
+        if not ds.get("SeriesInstanceUID"):
+            return None, BadFile(path, "failed", "corrupt DICOM: no SeriesInstanceUID (truncated file?)")
+        return ds, None
+    except Exception as e:
+        return None, BadFile(path, "failed", f"corrupt DICOM: {type(e).__name__} while reading the header")
+
+
+def _describe(ds, path: Path) -> DicomFile:
+    def get(kw, default=None):
+        try:
+            return ds.get(kw, default)
+        except Exception:
+            return default
+
+    ipp = get("ImagePositionPatient")
+    try:
+        position = tuple(round(float(v), 2) for v in ipp) if ipp is not None and len(ipp) == 3 else None
+    except (TypeError, ValueError):
+        position = None
+    image_type = _text(list(get("ImageType") or []))
+    sop = str(get("SOPClassUID", "") or "")
+    has_pixels = any(t in ds._dict for t in (0x7FE00010, 0x7FE00008, 0x7FE00009))
+    locations = None
+    try:
+        if (0x0021, 0x104F) in ds:          # GE LocationsInAcquisition
+            locations = _int(ds[0x0021, 0x104F].value)
+    except Exception:
+        pass
+    return DicomFile(
+        path=path, series_uid=str(get("SeriesInstanceUID", "") or ""), study_uid=str(get("StudyInstanceUID", "") or ""),
+        series_number=_int(get("SeriesNumber")), description=str(get("SeriesDescription", "") or ""),
+        protocol=str(get("ProtocolName", "") or ""), image_type=image_type, has_pixels=has_pixels, sop_class=sop,
+        instance=_int(get("InstanceNumber")), position=position, frames=_int(get("NumberOfFrames")) or 1,
+        temporal_positions=_int(get("NumberOfTemporalPositions")), locations=locations,
+        mosaic="MOSAIC" in image_type.upper())
+
+
+def scan(dicom_dir) -> tuple[list[Series], list[BadFile], Scrubber]:
+    """Every file under ``dicom_dir``: series (by SeriesInstanceUID), bad files, identifying values."""
+    dicom_dir = Path(dicom_dir)
+    scrubber = Scrubber()
+    series: dict[str, Series] = {}
+    bad: list[BadFile] = []
+    for root, dirs, files in os.walk(dicom_dir, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            if not path.is_file():
+                bad.append(BadFile(path, "skipped", "not a regular file"))
+                continue
+            ds, problem = read_header(path)
+            if problem:
+                bad.append(problem)
+                continue
+            for v in identifying_values(ds):
+                scrubber.add(v)
+            info = _describe(ds, path)
+            series.setdefault(info.series_uid, Series(info.series_uid)).files.append(info)
+    ordered = sorted(series.values(), key=lambda s: (s.number if s.number is not None else 10**9, str(s.first.path)))
+    return ordered, bad, scrubber
+
+
+def check_complete(series: Series) -> str | None:
+    """Why a series looks incomplete, or None. Uses slice positions, instance numbers and the expected
+    counts the headers give (NumberOfTemporalPositions, GE LocationsInAcquisition)."""
+    files = [f for f in series.files if f.has_pixels]
+    n = len(files)
+    instances = sorted(f.instance for f in files if f.instance is not None)
+    if len(instances) == n and n > 1:
+        duplicates = [i for i, c in Counter(instances).items() if c > 1]
+        if not duplicates and instances[-1] - instances[0] + 1 > n:
+            missing = sorted(set(range(instances[0], instances[-1] + 1)) - set(instances))
+            return f"incomplete series: {n} files, instance numbers {instances[0]}..{instances[-1]} ({len(missing)} missing)"
+    if all(f.frames == 1 and not f.mosaic and f.position is not None for f in files) and n > 1:
+        per_position = Counter(f.position for f in files)
+        counts = sorted(set(per_position.values()))
+        if len(counts) > 1:
+            return (f"incomplete series: {n} files over {len(per_position)} slice positions with "
+                    f"{counts[0]} to {counts[-1]} images each (missing slices)")
+        volumes = counts[0]
+        expected_t = max((f.temporal_positions or 0) for f in files)
+        locations = max((f.locations or 0) for f in files)
+        if locations and len(per_position) < locations:
+            return f"incomplete series: {len(per_position)} slice positions, the header says {locations}"
+        if expected_t > 1 and volumes < expected_t and len({f.temporal_positions for f in files}) == 1:
+            return f"incomplete series: {volumes} volumes, the header says {expected_t}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# dcm2niix
+# --------------------------------------------------------------------------------------------------
+def dcm2niix_binary() -> str:
+    """The dcm2niix executable: the PyPI package's binary, else the one on PATH."""
+    try:
+        import dcm2niix
+
+        if os.access(dcm2niix.bin, os.X_OK):
+            return dcm2niix.bin
+    except ImportError:
+        pass
+    found = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
+    if not os.access(found, os.X_OK):
+        raise FileNotFoundError("dcm2niix not found (pip install dcm2niix)")
+    return found
+
+
+def dcm2niix_version() -> str:
+    out = subprocess.run([dcm2niix_binary(), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"v\d+\.\d+\.\d+", out)
+    return m[0] if m else "unknown"
+
+
+def run_dcm2niix(files, out_dir: Path, timeout: int = 600) -> tuple[int, str]:
+    """Convert exactly ``files`` (one series) into ``out_dir`` as img*.nii.gz (+ .json, .bval, .bvec)."""
+    src = out_dir / "in"
+    dst = out_dir / "out"
+    src.mkdir(parents=True)
+    dst.mkdir()
+    for i, f in enumerate(files):
+        os.symlink(os.path.abspath(f), src / f"{i:06d}.dcm")
+    cmd = [dcm2niix_binary(), "-z", "y", "-ba", "y", "-b", "y", "-f", "img", "-o", str(dst), str(src)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
+        return r.returncode, r.stdout + r.stderr
+    except subprocess.TimeoutExpired:
+        return -1, f"dcm2niix timed out after {timeout} s"
+
+
+_VARIANT_RE = re.compile(r"^img(?P<variant>.*)\.nii\.gz$")
+
+
+def _messages(text: str, scrubber: Scrubber, work: Path) -> list[str]:
+    """dcm2niix warnings/errors, without paths or identifying values."""
+    out = []
+    for line in text.splitlines():
+        if re.search(r"warning|error|unable|missing|not stacked|corrupt|abort", line, re.I):
+            line = line.replace(str(work), "").strip()
+            out.append(scrubber.clean(line)[:300])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Naming
+# --------------------------------------------------------------------------------------------------
+_AXIS_NAMES = (("L", "R"), ("P", "A"), ("I", "S"))    # RAS: +x points R, +y A, +z S
+
+
+def pe_dir_label(pe: str | None, affine) -> str | None:
+    """BIDS ``dir`` label (from-to, e.g. AP) of a PhaseEncodingDirection (i, j-, …) given the image affine.
+
+    ``j`` means phase encoding along +j, so the label names where +j starts and ends in the world:
+    for dcm2niix's usual axial output (+j pointing anterior) ``j`` is PA and ``j-`` is AP.
+    """
+    m = re.fullmatch(r"([ijk])(-?)", str(pe or ""))
+    if not m or affine is None:
+        return None
+    axis = np.asarray(affine)[:3, "ijk".index(m[1])] * (-1 if m[2] else 1)
+    world = int(np.argmax(np.abs(axis)))
+    lo, hi = _AXIS_NAMES[world]
+    return lo + hi if axis[world] > 0 else hi + lo
+
+
+def description_entities(text: str) -> dict:
+    """ReproIn-style entities in a series name (``func-bold_task-rest_acq-mb``): task, acq, ce, rec, dir."""
+    out = {}
+    for key in ("task", "acq", "ce", "rec", "dir"):
+        m = re.search(rf"(?:^|[_\- ]){key}-([A-Za-z0-9]+)", text)
+        if m:
+            out[key] = m[1]
+    return out
+
+
+def description_dir(text: str) -> str | None:
+    m = re.search(r"(?<![A-Za-z])(AP|PA|LR|RL|SI|IS)(?![A-Za-z])", text)
+    return m[1] if m else None
+
+
+@dataclass
+class Candidate:
+    """One image written by dcm2niix and what the rules decided for it."""
+    series: Series
+    variant: str
+    files: dict                 # ext -> path in the work folder
+    sidecar: dict
+    volumes: int
+    affine: np.ndarray | None
+    rule: dict | None = None
+    decision: str = ""
+    reason: str = ""
+    datatype: str = ""
+    suffix: str = ""
+    entities: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    dir_label: str | None = None
+
+    @property
+    def echo(self):
+        m = re.match(r"_e(\d+)", self.variant)
+        return int(m[1]) if m else None
+
+
+def _fields(c: Candidate) -> dict:
+    f = c.series.first
+    fields = {"SeriesDescription": f.description, "ProtocolName": f.protocol, "ImageType": f.image_type}
+    fields.update({k: v for k, v in c.sidecar.items() if v not in (None, "")})
+    fields["_volumes"] = c.volumes
+    return fields
+
+
+def _decide(c: Candidate, mapping: Mapping, scrubber: Scrubber) -> None:
+    fields = _fields(c)
+    rule = first_rule(mapping.rules, fields)
+    c.rule = rule
+    if rule is None:
+        c.decision, c.reason = "skipped", "no mapping rule matched"
+        return
+    if rule.get("action", "convert") == "skip":
+        c.decision, c.reason = "skipped", f"{rule.get('reason') or 'skipped by rule'} (rule {rule['name']})"
+        return
+    if re.fullmatch(r"_(ph|real|imaginary)", c.variant) or c.variant.endswith("_ph"):
+        c.decision, c.reason = "skipped", f"{c.variant.strip('_')} image written by dcm2niix alongside the magnitude"
+        return
+    c.decision = "converted"
+    c.datatype, c.suffix = rule["datatype"], rule["suffix"]
+    names = " ".join(str(fields.get(k, "")) for k in ("SeriesDescription", "ProtocolName"))
+    ents = {k: v for k, v in description_entities(names).items() if k != "dir" and not scrubber.found(v)}
+    ents.update({k: str(v) for k, v in (rule.get("entities") or {}).items()})
+    if c.suffix == "bold":
+        ents.setdefault("task", mapping.task)
+    if c.echo is not None:
+        ents["echo"] = str(c.echo)
+    c.entities = ents
+    c.reason = f"rule {rule['name']}"
+    if c.datatype == "dwi" and not ("bval" in c.files and "bvec" in c.files):
+        c.decision, c.reason = "skipped", "diffusion series without b-values/b-vectors from dcm2niix (derived or trace image?)"
+
+
+def _assign_dirs(cands: list[Candidate]) -> None:
+    """``dir`` entity: from PhaseEncodingDirection + affine, else from the series name; 'auto' rules add it
+    only when images of the same kind differ in it."""
+    for c in cands:
+        mode = (c.rule or {}).get("dir", "never")
+        if "dir" in c.entities or mode == "never":
+            c.dir_label = c.entities.get("dir")
+            continue
+        label = pe_dir_label(c.sidecar.get("PhaseEncodingDirection"), c.affine)
+        named = description_dir(" ".join([c.series.first.description, c.series.first.protocol]))
+        if label and named and label != named:
+            c.notes.append(f"dir-{label} from PhaseEncodingDirection, although the series name says {named}")
+        if not label and named:
+            c.notes.append(f"dir-{named} from the series name (no phase-encoding polarity in the headers)")
+        c.dir_label = label or named
+        if not c.dir_label and mode == "always":
+            c.notes.append("no dir entity: phase-encoding polarity unknown")
+    groups = defaultdict(list)
+    for c in cands:
+        if (c.rule or {}).get("dir") == "auto" and "dir" not in c.entities:
+            groups[(c.datatype, c.suffix, tuple(sorted((k, v) for k, v in c.entities.items() if k != "run")))].append(c)
+    for c in cands:
+        mode = (c.rule or {}).get("dir", "never")
+        if "dir" in c.entities or not c.dir_label:
+            continue
+        if mode == "always":
+            c.entities["dir"] = c.dir_label
+        elif mode == "auto":
+            key = (c.datatype, c.suffix, tuple(sorted((k, v) for k, v in c.entities.items() if k != "run")))
+            if len({g.dir_label for g in groups[key]}) > 1:
+                c.entities["dir"] = c.dir_label
+
+
+def _assign_runs(cands: list[Candidate]) -> None:
+    """run-1, run-2, … (in series order) when several images would otherwise get the same name."""
+    groups = defaultdict(list)
+    for c in cands:
+        key = (c.datatype, c.suffix, tuple(sorted((k, v) for k, v in c.entities.items() if k not in ("run", "echo"))))
+        groups[key].append(c)
+    for members in groups.values():
+        series = []
+        for c in members:
+            if c.series.uid not in series:
+                series.append(c.series.uid)
+        if len(series) > 1 and not any("run" in c.entities for c in members):
+            for c in members:
+                c.entities["run"] = str(series.index(c.series.uid) + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+def _write_json(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _install(c: Candidate, bids_root: Path, subject: str, session: str | None, scrubber: Scrubber,
+             mapping: Mapping) -> None:
+    """Write one image's files into the BIDS tree: all to temporary names first, then renamed, image last."""
+    image = Path(bids_path(bids_root, subject, c.datatype, c.suffix, ".nii.gz", ses=session, **c.entities))
+    image.parent.mkdir(parents=True, exist_ok=True)
+    meta, removed = scrub_sidecar(c.sidecar, scrubber, mapping.deny_keys)
+    if c.suffix == "bold":
+        meta["TaskName"] = c.entities.get("task", mapping.task)
+    if removed:
+        c.notes.append(f"{len(removed)} sidecar keys removed")
+    staged = []          # (temporary, final)
+    try:
+        for ext in ("bval", "bvec"):
+            if ext in c.files and c.datatype == "dwi":
+                final = image.with_name(image.name.replace(".nii.gz", f".{ext}"))
+                tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+                shutil.copyfile(c.files[ext], tmp)
+                staged.append((tmp, final))
+        final = image.with_name(image.name.replace(".nii.gz", ".json"))
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        staged.append((tmp, final))
+        tmp = image.with_name(f".{image.name}.{os.getpid()}.tmp")
+        _scrub_nifti(c.files["nii.gz"], tmp, scrubber)
+        staged.append((tmp, image))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, final in staged:
+            for p in (tmp, final):
+                if p.exists():
+                    p.unlink()
+        raise
+    c.outputs = [os.path.relpath(final, bids_root) for _, final in staged]
+
+
+# --------------------------------------------------------------------------------------------------
+# One subject
+# --------------------------------------------------------------------------------------------------
+def _row(subject, session, series: Series | None, scrubber: Scrubber, dicom_dir: Path, **values) -> dict:
+    row = dict.fromkeys(MANIFEST_COLUMNS, "")
+    row.update(subject=f"sub-{subject}", session=f"ses-{session}" if session else "")
+    if series is not None:
+        f = series.first
+        row.update(series_number=f.series_number if f.series_number is not None else "",
+                   series_description=scrubber.clean(f.description), protocol_name=scrubber.clean(f.protocol),
+                   image_type=f.image_type, n_files=len(series.files),
+                   source=scrubber.clean(os.path.relpath(f.path.parent, dicom_dir)))
+    row.update({k: scrubber.clean(v) if isinstance(v, str) else v for k, v in values.items()})
+    return row
+
+
+def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = None, mapping=None,
+                    work_dir=None, timeout: int = 600) -> pd.DataFrame:
+    """Convert one subject's (or session's) DICOM folder into ``bids_root``; return its manifest rows.
+
+    ``mapping``: a :class:`Mapping`, the config's ``convert`` section (dict) or None (defaults).
+    Every series found gets at least one row (decision converted / skipped / failed, with a reason);
+    files that are not DICOM or are corrupt get one row each. Nothing is written for a series that fails.
+    """
+    subject = check_label(subject, "subject label")
+    session = check_label(session, "session label") if session else None
+    mapping = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
+    dicom_dir, bids_root = Path(dicom_dir), Path(bids_root)
+    if not dicom_dir.is_dir():
+        raise FileNotFoundError(f"{dicom_dir}: DICOM folder of sub-{subject} does not exist")
+    tag = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+    series_list, bad, scrubber = scan(dicom_dir)
+    rows = []
+    for b in bad:
+        rel = scrubber.clean(os.path.relpath(b.path, dicom_dir))
+        rows.append(_row(subject, session, None, scrubber, dicom_dir, decision=b.decision, reason=b.reason, source=rel))
+        (log.warning if b.decision == "failed" else log.info)("%s: %s: %s: %s", tag, b.decision, rel, b.reason)
+    if not series_list:
+        reason = f"nothing usable: no DICOM image series among {len(bad)} files" if bad else "nothing usable: the folder holds no files"
+        rows.append(_row(subject, session, None, scrubber, dicom_dir, decision="failed", reason=reason, source="."))
+        log.error("%s: %s", tag, reason)
+        return _frame(rows)
+
+    work_root = Path(tempfile.mkdtemp(prefix=f"brainfuse-convert-{tag}-", dir=work_dir))
+    try:
+        cands: list[Candidate] = []
+        for index, series in enumerate(series_list):
+            label = f"{tag}: series {series.number} '{scrubber.clean(series.first.description)}'"
+            images = [f for f in series.files if f.has_pixels]
+            if not images:
+                what = _NON_IMAGE_SOP.get(series.first.sop_class, "no pixel data")
+                rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="skipped",
+                                 reason=f"not an image ({what}; SOP class {series.first.sop_class})"))
+                log.info("%s skipped: not an image", label)
+                continue
+            problem = check_complete(series)
+            if problem:
+                rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="failed", reason=problem))
+                log.error("%s failed: %s", label, problem)
+                continue
+            work = work_root / f"series{index:04d}"
+            rc, text = run_dcm2niix([f.path for f in images], work, timeout)
+            messages = _messages(text, scrubber, work)
+            for m in messages:
+                log.info("%s: dcm2niix: %s", label, m)
+            produced = sorted((work / "out").glob("img*.nii.gz"))
+            if rc != 0 or not produced:
+                last = f": {messages[-1]}" if messages else ""
+                why = (f"dcm2niix failed (exit code {rc}){last}" + (" (partial output discarded)" if produced else "")
+                       if rc != 0 else f"dcm2niix wrote no image{last}")
+                rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="failed", reason=why))
+                log.error("%s failed: %s", label, rows[-1]["reason"])
+                continue
+            series_cands = []
+            for nii in produced:
+                variant = _VARIANT_RE.match(nii.name)["variant"]
+                stem = nii.name[: -len(".nii.gz")]
+                files = {"nii.gz": nii}
+                for ext in ("json", "bval", "bvec"):
+                    p = nii.with_name(f"{stem}.{ext}")
+                    if p.exists():
+                        files[ext] = p
+                try:
+                    sidecar = json.loads(files["json"].read_text()) if "json" in files else {}
+                    import nibabel as nib
+                    hdr = nib.load(str(nii))
+                    volumes = hdr.shape[3] if len(hdr.shape) > 3 else 1
+                    affine = hdr.affine
+                except Exception as e:
+                    rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="failed",
+                                     reason=f"unreadable dcm2niix output ({type(e).__name__})"))
+                    continue
+                series_cands.append(Candidate(series, variant, files, sidecar, volumes, affine, notes=[]))
+            # dcm2niix split the series for a reason other than echoes/phase (geometry varies, etc.).
+            odd = [c for c in series_cands if not re.fullmatch(r"(_e\d+)?(_ph|_real|_imaginary)?", c.variant)]
+            if len(odd) > 1:
+                names = ", ".join(c.variant.strip("_") for c in odd[:4])
+                rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="failed",
+                                 reason=f"dcm2niix split the series into {len(series_cands)} images ({names}, …): "
+                                        f"inconsistent geometry or missing files"))
+                log.error("%s failed: %s", label, rows[-1]["reason"])
+                continue
+            for c in series_cands:
+                if c in odd and any(o.variant == "" for o in series_cands):
+                    c.decision = "skipped"
+                    c.reason = f"extra image dcm2niix wrote for the series (variant {c.variant.strip('_')})"
+                else:
+                    _decide(c, mapping, scrubber)
+            cands.extend(series_cands)
+
+        keep = [c for c in cands if c.decision == "converted"]
+        _assign_dirs(keep)
+        _assign_runs(keep)
+        for c in cands:
+            label = f"{tag}: series {c.series.number} '{scrubber.clean(c.series.first.description)}'"
+            if c.decision == "converted":
+                try:
+                    _install(c, bids_root, subject, session, scrubber, mapping)
+                except Exception as e:
+                    c.decision, c.reason = "failed", f"could not write the BIDS files ({type(e).__name__}: {scrubber.clean(str(e))[:200]})"
+            reason = "; ".join([c.reason] + c.notes)
+            bids_name = c.outputs[-1] if c.outputs else ""
+            rows.append(_row(subject, session, c.series, scrubber, dicom_dir, decision=c.decision, reason=reason,
+                             datatype=c.datatype if c.decision == "converted" else "",
+                             suffix=c.suffix if c.decision == "converted" else "",
+                             bids_name=bids_name, outputs=";".join(c.outputs)))
+            if c.decision == "converted":
+                log.info("%s -> %s", label, bids_name)
+            else:
+                (log.error if c.decision == "failed" else log.info)("%s %s: %s", label, c.decision, reason)
+    finally:
+        shutil.rmtree(work_root, ignore_errors=True)
+    frame = _frame(rows)
+    if not (frame["decision"] == "converted").any():
+        log.warning("%s: no series converted (%d rows in the manifest)", tag, len(frame))
+    return frame
+
+
+def _frame(rows) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    frame["series_number"] = frame["series_number"].astype(str)
+    frame["n_files"] = frame["n_files"].astype(str)
+    return frame
+
+
+def produced_files(manifest: pd.DataFrame) -> dict:
+    """What one subject's conversion produced: {'images': {modality: [...]}, 'files': [...]}, paths
+    relative to the BIDS root (the checkpoint's view of a subject)."""
+    from .bids import IMAGING
+
+    by_suffix = {suffix: modality for modality, (_, suffix) in IMAGING.items()}
+    images, files = defaultdict(list), []
+    for _, row in manifest[manifest["decision"] == "converted"].iterrows():
+        files += [p for p in str(row["outputs"]).split(";") if p]
+        images[by_suffix.get(row["suffix"], row["suffix"])].append(row["bids_name"])
+    return {"images": {k: sorted(v) for k, v in images.items()}, "files": sorted(files)}
+
+
+def write_manifest(manifest: pd.DataFrame, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    manifest.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+    os.replace(tmp, path)
+
+
+def read_manifest(path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset level
+# --------------------------------------------------------------------------------------------------
+def write_dataset_files(bids_root, manifest, clinical_tsv=None, name: str = "brainfuse conversion") -> pd.DataFrame:
+    """dataset_description.json, README (if absent) and participants.tsv (+ .json) for a converted dataset.
+
+    ``manifest``: a DataFrame (all subjects) or paths of per-subject manifest TSVs. participants.tsv lists
+    the subjects with at least one converted image, merged (left join) with the user's clinical table
+    (``participant_id`` with or without the ``sub-`` prefix). Returns the participants table.
+    """
+    from . import __version__
+
+    bids_root = Path(bids_root)
+    bids_root.mkdir(parents=True, exist_ok=True)
+    if not isinstance(manifest, pd.DataFrame):
+        paths = [manifest] if isinstance(manifest, (str, os.PathLike)) else list(manifest)
+        manifest = pd.concat([read_manifest(p) for p in paths], ignore_index=True) if paths else _frame([])
+    _write_json({
+        "Name": name, "BIDSVersion": "1.10.0", "DatasetType": "raw",
+        "GeneratedBy": [{"Name": "brainfuse", "Version": __version__,
+                         "Description": "DICOM to BIDS conversion (brainfuse.convert) with dcm2niix"},
+                        {"Name": "dcm2niix", "Version": dcm2niix_version()}],
+    }, bids_root / "dataset_description.json")
+    readme = bids_root / "README"
+    if not readme.exists():
+        readme.write_text("Converted from DICOM by brainfuse (dcm2niix, de-identified sidecars).\n"
+                          "Every series found, converted or not, is listed in the conversion manifest.\n")
+    converted = manifest[manifest["decision"] == "converted"]
+    subjects = sorted(set(converted["subject"]))
+    table = pd.DataFrame({"participant_id": subjects})
+    sidecar = None
+    if clinical_tsv:
+        clinical = pd.read_csv(clinical_tsv, sep="\t", dtype=str, keep_default_na=False)
+        if "participant_id" not in clinical.columns:
+            raise ValueError(f"{clinical_tsv}: no participant_id column")
+        ids = []
+        for i, value in enumerate(clinical["participant_id"]):
+            try:
+                ids.append("sub-" + check_label(str(value).strip(), "participant_id"))
+            except LabelError as e:
+                raise ValueError(f"{clinical_tsv}: row {i + 2}: {e}") from None
+        clinical["participant_id"] = ids
+        dup = clinical["participant_id"][clinical["participant_id"].duplicated()].tolist()
+        if dup:
+            raise ValueError(f"{clinical_tsv}: participant_id repeated: {sorted(set(dup))[:5]}")
+        extra = sorted(set(clinical["participant_id"]) - set(subjects))
+        missing = sorted(set(subjects) - set(clinical["participant_id"]))
+        if extra:
+            log.warning("participants: %d rows of the clinical table have no converted images (e.g. %s)", len(extra), extra[:3])
+        if missing:
+            log.warning("participants: %d converted subjects are not in the clinical table (e.g. %s)", len(missing), missing[:3])
+        table = table.merge(clinical, on="participant_id", how="left")
+        side = Path(re.sub(r"\.tsv$", ".json", str(clinical_tsv)))
+        if side.exists() and side != Path(clinical_tsv):
+            sidecar = json.loads(side.read_text())
+    table = table.fillna("n/a").replace("", "n/a")
+    tmp = bids_root / f".participants.tsv.{os.getpid()}.tmp"
+    table.to_csv(tmp, sep="\t", index=False)
+    os.replace(tmp, bids_root / "participants.tsv")
+    if sidecar is not None:
+        _write_json(sidecar, bids_root / "participants.json")
+    return table
+
+
+def discover(dicom_root) -> list[tuple[str, str | None, Path]]:
+    """(subject, session, folder) for each subject folder under ``dicom_root`` (sessions: sub-folders all
+    named ``ses-*``). Labels are the folder names without ``sub-``/``ses-`` and non-alphanumerics;
+    two folders that give the same label are an error."""
+    dicom_root = Path(dicom_root)
+    if not dicom_root.is_dir():
+        raise FileNotFoundError(f"dicom_dir {dicom_root} does not exist")
+    out, seen = [], {}
+    for sub_dir in sorted(p for p in dicom_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        subject = re.sub(r"[^A-Za-z0-9]", "", re.sub(r"^sub-", "", sub_dir.name))
+        if not subject:
+            raise ValueError(f"{sub_dir}: cannot make a subject label from this folder name")
+        if subject in seen:
+            raise ValueError(f"{sub_dir} and {seen[subject]} both give subject label {subject!r}")
+        seen[subject] = sub_dir
+        children = [p for p in sub_dir.iterdir() if not p.name.startswith(".")]
+        sessions = [p for p in children if p.is_dir() and p.name.startswith("ses-")]
+        if sessions and len(sessions) == len(children):
+            for ses_dir in sorted(sessions):
+                out.append((subject, check_label(ses_dir.name, f"session folder {ses_dir}"), ses_dir))
+        else:
+            out.append((subject, None, sub_dir))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def _convert_section(config_path) -> dict:
+    if not config_path:
+        return {}
+    import yaml
+
+    with open(config_path) as f:
+        return (yaml.safe_load(f) or {}).get("convert") or {}
+
+
+def _setup_logging(log_file=None) -> None:
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
+
+
+def cli(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "dataset":
+        ap = argparse.ArgumentParser(prog="brainfuse convert dataset",
+                                     description="Write dataset_description.json, participants.tsv and the merged manifest.")
+        ap.add_argument("--bids-dir", required=True)
+        ap.add_argument("--subject-manifests", nargs="*", default=[], help="per-subject manifest TSVs")
+        ap.add_argument("--manifest", required=True, help="merged manifest TSV to write")
+        ap.add_argument("--participants-tsv", help="clinical table to merge into participants.tsv")
+        ap.add_argument("--log")
+        args = ap.parse_args(argv[1:])
+        _setup_logging(args.log)
+        frames = [read_manifest(p) for p in args.subject_manifests]
+        manifest = pd.concat(frames, ignore_index=True) if frames else _frame([])
+        write_dataset_files(args.bids_dir, manifest, args.participants_tsv)
+        write_manifest(manifest, args.manifest)
+        counts = manifest["decision"].value_counts().to_dict()
+        log.info("dataset: %d subjects, %s", manifest["subject"].nunique(), counts)
+        return 0
+    ap = argparse.ArgumentParser(prog="brainfuse convert",
+                                 description="Convert one subject's DICOM folder to BIDS (dcm2niix), with a manifest. "
+                                             "`brainfuse convert dataset --help` for the dataset-level files.")
+    ap.add_argument("--dicom-dir", required=True, help="this subject's (or session's) DICOM folder")
+    ap.add_argument("--bids-dir", required=True, help="BIDS root to write into")
+    ap.add_argument("--subject", required=True, help="subject label (with or without sub-)")
+    ap.add_argument("--session", help="session label")
+    ap.add_argument("--config", help="brainfuse config YAML (its convert: section is used)")
+    ap.add_argument("--manifest", required=True, help="this subject's manifest TSV to write")
+    ap.add_argument("--outputs", help="JSON listing the BIDS files produced (default: manifest path with .json)")
+    ap.add_argument("--work-dir", help="where dcm2niix writes before files are moved (default: system temp)")
+    ap.add_argument("--log", help="also write log lines to this file")
+    args = ap.parse_args(argv)
+    _setup_logging(args.log)
+    try:
+        mapping = load_mapping(_convert_section(args.config))
+        manifest = convert_subject(args.dicom_dir, args.bids_dir, args.subject, args.session, mapping, args.work_dir)
+    except (ConvertConfigError, LabelError, FileNotFoundError) as e:
+        print(f"brainfuse convert: {e}", file=sys.stderr)
+        return 2
+    write_manifest(manifest, args.manifest)
+    outputs = Path(args.outputs) if args.outputs else Path(re.sub(r"\.tsv$", "", str(args.manifest)) + ".json")
+    info = {"subject": f"sub-{check_label(args.subject)}",
+            "session": f"ses-{check_label(args.session)}" if args.session else None,
+            **produced_files(manifest), "decisions": manifest["decision"].value_counts().to_dict()}
+    outputs.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(info, outputs)
+    return 0

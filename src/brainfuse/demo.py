@@ -1,0 +1,713 @@
+"""The embedded phantom dataset: a small multimodal cohort with known ground truth, generated offline.
+
+Generative model (every number below is in the config's ``demo`` section or stored in ``truth/``):
+
+* Each participant has a diagnosis (``classes``, balanced) and one latent *disease score* per effect,
+  ``s ~ N(mu[class], 1)`` (see ``LATENT_MEANS``), scaled by the effect strength. Images, clinical scores and
+  serum values are deterministic, monotone functions of these scores plus nuisance (anatomy, motion,
+  noise), so the Bayes-optimal accuracy computed from the scores (with the realised missingness) is an
+  upper bound on what any model can reach; it is written to ``truth/bayes.json``.
+* Anatomy: the head model (nilearn's MNI152 2009a symmetric brain with CSF, skull and scalp shells added)
+  seen through a known mapping ``z = y + u(y)``, ``y = A x`` from subject world coordinates ``x`` to template
+  coordinates ``z`` (RAS mm). ``A`` is a random affine, ``u`` a smooth random warp plus the planted
+  atrophy (a radial expansion of the template around both putamina: the subject's putamen is smaller).
+  Stored as ANTs/ITK files: ``[warp, affine]`` as ``ants.apply_transforms`` takes them with the subject as
+  the fixed image.
+* T1w: head model intensity x smooth bias field x 1000, Rician noise.
+* DWI: one diffusion tensor per voxel (white matter along a coarse direction field, isotropic GM/CSF,
+  FA lowered in the left corticospinal tract by the ``fa`` score), S = S0 exp(-b g'Dg), per-volume rigid
+  head motion ``H_k`` (volume 0 is the reference), Rician noise. A head rotation R turns the gradient
+  the head sees into g' = R^T g, which is also the true corrected b-vector.
+* BOLD: six networks of Gaussian nodes in grey matter with band-limited time courses; the coupling of
+  the somatomotor and striatal networks follows the ``connectivity`` score; per-volume rigid motion.
+
+Motion convention: ``H_k`` (4x4, world mm) maps reference-frame points to where they are in volume k,
+``I_k(H_k p) = I_ref(p)``, rotation about the centre of the image's field of view.
+All images are stored LAS (negative determinant), as dcm2niix writes axial scans, so FSL-convention
+b-vectors are plain voxel-frame vectors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from .bids import TEMPLATE, bids_path
+
+# Class means of the latent disease scores (rows follow config demo.classes; 2-class configs use the first two).
+LATENT_MEANS = {  # control, PD, iRBD
+    "atrophy": (0.0, 1.7, 0.85),       # aMRI: putamen volume loss
+    "fa": (0.0, 0.85, 1.7),            # DTI: FA loss in the left corticospinal tract
+    "connectivity": (0.0, 0.55, 1.7),  # fMRI: somatomotor-striatal decoupling
+    "motor": (0.0, 1.7, 0.4),          # clinical: updrs_iii
+    "rbd": (0.0, 0.4, 2.1),            # clinical: rbdsq
+    "serum": (0.0, 1.1, 1.1),          # serum: nfl_pg_ml
+}
+EFFECT_OF = {"atrophy": "atrophy", "fa": "fa", "connectivity": "connectivity",
+             "motor": "clinical", "rbd": "clinical", "serum": "serum"}
+NEEDS = {"fa": "dwi", "connectivity": "bold"}   # scores observable only when that scan exists
+
+PUTAMEN = np.array([[-24.0, 2.0, 2.0], [24.0, 2.0, 2.0]])
+ATROPHY_SIGMA = 10.0      # mm
+ATROPHY_PER_SCORE = 0.06  # radial expansion of the subject->template map per unit score
+NETWORKS = {  # node centres (template mm); Gaussian nodes of NODE_SIGMA in grey matter
+    "visual": [(-10, -90, 2), (10, -90, 2)],
+    "somatomotor": [(-38, -22, 56), (38, -22, 56)],
+    "default": [(0, -56, 30), (0, 50, 2), (-46, -66, 32), (46, -66, 32)],
+    "salience": [(-38, 16, 2), (38, 16, 2), (0, 22, 36)],
+    "frontoparietal": [(-44, 30, 30), (44, 30, 30), (-40, -52, 46), (40, -52, 46)],
+    "striatal": [(-24, 2, 2), (24, 2, 2), (-12, 12, 8), (12, 12, 8)],
+}
+NODE_SIGMA = 8.0
+BOLD_AMPLITUDE = 0.03     # fractional signal change of a network node
+B0_SIGNAL = {"wm": 1.0, "gm": 1.3, "csf": 2.2, "skull": 0.05, "scalp": 0.15}
+BOLD_SIGNAL = {"wm": 0.8, "gm": 1.0, "csf": 1.3, "skull": 0.02, "scalp": 0.3}
+T1_SHELLS = {"csf": 0.12, "skull": 0.06, "scalp": 0.85}
+PHANTOM_MANUFACTURER = "brainfuse phantom"
+
+
+# --------------------------------------------------------------------------------------------- plan
+@dataclass
+class SubjectPlan:
+    label: str
+    index: int
+    diagnosis: str
+    scores: dict
+    has_dwi: bool
+    has_bold: bool
+    age: float
+    sex: str
+    site: str
+    dicom: bool = False
+
+
+def plan(cfg: dict) -> list[SubjectPlan]:
+    """Who is in the cohort, with labels, scores and availability. Cheap: Snakemake calls it at parse time."""
+    rng = np.random.default_rng([cfg["seed"], 0])
+    classes = cfg["classes"]
+    n = cfg["n_subjects"]
+    y = rng.permutation(np.arange(n) % len(classes))
+    width = max(3, len(str(n)))
+    subjects = []
+    for i in range(n):
+        scores = {k: float(rng.normal(cfg["effects"][EFFECT_OF[k]] * m[y[i]], 1.0)) for k, m in LATENT_MEANS.items()}
+        subjects.append(SubjectPlan(
+            label=f"{i + 1:0{width}d}", index=i, diagnosis=classes[y[i]], scores=scores,
+            has_dwi=bool(rng.random() >= cfg["missing"]["dwi"]), has_bold=bool(rng.random() >= cfg["missing"]["bold"]),
+            age=round(float(rng.normal(66, 7)), 1), sex=str(rng.choice(["F", "M"])), site=str(rng.choice(["A", "B"]))))
+    complete = [s for s in subjects if s.has_dwi and s.has_bold]
+    for s in complete[: cfg["dicom_subjects"]]:
+        s.dicom = True
+    return subjects
+
+
+def bayes_accuracy(cfg: dict, n_samples: int = 200_000) -> dict:
+    """Monte-Carlo accuracy of the Bayes classifier on the latent scores, under the configured missingness.
+
+    The scores are what the images and tables encode (monotone, noise-free functions of them), so no
+    model can beat this on data from this generator; anatomy, motion and noise only lower what is reachable.
+    """
+    rng = np.random.default_rng([cfg["seed"], 99])
+    k = len(cfg["classes"])
+    names = list(LATENT_MEANS)
+    mu = np.array([[cfg["effects"][EFFECT_OF[n]] * LATENT_MEANS[n][c] for n in names] for c in range(k)])
+    y = rng.integers(0, k, n_samples)
+    s = mu[y] + rng.normal(size=(n_samples, len(names)))
+    observed = np.ones_like(s, dtype=bool)
+    for j, n in enumerate(names):
+        if n in NEEDS:
+            observed[:, j] = rng.random(n_samples) >= cfg["missing"][NEEDS[n]]
+    loglik = -0.5 * (((s[:, None, :] - mu[None]) ** 2) * observed[:, None, :]).sum(-1)
+    full = -0.5 * ((s[:, None, :] - mu[None]) ** 2).sum(-1)
+    return {"bayes_accuracy": float((loglik.argmax(1) == y).mean()),
+            "bayes_accuracy_all_modalities": float((full.argmax(1) == y).mean()),
+            "chance": 1.0 / k, "n_samples": n_samples, "latent_means": {n: mu[:, j].tolist() for j, n in enumerate(names)}}
+
+
+# --------------------------------------------------------------------------------------- head model
+@dataclass
+class HeadModel:
+    """Template-space maps on one grid: T1 intensity, tissue probabilities, brain mask."""
+    affine: np.ndarray
+    t1: np.ndarray
+    tissues: dict          # wm, gm, csf, skull, scalp -> probability maps summing to <= 1
+    brain: np.ndarray
+
+    def sample(self, volume: np.ndarray, points: np.ndarray, order: int = 1) -> np.ndarray:
+        """Values of ``volume`` at world points (N, 3), linear interpolation, 0 outside."""
+        vox = apply_affine(np.linalg.inv(self.affine), points)
+        return ndimage.map_coordinates(volume, vox.T, order=order, mode="constant", cval=0.0)
+
+
+@lru_cache(maxsize=2)
+def head_model(resolution: int = 2, pad_mm: float = 18.0) -> HeadModel:
+    """nilearn's packaged (brain-only) template with CSF, skull and scalp shells, on a padded grid."""
+    from nilearn import datasets, image
+
+    t1 = datasets.load_mni152_template(resolution=resolution)
+    pad = int(round(pad_mm / resolution))
+    shape = tuple(np.array(t1.shape) + 2 * pad)
+    affine = t1.affine.copy()
+    affine[:3, 3] -= pad * resolution
+
+    def load(img):
+        img = image.resample_img(img, target_affine=t1.affine, target_shape=t1.shape, interpolation="continuous",
+                                 force_resample=True, copy_header=True)
+        return np.pad(np.clip(img.get_fdata(dtype=np.float32), 0, None), pad)
+
+    t1d = np.pad(t1.get_fdata(dtype=np.float32), pad)
+    gm = load(datasets.load_mni152_gm_template(resolution=resolution))
+    wm = load(datasets.load_mni152_wm_template(resolution=resolution))
+    brain = (t1d > 0.05 * t1d.max()) | (gm + wm > 0.2)
+    brain = ndimage.binary_fill_holes(ndimage.binary_closing(brain, iterations=2))
+    csf = np.clip(brain - gm - wm, 0, 1) * brain
+    # Smooth head outline: distance (mm) from a blurred brain envelope.
+    envelope = ndimage.gaussian_filter(brain.astype(np.float32), 6.0 / resolution) > 0.3
+    dist = ndimage.distance_transform_edt(~envelope) * resolution
+    shells = {"csf": (0, 2.0), "skull": (2.0, 8.0), "scalp": (8.0, 14.0)}
+    tissues = {"wm": wm * brain, "gm": gm * brain, "csf": csf}
+    outside = ~brain
+    for name, (lo, hi) in shells.items():
+        shell = (outside & (dist > lo) & (dist <= hi)) | (outside & envelope & (name == "csf"))
+        tissues[name] = tissues.get(name, 0) + shell.astype(np.float32)
+    tissues = {k: ndimage.gaussian_filter(v.astype(np.float32), 0.5) for k, v in tissues.items()}
+    head_t1 = t1d / np.percentile(t1d[wm > 0.9], 50)      # white matter = 1
+    for name, value in T1_SHELLS.items():
+        head_t1 = head_t1 + value * tissues[name] * outside
+    return HeadModel(affine=affine, t1=head_t1.astype(np.float32), tissues=tissues, brain=brain)
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ affine[:3, :3].T + affine[:3, 3]
+
+
+def rotation(rx: float, ry: float, rz: float) -> np.ndarray:
+    """R = Rz @ Ry @ Rx (radians, right-handed about RAS axes)."""
+    cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
+    Rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    Ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    Rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return Rz @ Ry @ Rx
+
+
+def rigid(params, centre) -> np.ndarray:
+    """4x4 from (trans_x, trans_y, trans_z, rot_x, rot_y, rot_z): rotate about ``centre``, then translate."""
+    m = np.eye(4)
+    m[:3, :3] = rotation(*params[3:])
+    m[:3, 3] = np.asarray(centre) - m[:3, :3] @ np.asarray(centre) + np.asarray(params[:3])
+    return m
+
+
+def grid_affine(lo, hi, voxel: float):
+    """LAS grid (x axis flipped, as dcm2niix writes axial scans) covering the RAS box [lo, hi]."""
+    shape = np.ceil((np.asarray(hi) - np.asarray(lo)) / voxel).astype(int) + 1
+    affine = np.diag([-voxel, voxel, voxel, 1.0])
+    affine[:3, 3] = [lo[0] + (shape[0] - 1) * voxel, lo[1], lo[2]]
+    return tuple(int(s) for s in shape), affine
+
+
+def grid_points(shape, affine) -> np.ndarray:
+    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1).T
+    return apply_affine(affine, ijk)
+
+
+def fov_centre(shape, affine) -> np.ndarray:
+    return apply_affine(affine, (np.asarray(shape) - 1) / 2.0)
+
+
+# ------------------------------------------------------------------------------------------ anatomy
+class Anatomy:
+    """One subject's mapping from subject world coordinates to template coordinates."""
+
+    WARP_SPACING = 4.0  # mm; the warp is smooth, a coarse grid stores it exactly enough for ANTs
+
+    def __init__(self, cfg: dict, subject: SubjectPlan, head: HeadModel):
+        rng = np.random.default_rng([cfg["seed"], subject.index, 1])
+        self.head = head
+        A = np.eye(4)
+        A[:3, :3] = rotation(*np.deg2rad(rng.uniform(-6, 6, 3))) @ np.diag(rng.uniform(0.94, 1.06, 3))
+        A[:3, 3] = rng.uniform(-6, 6, 3)
+        self.A = A
+        # Smooth random warp: a few plane waves (wavelength 80-140 mm, amplitude ~1 mm each).
+        self.waves = [(rng.normal(size=3), rng.uniform(80, 140), rng.uniform(0, 2 * np.pi), rng.normal(0, 1.0, 3))
+                      for _ in range(4)]
+        self.atrophy = ATROPHY_PER_SCORE * subject.scores["atrophy"]
+        lo, hi = self._template_box()
+        self.warp_shape, warp_affine = grid_affine(lo - 8, hi + 8, self.WARP_SPACING)
+        self.warp_affine = warp_affine
+        self.warp = self.displacement(grid_points(self.warp_shape, warp_affine)).reshape(*self.warp_shape, 3)
+
+    def _template_box(self):
+        idx = np.argwhere(sum(self.head.tissues.values()) > 0.05)
+        corners = apply_affine(self.head.affine, np.array([idx.min(0), idx.max(0)], dtype=float))
+        return corners.min(0), corners.max(0)
+
+    def displacement(self, y: np.ndarray) -> np.ndarray:
+        """u(y): random warp plus the atrophy expansion about each putamen (template mm)."""
+        u = np.zeros_like(y, dtype=np.float64)
+        for direction, wavelength, phase, amplitude in self.waves:
+            k = direction / np.linalg.norm(direction) * 2 * np.pi / wavelength
+            u += np.sin(y @ k + phase)[:, None] * amplitude
+        for c in PUTAMEN:
+            d = y - c
+            u += self.atrophy * d * np.exp(-(d ** 2).sum(1) / (2 * ATROPHY_SIGMA ** 2))[:, None]
+        return u
+
+    def to_template(self, x: np.ndarray) -> np.ndarray:
+        """z = y + u(y), y = A x; u interpolated from the stored grid exactly as ANTs does."""
+        y = apply_affine(self.A, x)
+        vox = apply_affine(np.linalg.inv(self.warp_affine), y).T
+        u = np.stack([ndimage.map_coordinates(self.warp[..., i], vox, order=1, mode="nearest") for i in range(3)], 1)
+        return y + u
+
+    def subject_box(self, margin: float = 6.0):
+        """RAS bounding box of the head in subject coordinates."""
+        lo, hi = self._template_box()
+        corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+        x = apply_affine(np.linalg.inv(self.A), corners)
+        return x.min(0) - margin, x.max(0) + margin
+
+    def save(self, folder: Path, label: str):
+        """ANTs/ITK transforms (subject T1w -> template), a readable JSON, and the true log-Jacobian map."""
+        import ants  # only here: generation itself needs no ANTs
+
+        F = np.diag([-1.0, -1.0, 1.0])   # RAS <-> LPS
+        lps = F @ self.A[:3, :3] @ F
+        tx = ants.create_ants_transform(transform_type="AffineTransform", dimension=3, matrix=lps,
+                                        translation=F @ self.A[:3, 3], center=(0.0, 0.0, 0.0))
+        stem = f"sub-{label}_from-T1w_to-{TEMPLATE}"
+        ants.write_transform(tx, str(folder / f"{stem}_desc-affine_xfm.mat"))
+        field = (self.warp @ F).astype(np.float32)[:, :, :, None, :]   # ITK stores LPS components
+        img = nib.Nifti1Image(field, self.warp_affine)
+        img.header.set_intent("vector")
+        nib.save(img, folder / f"{stem}_desc-warp_xfm.nii.gz")
+        json.dump({"affine_ras": self.A.tolist(), "atrophy_expansion": self.atrophy,
+                   "ants_transformlist": [f"{stem}_desc-affine_xfm.mat", f"{stem}_desc-warp_xfm.nii.gz"],
+                   "ants_whichtoinvert": [False, False],
+                   "sense": "z = y + u(y), y = A x: subject T1w world points x (fixed) to template points z (moving); "
+                            "ants.apply_transforms(fixed=T1w, moving=template, transformlist, whichtoinvert) "
+                            "reproduces the noise-free T1w"},
+                  open(folder / f"{stem}_xfm.json", "w"), indent=2)
+
+
+def log_jacobian_truth(anatomy: Anatomy, shape, affine) -> np.ndarray:
+    """log det of d(subject)/d(template) of the nonlinear part, on a template grid (atrophy < 0)."""
+    pts = grid_points(shape, affine).astype(np.float64)
+    h = 0.5
+    J = np.zeros((len(pts), 3, 3))
+    for i in range(3):
+        e = np.zeros(3)
+        e[i] = h
+        J[:, :, i] = (anatomy.displacement(pts + e) - anatomy.displacement(pts - e)) / (2 * h)
+    J += np.eye(3)
+    return (-np.log(np.abs(np.linalg.det(J)))).reshape(shape).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- images
+def rician(signal: np.ndarray, sigma: float, rng) -> np.ndarray:
+    return np.hypot(signal + rng.normal(0, sigma, signal.shape), rng.normal(0, sigma, signal.shape))
+
+
+def bias_field(points: np.ndarray, centre: np.ndarray, rng) -> np.ndarray:
+    p = (points - centre) / 100.0
+    terms = [p[:, 0], p[:, 1], p[:, 2], p[:, 0] * p[:, 1], p[:, 1] * p[:, 2], p[:, 0] ** 2, p[:, 2] ** 2]
+    return np.exp(sum(rng.normal(0, 0.12) * t for t in terms))
+
+
+def motion_params(n: int, scale_mm: float, rng) -> np.ndarray:
+    """Slow drift plus a few jumps; volume 0 is the reference (zero motion). Rotations ~ scale at 50 mm."""
+    steps = rng.normal(0, 0.25, (n, 6))
+    steps[rng.random(n) < 0.05] *= 6
+    steps[0] = 0
+    p = np.cumsum(steps, 0)
+    p = p / max(np.abs(p).max(), 1e-9) * scale_mm
+    p[:, 3:] /= 50.0
+    return p
+
+
+def save_nifti(data, affine, path, dtype=np.int16, **header):
+    """Atomic write: a half-written image never carries the final name."""
+    img = nib.Nifti1Image(np.asarray(np.round(data) if np.issubdtype(dtype, np.integer) else data).astype(dtype), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    if "zooms" in header:
+        img.header.set_zooms(header["zooms"])
+    tmp = Path(str(path) + ".part.nii.gz")
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+
+
+def save_json(obj, path):
+    tmp = Path(str(path) + ".part")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def tissue_at(head: HeadModel, z: np.ndarray) -> dict:
+    return {k: head.sample(v, z) for k, v in head.tissues.items()}
+
+
+def _direction_field(z: np.ndarray) -> np.ndarray:
+    """Coarse white-matter orientation (template frame): callosal LR, corticospinal SI, elsewhere AP."""
+    x, y, zz = z[:, 0], z[:, 1], z[:, 2]
+    v = np.tile([0.0, 1.0, 0.0], (len(z), 1))
+    cst = (np.abs(x) > 14) & (np.abs(x) < 36) & (y > -34) & (y < 8) & (zz > -40)
+    cc = (np.abs(x) < 16) & (y > -36) & (y < 34) & (zz > 6) & (zz < 30)
+    v[cst] = [0.0, 0.0, 1.0]
+    v[cc] = [1.0, 0.0, 0.0]
+    return v
+
+
+def tract_mask(z: np.ndarray) -> np.ndarray:
+    """The left corticospinal tract region whose FA carries the ``fa`` score."""
+    x, y, zz = z[:, 0], z[:, 1], z[:, 2]
+    return (x < -14) & (x > -36) & (y > -34) & (y < 8) & (zz > -20) & (zz < 50) & ~((np.abs(x) < 16) & (zz > 6) & (zz < 30))
+
+
+def tensors_at(anatomy: Anatomy, x: np.ndarray, fa_score: float):
+    """S0 and diffusion tensors (subject RAS frame, mm^2/s) at subject points ``x``."""
+    z = anatomy.to_template(x)
+    p = tissue_at(anatomy.head, z)
+    delta = 0.12e-3 * fa_score * tract_mask(z)
+    l1, l2 = 1.7e-3 - delta, 0.3e-3 + delta / 2
+    v = _direction_field(z) @ np.linalg.inv(anatomy.A[:3, :3]).T     # template direction -> subject frame
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    d_wm = l2[:, None, None] * np.eye(3) + (l1 - l2)[:, None, None] * v[:, :, None] * v[:, None, :]
+    iso = {"gm": 0.8e-3, "csf": 3.0e-3, "skull": 1.0e-3, "scalp": 1.0e-3}
+    w = {k: p[k] * B0_SIGNAL[k] for k in p}
+    s0 = sum(w.values())
+    D = w["wm"][:, None, None] * d_wm + sum(w[k][:, None, None] * iso[k] * np.eye(3) for k in iso)
+    D /= np.maximum(s0, 1e-6)[:, None, None]
+    D[s0 < 1e-6] = 0
+    return s0, D
+
+
+def gradient_table(n_b0: int, n_dirs: int, bvalue: float, rng):
+    """b0s first and again mid-way; directions spread on the sphere (Fibonacci), random sign flips."""
+    i = np.arange(n_dirs) + 0.5
+    phi = np.arccos(1 - i / n_dirs)            # hemisphere
+    theta = np.pi * (1 + 5 ** 0.5) * i
+    g = np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], 1)
+    g *= rng.choice([-1, 1], (n_dirs, 1))
+    bvecs, bvals = list(g), [bvalue] * n_dirs
+    for k in range(n_b0):
+        at = 0 if k == 0 else (k * (n_dirs + k)) // n_b0
+        bvecs.insert(at, np.zeros(3))
+        bvals.insert(at, 0.0)
+    return np.array(bvals), np.array(bvecs)
+
+
+def network_weights(anatomy: Anatomy, z: np.ndarray) -> np.ndarray:
+    """(N, networks) node weights in grey matter at template points z."""
+    gm = anatomy.head.sample(anatomy.head.tissues["gm"], z)
+    out = np.zeros((len(z), len(NETWORKS)), dtype=np.float32)
+    for j, nodes in enumerate(NETWORKS.values()):
+        for c in nodes:
+            out[:, j] += np.exp(-((z - np.asarray(c)) ** 2).sum(1) / (2 * NODE_SIGMA ** 2))
+    return np.clip(out, 0, 1) * gm[:, None]
+
+
+def network_timecourses(cfg: dict, subject: SubjectPlan, rng) -> tuple[np.ndarray, float]:
+    """Unit-variance band-limited (0.01-0.1 Hz) courses; striatal = c * somatomotor + sqrt(1-c^2) * own."""
+    from scipy.signal import butter, sosfiltfilt
+
+    n, tr = cfg["n_bold_volumes"], cfg["repetition_time"]
+    sos = butter(2, [0.01, min(0.1, 0.45 / tr)], btype="band", fs=1.0 / tr, output="sos")
+    raw = sosfiltfilt(sos, rng.normal(size=(len(NETWORKS), n + 100)), axis=1)[:, 50:-50]
+    raw = (raw - raw.mean(1, keepdims=True)) / raw.std(1, keepdims=True)
+    names = list(NETWORKS)
+    coupling = float(np.tanh(0.9 - 0.45 * subject.scores["connectivity"]))    # monotone in the score
+    sm, st = names.index("somatomotor"), names.index("striatal")
+    own = raw[st] - (raw[st] @ raw[sm]) / n * raw[sm]           # orthogonalise so the coupling is exact
+    own /= own.std()
+    raw[st] = coupling * raw[sm] + np.sqrt(1 - coupling ** 2) * own
+    return raw.T, coupling                                        # (time, networks)
+
+
+# ---------------------------------------------------------------------------------- per-modality writers
+class SubjectPhantom:
+    """Everything needed to (re)generate one subject's images; tests use it to check stored truth."""
+
+    def __init__(self, cfg: dict, subject: SubjectPlan):
+        self.cfg, self.subject = cfg, subject
+        self.head = head_model(2 if cfg["t1_voxel_mm"] >= 2 else 1)
+        self.anatomy = Anatomy(cfg, subject, self.head)
+        lo, hi = self.anatomy.subject_box()
+        self.box = (lo, hi)
+
+    def rng(self, what: int):
+        return np.random.default_rng([self.cfg["seed"], self.subject.index, what])
+
+    # T1w -----------------------------------------------------------------------------------------
+    def t1w(self):
+        shape, affine = grid_affine(*self.box, self.cfg["t1_voxel_mm"])
+        pts = grid_points(shape, affine)
+        clean = self.head.sample(self.head.t1, self.anatomy.to_template(pts))
+        bias = bias_field(pts, fov_centre(shape, affine), self.rng(2))
+        noisy = rician(clean * bias * 1000.0, self.cfg["noise"]["t1"] * 1000.0, self.rng(3))
+        brain = self.head.sample(self.head.brain.astype(np.float32), self.anatomy.to_template(pts)) > 0.5
+        r = lambda a: a.reshape(shape)
+        return r(noisy), affine, {"clean": r(clean * 1000.0), "bias": r(bias), "brain": r(brain)}
+
+    # DWI -----------------------------------------------------------------------------------------
+    def dwi_geometry(self):
+        shape, affine = grid_affine(*self.box, self.cfg["dwi_voxel_mm"])
+        bvals, bvecs = gradient_table(self.cfg["n_b0"], self.cfg["n_directions"], self.cfg["bvalue"], self.rng(4))
+        motion = motion_params(len(bvals), self.cfg["motion_mm"]["dwi"], self.rng(5))
+        centre = fov_centre(shape, affine)
+        return shape, affine, bvals, bvecs, motion, [rigid(p, centre) for p in motion]
+
+    def dwi_motion_free(self, bvals, bvecs, H, shape, affine):
+        """Noise-free series in the head frame: volume k as the head sees gradient g' = R_k^T g_k."""
+        s0, D = tensors_at(self.anatomy, grid_points(shape, affine), self.subject.scores["fa"])
+        g_head = np.array([h[:3, :3].T @ g for h, g in zip(H, bvecs)])
+        adc = np.einsum("ki,nij,kj->nk", g_head, D, g_head)
+        series = 1000.0 * s0[:, None] * np.exp(-np.asarray(bvals)[None] * adc)
+        return series.reshape(*shape, -1).astype(np.float32), s0.reshape(shape), D.reshape(*shape, 3, 3)
+
+    def dwi(self):
+        shape, affine, bvals, bvecs, motion, H = self.dwi_geometry()
+        clean, s0, D = self.dwi_motion_free(bvals, bvecs, H, shape, affine)
+        moved = move_series(clean, H, affine)
+        data = rician(moved, self.cfg["noise"]["dwi"] * 1000.0, self.rng(6))
+        return data, affine, bvals, bvecs, motion, H, (s0, D)
+
+    # BOLD ----------------------------------------------------------------------------------------
+    def bold_geometry(self):
+        shape, affine = grid_affine(*self.box, self.cfg["bold_voxel_mm"])
+        motion = motion_params(self.cfg["n_bold_volumes"], self.cfg["motion_mm"]["bold"], self.rng(7))
+        centre = fov_centre(shape, affine)
+        return shape, affine, motion, [rigid(p, centre) for p in motion]
+
+    def bold_motion_free(self, shape, affine, tcs, drift):
+        """Noise-free series in the head frame: tissue baseline x (1 + drift + network signal)."""
+        z = self.anatomy.to_template(grid_points(shape, affine))
+        p = tissue_at(self.head, z)
+        base = sum(p[k] * BOLD_SIGNAL[k] for k in p)
+        weights = network_weights(self.anatomy, z)
+        series = 1000.0 * base[:, None] * (1 + drift[None] + BOLD_AMPLITUDE * weights @ tcs.T)
+        return series.reshape(*shape, -1).astype(np.float32)
+
+    def bold(self):
+        shape, affine, motion, H = self.bold_geometry()
+        tcs, coupling = network_timecourses(self.cfg, self.subject, self.rng(8))
+        drift = np.linspace(-0.01, 0.01, len(H))
+        moved = move_series(self.bold_motion_free(shape, affine, tcs, drift), H, affine)
+        data = moved + self.rng(9).normal(0, self.cfg["noise"]["bold"] * 1000.0, moved.shape)
+        return data, affine, motion, H, tcs, coupling
+
+
+def move_series(series: np.ndarray, H, affine) -> np.ndarray:
+    """Volume k seen after the head moved by H_k: out_k(x) = series_k(H_k^-1 x), linear interpolation."""
+    ijk = np.indices(series.shape[:3], dtype=np.float64).reshape(3, -1)
+    out = np.empty(series.shape, dtype=np.float32)
+    for k, h in enumerate(H):
+        vox = np.linalg.inv(affine) @ np.linalg.inv(h) @ affine
+        coords = vox[:3, :3] @ ijk + vox[:3, 3:]
+        out[..., k] = ndimage.map_coordinates(series[..., k], coords, order=1, mode="constant").reshape(series.shape[:3])
+    return out
+
+
+def _motion_table(motion: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(motion, columns=["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"])
+
+
+def _sidecar(kind: str, cfg: dict) -> dict:
+    common = {"Manufacturer": PHANTOM_MANUFACTURER, "MagneticFieldStrength": 3.0}
+    if kind == "T1w":
+        return {**common, "RepetitionTime": 2.3, "EchoTime": 0.00296, "InversionTime": 0.9, "FlipAngle": 9}
+    if kind == "dwi":
+        return {**common, "RepetitionTime": 8.0, "EchoTime": 0.08, "PhaseEncodingDirection": "j-", "TotalReadoutTime": 0.05}
+    tr = cfg["repetition_time"]
+    order = list(range(0, 36, 2)) + list(range(1, 36, 2))      # interleaved, for 36 slices nominally
+    slice_timing = [round(tr * order.index(i) / 36, 4) for i in range(36)]
+    return {**common, "RepetitionTime": tr, "EchoTime": 0.03, "TaskName": "rest", "PhaseEncodingDirection": "j-",
+            "TotalReadoutTime": 0.04, "SliceTiming": slice_timing}
+
+
+def write_subject(cfg: dict, subject: SubjectPlan, root: Path, modalities=("T1w", "dwi", "bold")):
+    """Write one subject's BIDS images and ground truth under ``root/bids`` and ``root/truth``."""
+    bids, truth = Path(root) / "bids", Path(root) / "truth"
+    ph = SubjectPhantom(cfg, subject)
+    sub = subject.label
+    tdir = truth / f"sub-{sub}"
+    for d in ("anat", "dwi", "func"):
+        (tdir / d).mkdir(parents=True, exist_ok=True)
+    if "T1w" in modalities:
+        out = Path(bids_path(bids, sub, "anat", "T1w"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data, affine, extra = ph.t1w()
+        save_nifti(extra["clean"], affine, tdir / "anat" / f"sub-{sub}_desc-noisefree_T1w.nii.gz", np.float32)
+        save_nifti(extra["bias"], affine, tdir / "anat" / f"sub-{sub}_desc-bias_T1w.nii.gz", np.float32)
+        save_nifti(extra["brain"], affine, tdir / "anat" / f"sub-{sub}_desc-brain_mask.nii.gz", np.uint8)
+        ph.anatomy.save(tdir / "anat", sub)
+        head = ph.head
+        logjac = log_jacobian_truth(ph.anatomy, head.t1.shape, head.affine)
+        save_nifti(logjac, head.affine, tdir / "anat" / f"sub-{sub}_space-{TEMPLATE}_desc-truth_logjacobian.nii.gz", np.float32)
+        save_json(_sidecar("T1w", cfg), out.with_name(out.name.replace(".nii.gz", ".json")))
+        save_nifti(data, affine, out)
+    if "dwi" in modalities and subject.has_dwi:
+        out = Path(bids_path(bids, sub, "dwi", "dwi", dir="AP"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data, affine, bvals, bvecs, motion, H, (s0, D) = ph.dwi()
+        voxel_frame = np.diag(np.sign(np.diag(affine[:3, :3])))    # LAS: flip x to get voxel-frame vectors
+        d6 = voxel_frame @ D @ voxel_frame
+        lower = np.stack([d6[..., 0, 0], d6[..., 0, 1], d6[..., 1, 1], d6[..., 0, 2], d6[..., 1, 2], d6[..., 2, 2]], -1)
+        save_nifti(lower, affine, tdir / "dwi" / f"sub-{sub}_dir-AP_desc-truth_tensor.nii.gz", np.float32)
+        save_nifti(s0 * 1000.0, affine, tdir / "dwi" / f"sub-{sub}_dir-AP_desc-truth_S0.nii.gz", np.float32)
+        _motion_table(motion).to_csv(tdir / "dwi" / f"sub-{sub}_dir-AP_desc-truth_motion.tsv", sep="\t", index=False)
+        np.save(tdir / "dwi" / f"sub-{sub}_dir-AP_desc-truth_xfm.npy", np.array(H))
+        true_bvecs = np.array([h[:3, :3].T @ g for h, g in zip(H, bvecs)]) @ voxel_frame
+        np.savetxt(tdir / "dwi" / f"sub-{sub}_dir-AP_desc-truthrotated_dwi.bvec", true_bvecs.T, fmt="%.6f")
+        np.savetxt(str(out).replace(".nii.gz", ".bval"), bvals[None], fmt="%d")
+        np.savetxt(str(out).replace(".nii.gz", ".bvec"), (bvecs @ voxel_frame).T, fmt="%.6f")
+        save_json(_sidecar("dwi", cfg), str(out).replace(".nii.gz", ".json"))
+        save_nifti(data, affine, out)
+    if "bold" in modalities and subject.has_bold:
+        out = Path(bids_path(bids, sub, "func", "bold", task="rest"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data, affine, motion, H, tcs, coupling = ph.bold()
+        _motion_table(motion).to_csv(tdir / "func" / f"sub-{sub}_task-rest_desc-truth_motion.tsv", sep="\t", index=False)
+        np.save(tdir / "func" / f"sub-{sub}_task-rest_desc-truth_xfm.npy", np.array(H))
+        pd.DataFrame(tcs, columns=list(NETWORKS)).to_csv(
+            tdir / "func" / f"sub-{sub}_task-rest_desc-truth_timeseries.tsv", sep="\t", index=False)
+        save_json({"coupling_somatomotor_striatal": coupling, "networks": NETWORKS, "node_sigma_mm": NODE_SIGMA,
+                   "amplitude": BOLD_AMPLITUDE}, tdir / "func" / f"sub-{sub}_task-rest_desc-truth_networks.json")
+        save_json(_sidecar("bold", cfg), str(out).replace(".nii.gz", ".json"))
+        save_nifti(data, affine, out, zooms=(*[cfg["bold_voxel_mm"]] * 3, cfg["repetition_time"]))
+    save_json({"participant_id": f"sub-{sub}", "diagnosis": subject.diagnosis, "scores": subject.scores,
+               "has_dwi": subject.has_dwi, "has_bold": subject.has_bold}, tdir / f"sub-{sub}_truth.json")
+
+
+def clinical_table(cfg: dict, subjects: list[SubjectPlan]) -> pd.DataFrame:
+    """participants.tsv: diagnosis, demographics, clinical scores and serum values from the latent scores."""
+    softplus = lambda v: np.log1p(np.exp(v))
+    rows = []
+    for s in subjects:
+        sc = s.scores
+        rows.append({
+            "participant_id": f"sub-{s.label}", "diagnosis": s.diagnosis, "age": s.age, "sex": s.sex, "site": s.site,
+            "updrs_iii": round(float(8 * softplus(sc["motor"] + 0.5)), 3),      # monotone in the score
+            "rbdsq": round(float(3 * softplus(sc["rbd"] + 0.5)), 3),
+            "nfl_pg_ml": round(float(np.exp(2.4 + 0.35 * sc["serum"])), 3),
+        })
+    return pd.DataFrame(rows)
+
+
+PARTICIPANTS_JSON = {
+    "diagnosis": {"Description": "Diagnostic group (the prediction target)"},
+    "age": {"Description": "Age at scan", "Units": "years"},
+    "sex": {"Description": "Sex", "Levels": {"F": "female", "M": "male"}},
+    "site": {"Description": "Acquisition site (for site-grouped cross-validation)"},
+    "updrs_iii": {"Description": "MDS-UPDRS part III motor score (simulated)"},
+    "rbdsq": {"Description": "REM sleep behaviour disorder screening questionnaire (simulated)"},
+    "nfl_pg_ml": {"Description": "Serum neurofilament light chain (simulated)", "Units": "pg/mL"},
+}
+
+
+def write_dataset(cfg: dict, root: Path):
+    """Dataset-level files: dataset_description.json, README, participants.tsv/json, truth/bayes.json."""
+    bids, truth = Path(root) / "bids", Path(root) / "truth"
+    bids.mkdir(parents=True, exist_ok=True)
+    truth.mkdir(parents=True, exist_ok=True)
+    subjects = plan(cfg)
+    save_json({"Name": "brainfuse phantom cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
+               "GeneratedBy": [{"Name": "brainfuse.demo", "Version": __import__("brainfuse").__version__}]},
+              bids / "dataset_description.json")
+    (bids / "README").write_text("Simulated multimodal cohort generated by brainfuse.demo; ground truth in ../truth.\n")
+    table = clinical_table(cfg, subjects)
+    table.to_csv(bids / "participants.tsv", sep="\t", index=False)
+    save_json(PARTICIPANTS_JSON, bids / "participants.json")
+    save_json({**bayes_accuracy(cfg), "config": cfg,
+               "subjects": [{"label": s.label, "diagnosis": s.diagnosis, "has_dwi": s.has_dwi, "has_bold": s.has_bold,
+                             "dicom": s.dicom, "scores": s.scores} for s in subjects]}, truth / "bayes.json")
+
+
+def write_dicom(cfg: dict, subject: SubjectPlan, root: Path):
+    """DICOM export of one subject's BIDS images, with FAKE identifying patient fields (for convert tests)."""
+    from . import dicom_export
+
+    bids = Path(root) / "bids"
+    out = Path(root) / "dicom" / f"{subject.label}"
+    tmp = Path(tempfile.mkdtemp(dir=Path(root), prefix=".dicom-"))
+    rng = np.random.default_rng([cfg["seed"], subject.index, 10])
+    patient = {"PatientName": f"Phantom^Alice{subject.label}^Q", "PatientID": f"BF{rng.integers(10**7, 10**8)}",
+               "PatientBirthDate": f"19{rng.integers(40, 70)}0{rng.integers(1, 9)}1{rng.integers(0, 9)}",
+               "PatientSex": subject.sex}
+    series = [(bids_path(bids, subject.label, "anat", "T1w"), "t1_mprage_sag_p2", {})]
+    if subject.has_bold:
+        series.append((bids_path(bids, subject.label, "func", "bold", task="rest"), "ep2d_bold_rest", {}))
+    if subject.has_dwi:
+        dwi = bids_path(bids, subject.label, "dwi", "dwi", dir="AP")
+        series.append((dwi, "ep2d_diff_30dir_AP", {"bvals": np.loadtxt(dwi.replace(".nii.gz", ".bval")),
+                                                   "bvecs": np.loadtxt(dwi.replace(".nii.gz", ".bvec"))}))
+    for number, (path, description, extra) in enumerate(series, start=2):
+        side = json.loads(Path(path.replace(".nii.gz", ".json")).read_text())
+        dicom_export.export_series(path, tmp / f"{number:03d}_{description}", series_number=number,
+                                   description=description, patient=patient,
+                                   repetition_time=side.get("RepetitionTime"),
+                                   phase_encoding_direction=side.get("PhaseEncodingDirection"), **extra)
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    save_json(patient, Path(root) / "truth" / f"sub-{subject.label}" / f"sub-{subject.label}_dicom_identity.json")
+
+
+def generate(cfg: dict, root, subjects=None, modalities=("T1w", "dwi", "bold"), dicom=True, progress=print):
+    """Generate the whole dataset (or some subjects) sequentially: the CLI's and the tests' entry point."""
+    root = Path(root)
+    write_dataset(cfg, root)
+    cohort = plan(cfg)
+    chosen = [s for s in cohort if subjects is None or s.label in subjects]
+    for i, s in enumerate(chosen, 1):
+        progress(f"[demo] sub-{s.label} ({i}/{len(chosen)}): {s.diagnosis}, dwi={s.has_dwi}, bold={s.has_bold}")
+        write_subject(cfg, s, root, modalities)
+        if dicom and s.dicom:
+            write_dicom(cfg, s, root)
+    return cohort
+
+
+def demo_config(overrides: dict | None = None) -> dict:
+    """The demo section with schema defaults filled in (and optional overrides)."""
+    from .config import validate
+
+    return validate({"demo": overrides or {}})["demo"]
+
+
+def cli(argv=None):
+    ap = argparse.ArgumentParser(prog="brainfuse demo", description="Generate the phantom dataset (BIDS + truth + DICOM).")
+    ap.add_argument("--out", required=True, help="output folder (bids/, truth/, dicom/ are written below it)")
+    ap.add_argument("--params", default="{}", help="JSON of demo settings (keys of the config's demo section)")
+    ap.add_argument("--subject", action="append", help="only these subject labels (repeatable)")
+    ap.add_argument("--modality", action="append", choices=["T1w", "dwi", "bold"], help="only these modalities")
+    ap.add_argument("--what", choices=["all", "dataset", "subject", "dicom"], default="all")
+    args = ap.parse_args(argv)
+    cfg = demo_config(json.loads(args.params))
+    modalities = tuple(args.modality or ("T1w", "dwi", "bold"))
+    cohort = {s.label: s for s in plan(cfg)}
+    unknown = set(args.subject or ()) - set(cohort)
+    if unknown:
+        ap.error(f"unknown demo subjects {sorted(unknown)} (the demo has {len(cohort)} subjects)")
+    if args.what == "all":
+        generate(cfg, args.out, args.subject, modalities)
+    elif args.what == "dataset":
+        write_dataset(cfg, Path(args.out))
+    elif args.what == "subject":
+        for label in args.subject or cohort:
+            write_subject(cfg, cohort[label], Path(args.out), modalities)
+    else:
+        for label in args.subject or [s for s in cohort if cohort[s].dicom]:
+            write_dicom(cfg, cohort[label], Path(args.out))
+    print(f"[demo] done: {args.out}", file=sys.stderr)

@@ -1,0 +1,352 @@
+"""Batched rigid/affine motion correction in torch (func and dwi stages).
+
+All volumes of a series are registered to one reference at once: one batched problem, one set of
+parameters per volume, a Gaussian pyramid (shrink 4, 2, 1 by default), trilinear
+``torch.nn.functional.grid_sample`` at the reference's brain-mask points. Works on "cpu" or "cuda"
+(float32 images; the small 6×6 / 12×12 solves and the returned matrices are float64).
+
+Conventions (exact)
+-------------------
+* Coordinates are world millimetres (RAS+, the NIfTI ``affine`` of the series: voxel -> world), so
+  anisotropic voxels and oblique affines need no special care. Reference and series share one grid.
+* ``transforms[k]`` is a 4×4 world matrix ``T_k`` mapping a reference-space point ``x`` to the point
+  ``T_k @ x`` of volume ``k`` (the sense ANTs calls fixed -> moving). Sampling volume ``k`` at
+  ``T_k(x)`` for every reference voxel centre ``x`` gives the corrected volume (``resample_series``).
+* Rotation centre ``c`` = centre of the reference field of view: ``affine @ ((shape[:3] - 1) / 2)``.
+* Parameters, fMRIPrep's names and order: ``trans_x, trans_y, trans_z`` (mm), ``rot_x, rot_y, rot_z``
+  (radians), with ``T_k(x) = R (x - c) + c + t`` and ``R = Rx(rot_x) @ Ry(rot_y) @ Rz(rot_z)`` (right-
+  handed rotations about the world axes; scipy's ``Rotation.from_euler("XYZ", ...)``, the composition
+  fMRIPrep's ``FSLMotionParams`` decomposes with ``as_euler("XYZ")``). ``t = T_k(c) - c`` is the
+  displacement of the centre. Unlike fMRIPrep (MCFLIRT: FSL scaled-voxel axes, centre of gravity), axes
+  are world RAS axes and the centre is the FOV centre, so translations differ by ``(R - I)`` times the
+  centre offset; rotations and framewise displacement (Power) are comparable. For affine transforms
+  ``R`` is the rotation of the polar decomposition of the linear part.
+* Framewise displacement: Power et al. 2012, radius 50 mm, first value 0 (equals nipype's
+  ``FramewiseDisplacement`` given the parameters in FSL order: rotations first).
+* b-vectors: a volume acquired with gradient ``g`` (world axes) and moved by ``T_k`` (rotation ``R``)
+  has, once corrected into reference space, the gradient ``R.T @ g``: the tensor seen at ``T_k(x)`` is
+  ``R D(x) R.T``, and ``g.T R D R.T g = (R.T g).T D (R.T g)``.
+
+Similarity: ``"ssd"`` (same contrast: BOLD, b0s) solves inverse-compositional Gauss-Newton steps on the
+sum of squared differences after a per-volume linear intensity fit (no autograd, a few ms an
+iteration); ``"mi"`` (different contrast: diffusion-weighted volumes against a b0) maximises Parzen
+mutual information with L-BFGS through autograd.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+PARAM_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+DEFAULT_LEVELS = ((4, 2.0), (2, 1.0), (1, 0.5))  # (shrink factor, Gaussian sigma in voxels of the finest axis)
+
+
+@dataclass
+class MotionResult:
+    transforms: np.ndarray  # (N, 4, 4) float64, reference world -> volume world
+    params: np.ndarray      # (N, 6) trans_x, trans_y, trans_z (mm), rot_x, rot_y, rot_z (rad)
+    fd: np.ndarray          # (N,) Power framewise displacement (mm), fd[0] = 0
+    reference: np.ndarray   # the reference image registered to
+    center: np.ndarray      # (3,) rotation centre (mm)
+
+
+# ---------------------------------------------------------------- parameters and matrices
+def _rot_xyz(rx, ry, rz):
+    cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
+    one, zero = np.ones_like(rx), np.zeros_like(rx)
+    Rx = np.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], -1).reshape(-1, 3, 3)
+    Ry = np.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(-1, 3, 3)
+    Rz = np.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], -1).reshape(-1, 3, 3)
+    return Rx @ Ry @ Rz
+
+
+def fov_center(shape, affine) -> np.ndarray:
+    """World coordinates (mm) of the centre of the field of view: the default rotation centre."""
+    return (np.asarray(affine, float) @ np.r_[(np.asarray(shape[:3], float) - 1) / 2, 1.0])[:3]
+
+
+def matrix_from_params(params, center) -> np.ndarray:
+    """(N, 6) fMRIPrep-order parameters -> (N, 4, 4) ``T(x) = R (x - c) + c + t``, R = Rx Ry Rz."""
+    p = np.atleast_2d(np.asarray(params, float))
+    T = np.tile(np.eye(4), (len(p), 1, 1))
+    T[:, :3, :3] = _rot_xyz(p[:, 3], p[:, 4], p[:, 5])
+    c = np.asarray(center, float)
+    T[:, :3, 3] = p[:, :3] + c - T[:, :3, :3] @ c
+    return T
+
+
+def rotation_part(transforms) -> np.ndarray:
+    """Rotation of the polar decomposition of each linear part (the linear part itself when rigid)."""
+    u, _, vt = np.linalg.svd(np.asarray(transforms, float)[..., :3, :3])
+    return u @ vt
+
+
+def params_from_matrix(transforms, center) -> np.ndarray:
+    """Inverse of ``matrix_from_params`` (exact for |rot_y| < pi/2); affine: rotation by polar decomposition."""
+    T = np.asarray(transforms, float).reshape(-1, 4, 4)
+    R = rotation_part(T)
+    c = np.asarray(center, float)
+    trans = T[:, :3, :3] @ c + T[:, :3, 3] - c  # T(c) - c
+    rot = np.stack([np.arctan2(-R[:, 1, 2], R[:, 2, 2]),
+                    np.arcsin(np.clip(R[:, 0, 2], -1, 1)),
+                    np.arctan2(-R[:, 0, 1], R[:, 0, 0])], axis=1)
+    return np.hstack([trans, rot])
+
+
+def framewise_displacement(params, radius: float = 50.0) -> np.ndarray:
+    """Power et al. 2012: sum |Δtrans| + radius * sum |Δrot| (params in fMRIPrep order); FD[0] = 0."""
+    d = np.abs(np.diff(np.asarray(params, float), axis=0))
+    return np.r_[0.0, d[:, :3].sum(1) + radius * d[:, 3:].sum(1)]
+
+
+def rotate_bvecs(bvecs, transforms, affine=None) -> np.ndarray:
+    """Gradient directions in reference space: ``R_k.T @ g_k`` for each volume (see module docstring).
+
+    ``bvecs`` is (3, N) in world axes, or, when ``affine`` is given, in FSL's convention (image axes,
+    x flipped when det(affine) > 0): the world rotation is then expressed in those axes. Zero vectors
+    (b0) stay zero.
+    """
+    g = np.asarray(bvecs, float)
+    R = rotation_part(transforms)
+    if affine is not None:  # Q: FSL bvec axes -> world
+        Q = rotation_part(np.asarray(affine, float)[None])[0]
+        if np.linalg.det(np.asarray(affine, float)[:3, :3]) > 0:
+            Q = Q @ np.diag([-1.0, 1.0, 1.0])
+        R = Q.T @ R @ Q
+    return np.einsum("nji,jn->in", R, g)
+
+
+def mean_displacement_error(T_true, T_est, points_mm, per_volume: bool = False):
+    """Mean over points (M, 3) of ``||T_true(x) - T_est(x)||`` (mm); over volumes too unless per_volume."""
+    x = np.c_[np.asarray(points_mm, float), np.ones(len(points_mm))]
+    d = np.linalg.norm(np.einsum("nij,mj->nmi", np.asarray(T_true) - np.asarray(T_est), x)[..., :3], axis=2)
+    return d.mean(1) if per_volume else float(d.mean())
+
+
+# ---------------------------------------------------------------- torch helpers
+def _smooth_decimate(vols: torch.Tensor, sigmas_vox, steps) -> torch.Tensor:
+    """Gaussian smoothing (sigma in voxels per axis, edges replicated) then every step-th voxel, of
+    (N, 1, I, J, K): one small (L_out, L) matrix per axis, a matmul each (fast on CPU and GPU)."""
+    for axis, (s, step) in enumerate(zip(sigmas_vox, steps)):
+        L = vols.shape[2 + axis]
+        out = torch.arange(0, L, int(step), device=vols.device)
+        r = int(np.ceil(3 * s)) if s > 0.05 else 0
+        d = torch.arange(-r, r + 1, device=vols.device)
+        w = torch.exp(-d.to(vols.dtype) ** 2 / (2 * max(s, 1e-3) ** 2))
+        S = torch.zeros(len(out), L, dtype=vols.dtype, device=vols.device)
+        rows = torch.arange(len(out), device=vols.device)[:, None].expand(-1, len(d))
+        S.index_put_((rows, (out[:, None] + d).clamp(0, L - 1)),
+                     (w / w.sum()).expand(len(out), -1), accumulate=True)
+        vols = torch.movedim(torch.movedim(vols, 2 + axis, -1) @ S.T, -1, 2 + axis)
+    return vols.contiguous()
+
+
+def _sample(vols, Mvox, pts, mode="bilinear"):
+    """Values of each volume n of (N, 1, I, J, K) at voxel coordinates Mvox[n] @ pts; also in-FOV flags."""
+    size = torch.tensor(vols.shape[2:], dtype=pts.dtype, device=pts.device)
+    q = torch.einsum("nij,pj->npi", Mvox[:, :3, :3], pts) + Mvox[:, None, :3, 3]
+    g = 2 * q / (size - 1) - 1
+    vals = F.grid_sample(vols, g.flip(-1)[:, None, None], mode=mode, padding_mode="border",
+                         align_corners=True)[:, 0, 0, 0]
+    return vals, (g.abs() <= 1).all(-1).to(vals.dtype)
+
+
+def _update_matrix(delta: torch.Tensor, center: torch.Tensor, dof: str) -> torch.Tensor:
+    """(N, 6|12) -> (N, 4, 4) world matrices ``W(x) = L (x - c) + c + t`` (L = exp(skew w) or I + A)."""
+    n = delta.shape[0]
+    t = delta[:, :3]
+    if dof == "rigid":
+        w = delta[:, 3:]
+        K = torch.zeros(n, 3, 3, dtype=delta.dtype, device=delta.device)
+        K[:, 0, 1], K[:, 0, 2], K[:, 1, 2] = -w[:, 2], w[:, 1], -w[:, 0]
+        L = torch.linalg.matrix_exp(K - K.transpose(1, 2))
+    else:
+        L = torch.eye(3, dtype=delta.dtype, device=delta.device) + delta[:, 3:].reshape(n, 3, 3)
+    W = torch.eye(4, dtype=delta.dtype, device=delta.device).repeat(n, 1, 1)
+    W[:, :3, :3] = L
+    W[:, :3, 3] = t + center - L @ center
+    return W
+
+
+def _mutual_information(fixed_bin, moving, valid, bins):
+    """Per-volume Mattes mutual information: fixed (P,) bin indices, moving (N, P) scaled to [0, 1]
+    with a cubic B-spline Parzen window (4 bins a sample, scatter-added: cheap and differentiable)."""
+    z = moving.clamp(0, 1) * (bins - 4) + 1.5
+    j0 = torch.floor(z).detach() - 1
+    parts_w, parts_i = [], []
+    for o in range(4):
+        t = (z - (j0 + o)).abs()
+        parts_w.append(torch.where(t < 1, 2 / 3 - t ** 2 + t ** 3 / 2, (2 - t).clamp(min=0) ** 3 / 6))
+        parts_i.append((j0 + o).long() * bins + fixed_bin)
+    w = torch.stack(parts_w, -1) * valid[..., None]
+    joint = torch.zeros(moving.shape[0], bins * bins, dtype=moving.dtype, device=moving.device)
+    joint = joint.scatter_add(1, torch.stack(parts_i, -1).flatten(1), w.flatten(1)).view(-1, bins, bins)
+    joint = joint / joint.sum((1, 2), keepdim=True).clamp(min=1e-12)
+    pm, pf = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
+    return (joint * (torch.log(joint + 1e-12) - torch.log(pm * pf + 1e-12))).sum((1, 2))
+
+
+# ---------------------------------------------------------------- registration
+def _level_grid(affine, shape, shrink, vmin):
+    """Per-axis integer shrink so that spacing ~ shrink * finest voxel size; and the level's affine."""
+    vox = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(0))
+    f = np.maximum(1, np.round(shrink * vmin / vox)).astype(int)
+    return f, np.asarray(affine, float) @ np.diag(np.r_[f, 1.0])
+
+
+def _register(vols, ref, mask, affine, T, center, dof, similarity, levels, max_iter, tol, bins,
+              max_points):
+    """Refine world transforms T (N, 4, 4, float64) of vols (N, 1, I, J, K) to ref (1, 1, I, J, K)."""
+    dev, dt = vols.device, vols.dtype
+    vox = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    vmin = vox.min()
+    c64 = torch.tensor(center, dtype=torch.float64, device=dev)
+    for (shrink, sigma), iters in zip(levels, max_iter):
+        f, A_l = _level_grid(affine, vols.shape[2:], shrink, vmin)
+        sig = sigma * vmin / vox  # isotropic in mm
+        mv = _smooth_decimate(vols, sig, f)
+        rf = _smooth_decimate(ref, sig, f)[0, 0]
+        m = torch.as_tensor(mask, device=dev)[None, None].to(dt)
+        m = F.max_pool3d(m, tuple(int(x) for x in f), ceil_mode=True)[0, 0] > 0
+        pts = torch.nonzero(m).to(dt)
+        if similarity == "mi" and len(pts) > max_points:  # fixed random subset, as ANTs' sampling
+            pts = pts[torch.randperm(len(pts), generator=torch.Generator().manual_seed(0))[:max_points].to(dev)]
+        idx = pts.long()
+        fixed = rf[idx[:, 0], idx[:, 1], idx[:, 2]]
+        A64 = torch.tensor(A_l, dtype=torch.float64, device=dev)
+        Ainv = torch.linalg.inv(A64)
+        world = pts.double() @ A64[:3, :3].T + A64[:3, 3]
+        if similarity == "ssd":
+            # reference gradient (world mm) at the points -> Jacobian of W(x; p) at p = 0
+            gv = torch.stack(torch.gradient(rf, dim=(0, 1, 2)), -1)[idx[:, 0], idx[:, 1], idx[:, 2]]
+            g = gv.double() @ torch.linalg.inv(A64[:3, :3])
+            r = world - c64
+            if dof == "rigid":
+                J = torch.cat([g, torch.linalg.cross(r, g)], 1)
+            else:
+                J = torch.cat([g, (g[:, :, None] * r[:, None, :]).reshape(-1, 9)], 1)
+            J = J.to(dt)
+            H0 = (J.T @ J).double()
+            for _ in range(iters):
+                M = (Ainv @ T.to(dev) @ A64).to(dt)
+                w, v = _sample(mv, M, pts)
+                # per-volume linear intensity fit over valid points, then the error image
+                nv = v.sum(1, keepdim=True).clamp(min=1)
+                wm = (w * v).sum(1, keepdim=True) / nv
+                fm = (fixed * v).sum(1, keepdim=True) / nv
+                a = ((w - wm) * (fixed - fm) * v).sum(1, keepdim=True) / ((w - wm) ** 2 * v).sum(1, keepdim=True).clamp(min=1e-12)
+                e = (a * (w - wm) + fm - fixed) * v
+                H = H0.expand(len(v), -1, -1)
+                if (v < 1).any():  # drop the points that fell outside a volume's field of view
+                    H = H - (((1 - v)[..., None] * J).transpose(1, 2) @ J).double()
+                b = (e[:, None, :] @ J).double()[:, 0]
+                delta = torch.linalg.solve(H + 1e-9 * torch.eye(H.shape[-1], dtype=H.dtype, device=dev), b)
+                T = T.to(dev) @ torch.linalg.inv(_update_matrix(delta, c64, dof))
+                step = delta[:, :3].norm(dim=1) + 50 * delta[:, 3:].abs().sum(1)
+                if step.max() < tol:
+                    break
+        else:
+            # jittered points, the reference interpolated too: removes MI's bias towards grid alignment
+            gen = torch.Generator().manual_seed(0)
+            pts = pts + (torch.rand(pts.shape, generator=gen) - 0.5).to(dev, dt)
+            eye = torch.eye(4, dtype=dt, device=dev)[None]
+            fixed = _sample(rf[None, None], eye, pts)[0][0]
+            lo, hi = torch.quantile(fixed, 0.001), torch.quantile(fixed, 0.999)
+            fixed_bin = (((fixed - lo) / (hi - lo)).clamp(0, 1) * (bins - 1)).round().long()
+            flat = mv.flatten(1)[:, :: max(1, mv[0].numel() // 100000)]
+            mlo, mhi = torch.quantile(flat, 0.001, dim=1)[:, None], torch.quantile(flat, 0.999, dim=1)[:, None]
+            n_par = 6 if dof == "rigid" else 12
+            scale = torch.tensor([1.0] * 3 + [1 / 50.0] * (n_par - 3), dtype=torch.float64, device=dev)
+            p = torch.zeros(len(T), n_par, dtype=torch.float64, device=dev, requires_grad=True)
+            T0 = T.to(dev)
+            opt = torch.optim.LBFGS([p], lr=1, max_iter=iters, line_search_fn="strong_wolfe",
+                                    tolerance_change=1e-9, tolerance_grad=1e-7)
+
+            def closure():
+                opt.zero_grad()
+                M = (Ainv @ T0 @ _update_matrix(p * scale, c64, dof) @ A64).to(dt)
+                w, v = _sample(mv, M, pts)
+                loss = -_mutual_information(fixed_bin, (w - mlo) / (mhi - mlo), v, bins).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            T = (T0 @ _update_matrix(p.detach() * scale, c64, dof)).detach()
+    return T
+
+
+def register_series(data4d, affine, reference=None, mask=None, dof: str = "rigid", similarity: str = "ssd",
+                    device="cpu", levels=DEFAULT_LEVELS, max_iter=None, tol: float = 1e-3, bins: int = 32,
+                    max_points: int = 30000, init=None) -> MotionResult:
+    """Register every volume of ``data4d`` (I, J, K, N) to a reference at once; see the module docstring.
+
+    reference: a 3D image on the series grid, an int (that volume), or None: a first pass against the
+    middle volume, then the mean of that corrected series (the frame of the middle volume).
+    mask: reference-grid brain mask (default: reference > 25% of its 98th percentile); dilated by two
+    voxels so that the brain's edges, which carry most of the signal, are used.
+    dof: "rigid" (6) or "affine" (12). similarity: "ssd" (Gauss-Newton) or "mi" (L-BFGS).
+    init: optional (N, 4, 4) starting transforms.
+    """
+    data = np.asarray(data4d)
+    if data.ndim != 4:
+        raise ValueError(f"register_series needs a 4D series, got shape {data.shape}")
+    if dof not in ("rigid", "affine") or similarity not in ("ssd", "mi"):
+        raise ValueError(f"dof must be rigid|affine and similarity ssd|mi, got {dof!r}, {similarity!r}")
+    affine = np.asarray(affine, float)
+    if max_iter is None:
+        max_iter = (30, 20, 10) if similarity == "ssd" else (20, 20, 20)
+    max_iter = tuple(max_iter)[: len(levels)]
+    dev, n = torch.device(device), data.shape[3]
+    vols = torch.as_tensor(np.moveaxis(data, 3, 0).astype(np.float32), device=dev)[:, None]
+    center = fov_center(data.shape, affine)
+    T = torch.as_tensor(np.eye(4)[None].repeat(n, 0) if init is None else np.asarray(init, float),
+                        dtype=torch.float64, device=dev).clone()
+
+    def run(ref_img, T):
+        ref_img = np.asarray(ref_img, np.float32)
+        if ref_img.shape != data.shape[:3]:
+            raise ValueError(f"reference shape {ref_img.shape} differs from the series grid {data.shape[:3]}")
+        m = mask if mask is not None else ref_img > 0.25 * np.percentile(ref_img, 98)
+        m = ndimage.binary_dilation(np.asarray(m, bool), iterations=2)
+        ref_t = torch.as_tensor(ref_img, device=dev)[None, None]
+        return _register(vols, ref_t, m, affine, T, center, dof, similarity, levels, max_iter, tol, bins,
+                         max_points)
+
+    if reference is None:
+        T = run(data[..., n // 2], T)
+        reference = resample_series(data, affine, T.cpu().numpy(), device=dev).mean(3)
+    elif np.isscalar(reference):
+        reference = data[..., int(reference)]
+    T = run(reference, T).cpu().numpy()
+    params = params_from_matrix(T, center)
+    return MotionResult(T, params, framewise_displacement(params), np.asarray(reference), center)
+
+
+def resample_series(data4d, affine, transforms, order: int = 1, device="cpu") -> np.ndarray:
+    """Corrected series: volume k sampled at ``T_k(x)`` for each voxel centre x of the (shared) grid.
+
+    order 0/1: torch grid_sample (nearest/trilinear, on ``device``); order >= 2: scipy spline.
+    Points outside a volume's field of view get 0.
+    """
+    data = np.asarray(data4d)
+    A = np.asarray(affine, float)
+    M = np.linalg.inv(A) @ np.asarray(transforms, float) @ A  # voxel -> voxel
+    if order >= 2:
+        grid = np.indices(data.shape[:3]).reshape(3, -1).astype(float)
+        out = [ndimage.map_coordinates(data[..., k].astype(np.float32), M[k, :3, :3] @ grid + M[k, :3, 3:],
+                                       order=order, mode="constant").reshape(data.shape[:3])
+               for k in range(data.shape[3])]
+        return np.stack(out, axis=3)
+    dev = torch.device(device)
+    vols = torch.as_tensor(np.moveaxis(data, 3, 0).astype(np.float32), device=dev)[:, None]
+    pts = torch.as_tensor(np.indices(data.shape[:3]).reshape(3, -1).T, dtype=torch.float32, device=dev)
+    out = []
+    for k in range(0, data.shape[3], 16):  # chunks bound memory on long series
+        Mk = torch.as_tensor(M[k:k + 16], dtype=torch.float32, device=dev)
+        w, v = _sample(vols[k:k + 16], Mk, pts, mode="nearest" if order == 0 else "bilinear")
+        out.append((w * v).cpu().numpy())
+    return np.moveaxis(np.concatenate(out).reshape((-1,) + data.shape[:3]), 0, 3)

@@ -1,0 +1,51 @@
+"""Shared fixtures. Real data come from BRAINFUSE_SHARED_DATA (set by .ci/run to ../shared/data)."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+# Two cores on CI: keep ITK and torch from oversubscribing when tests run in parallel workers.
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data. Skips when the variable is unset; fails when it is set but the data are missing."""
+    value = os.environ.get("BRAINFUSE_SHARED_DATA")
+    if not value:
+        pytest.skip("BRAINFUSE_SHARED_DATA is not set")
+    path = Path(value)
+    if not (path / "dicom" / "dcm_qa_xa30").is_dir() or not (path / "dicom" / "dcm_qa_nih").is_dir():
+        pytest.fail(f"BRAINFUSE_SHARED_DATA={value} is set but dicom/dcm_qa_xa30 or dicom/dcm_qa_nih is missing")
+    return path
+
+
+TINY_DEMO = {"n_subjects": 3, "n_b0": 1, "n_directions": 12, "n_bold_volumes": 30,
+             "missing": {"dwi": 0.0, "bold": 0.0}, "dicom_subjects": 1}
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory, worker_id):
+    """A 3-subject phantom dataset (all modalities, one DICOM export), generated once per test run.
+
+    Shared between pytest-xdist workers through a lock in the run's common temporary folder.
+    Returns (root, demo config): root/bids, root/truth, root/dicom.
+    """
+    from filelock import FileLock
+
+    from brainfuse import demo
+
+    cfg = demo.demo_config(TINY_DEMO)
+    base = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        base = base.parent
+    root = base / "tiny_demo"
+    with FileLock(str(base / "tiny_demo.lock")):
+        if not (root / "complete").exists():
+            demo.generate(cfg, root)
+            (root / "complete").write_text("ok")
+    return root, cfg

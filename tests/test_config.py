@@ -1,0 +1,76 @@
+"""The schema stops bad configs with messages naming the key; bad labels never reach a path."""
+import json
+import os
+
+import pytest
+
+from brainfuse import bids, config
+
+
+def test_default_config_is_valid_and_filled():
+    cfg = config.load()
+    assert cfg["demo"]["n_subjects"] >= 3 and cfg["resolution_mm"] in (1, 2, 3, 4)
+    assert cfg["demo"]["noise"]["t1"] > 0            # nested defaults are filled in
+    assert config.input_mode(cfg) == "demo"
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"resolution_mm": "x"}, "resolution_mm"),
+    ({"resolution_mm": 5}, "resolution_mm"),
+    ({"output_dirr": "x"}, "output_dirr"),
+    ({"demo": {"n_subjects": "many"}}, "demo.n_subjects"),
+    ({"demo": {"effects": {"atrophy": -1}}}, "demo.effects.atrophy"),
+    ({"demo": {"bogus": 1}}, "demo.bogus"),
+    ({"modalities": ["T1w", "PET"]}, "modalities.1"),
+    ({"subjects": ["../x"]}, "subjects"),
+    ({"bids_dir": "a", "dicom_dir": "b"}, "dicom_dir"),
+])
+def test_bad_config_names_the_key(bad, key):
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(bad)
+    assert f"'{key}'" in str(e.value)
+
+
+@pytest.mark.parametrize("label", ["../x", "a_b", "a-b", "", "sub-", "x/y", "é"])
+def test_bad_labels_are_refused(label):
+    with pytest.raises(bids.LabelError):
+        bids.check_label(label)
+
+
+def test_good_labels_lose_their_prefix():
+    assert bids.check_label("sub-01") == "01" and bids.check_label("ses-baseline") == "baseline"
+
+
+def test_bids_path_orders_entities():
+    p = bids.bids_path("/d", "01", "dwi", "dwi", ses="1", run=2, dir="AP", desc=None)
+    assert p == "/d/sub-01/ses-1/dwi/sub-01_ses-1_dir-AP_run-2_dwi.nii.gz"
+    assert bids.parse_name(os.path.basename(p)) == {"sub": "01", "ses": "1", "dir": "AP", "run": "2",
+                                                    "suffix": "dwi", "ext": ".nii.gz"}
+    with pytest.raises(ValueError):
+        bids.bids_path("/d", "01", "anat", "T1w", colour="red")
+
+
+def _tree(root, names):
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.9.0"}))
+    for n in names:
+        p = root / n
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"")
+
+
+def test_index_finds_modalities_and_sessions(tmp_path):
+    _tree(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/dwi/sub-01_dir-AP_dwi.nii.gz",
+                     "sub-02/ses-a/anat/sub-02_ses-a_T1w.nii.gz", "sub-02/ses-a/func/sub-02_ses-a_task-rest_bold.nii.gz",
+                     "sub-02/ses-a/func/sub-02_ses-a_task-rest_events.tsv"])
+    index = {s.key: s for s in bids.index_bids(tmp_path)}
+    assert set(index) == {"sub-01", "sub-02_ses-a"}
+    assert index["sub-01"].has("dwi") and not index["sub-01"].has("bold")
+    assert index["sub-02_ses-a"].has("bold") and not index["sub-02_ses-a"].has("dwi")
+
+
+def test_index_refuses_bad_folder_labels(tmp_path):
+    _tree(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-a_b/anat/sub-a_b_T1w.nii.gz"])
+    with pytest.raises(bids.LabelError, match="sub-a_b"):
+        bids.index_bids(tmp_path)
+    with pytest.raises(FileNotFoundError, match="dataset_description"):
+        bids.index_bids(tmp_path / "sub-01")
