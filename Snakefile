@@ -14,6 +14,12 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/convert.smk"
+include: "workflow/rules/anat.smk"
+include: "workflow/rules/dwi.smk"
+include: "workflow/rules/func.smk"
+include: "workflow/rules/tensors.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:

@@ -10,6 +10,15 @@ import sys
 # command -> module exposing ``cli(argv) -> int | None``
 COMMANDS = {
     "demo": "brainfuse.demo",
+    "convert": "brainfuse.convert",
+    "templates": "brainfuse.templates",
+    "anat": "brainfuse.anat",
+    "dwi": "brainfuse.dwi",
+    "func": "brainfuse.func",
+    "tensors": "brainfuse.tensors",
+    "train": "brainfuse.train",
+    "evaluate": "brainfuse.evaluate",
+    "predict": "brainfuse.predict",
 }
 
 
