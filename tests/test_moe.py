@@ -101,6 +101,23 @@ def test_absent_modality_input_does_not_change_output(preset):
     assert (moved[present[:, j]] > 1e-6).all() and (moved[~present[:, j]] == 0).all()
 
 
+@pytest.mark.parametrize("router,gate,missing", [("joint", "gaussian", "zeros"), ("disjoint", "laplace", "bank"),
+                                                 ("per_modality", "gaussian", "learned")])
+def test_other_topologies_train_every_parameter_and_ignore_absent_inputs(router, gate, missing):
+    """Router topologies, gates and fills that no preset uses get the same guarantees."""
+    m = model("fusemoe", router=router, gate=gate, missing=missing, top_k=3, mixer_layers=1,
+              aux_weights={}).train()
+    present = every_combination(len(MODS))
+    inputs = batch(MODS, present)
+    m(inputs, present, torch.arange(present.shape[0]) % 2).loss.backward()
+    assert [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0] == []
+    changed = {k: torch.where(present[:, j].view(-1, *[1] * (v.ndim - 1)), v, float("nan"))
+               for j, (k, v) in enumerate(inputs.items())}
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(inputs, present).prediction, m(changed, present).prediction)
+
+
 def test_modality_absent_from_whole_batch_may_be_left_out_of_inputs():
     m = model("fusemoe").eval()
     present = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]], dtype=torch.bool)
@@ -139,19 +156,43 @@ def test_gate_scores_match_their_formulas():
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("learned_noise", [False, True])
 @pytest.mark.parametrize("gate", ["softmax", "laplace", "gaussian"])
 @pytest.mark.parametrize("k", [1, 2, 3, None])
-def test_top_k_weights_sum_to_one_with_exactly_k_nonzero(gate, k):
+def test_top_k_weights_sum_to_one_with_exactly_k_nonzero(gate, k, learned_noise):
     torch.manual_seed(0)
     E = 5
-    cfg = MoEConfig(MODS, gate=gate, top_k=k, n_experts=E, noise_std=0.5)
+    cfg = MoEConfig(MODS, gate=gate, top_k=k, n_experts=E, noise_std=0.5, learned_noise=learned_noise)
     router = Router(8, E, cfg).train()
+    if learned_noise:  # away from its zero initialisation, so the noise really depends on x
+        torch.nn.init.normal_(router.noise_weight)
     r = router(torch.randn(64, 8))
     assert torch.allclose(r.weights.sum(-1), torch.ones(64), atol=1e-6)
     assert ((r.weights > 0).sum(-1) == (k or E)).all()
+    assert torch.equal(r.dispatch, r.weights > 0)
     if k is not None:  # the selected experts are the k largest of the (noisy) scores, weights softmax over them
         vals, idx = r.weights.topk(k, -1)
         assert torch.equal(torch.zeros_like(r.weights).scatter(-1, idx, vals), r.weights)
+        # the smooth load estimate (probabilities, differentiable in the clean scores), not the 0/1 dispatch
+        assert ((r.load >= 0) & (r.load <= 1)).all() and ((r.load > 0.01) & (r.load < 0.99)).any()
+    router.eval()  # no noise: the selection is the top k of the clean scores
+    r = router(torch.randn(64, 8))
+    assert torch.equal(r.dispatch, torch.zeros_like(r.dispatch).scatter(-1, r.logits.topk(k or E, -1).indices, True))
+    assert torch.equal(r.load, r.dispatch.float())
+
+
+def test_dispatch_counts_selected_experts_whose_weight_underflows():
+    """Gaussian scores far apart: the second choice's softmax weight is exactly 0 in float32, but it was
+    selected, and load balancing must count it (deciding by weights > 0 would not)."""
+    cfg = MoEConfig(MODS, gate="gaussian", top_k=2, n_experts=3)
+    router = Router(1, 3, cfg).eval()
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[0.0], [20.0], [40.0]]))
+    with torch.no_grad():
+        r = router(torch.zeros(1, 1))                      # scores 0, -400, -1600
+    assert r.weights.tolist() == [[1.0, 0.0, 0.0]]
+    assert r.dispatch.tolist() == [[True, True, False]]
+    assert math.isclose(float(switch_loss(r.logits.softmax(-1), r.dispatch)), 3 * 0.5, rel_tol=1e-6)
 
 
 def test_top_k_softmax_by_hand():
@@ -288,6 +329,42 @@ def test_learned_and_zero_fill():
 
 
 # ----------------------------------------------------------------------------------------------- encoders
+def test_input_pool_averages_blocks_and_shrinks_the_encoders_grid():
+    pool = moe.AvgPool3d((5, 4, 1), 2)
+    x = torch.arange(20.0).view(1, 1, 5, 4, 1)
+    y = pool(x)
+    assert pool.out_shape == (3, 2, 1) and y.shape == (1, 1, 3, 2, 1)
+    assert y[0, 0, 0, 0, 0] == x[0, 0, :2, :2, 0].mean()
+    assert y[0, 0, 2, 1, 0] == x[0, 0, 4, 2:4, 0].mean()      # edge block: only its own voxels
+    m = model("neuromoe", input_pool=2)
+    assert m.encoders["aMRI"][1].grid == (2, 2, 2)           # 13x15x11 -> 7x8x6 -> 4^3 patches
+    present = every_combination(len(MODS), 1)
+    inputs = batch(MODS, present)
+    m.eval()
+    with torch.no_grad():
+        out = m(inputs, present).prediction
+        inputs["aMRI"] = inputs["aMRI"] + 3.0                 # still sees its (pooled) input
+        assert (m(inputs, present).prediction != out).any()
+    with pytest.raises(ValueError, match="input_pool"):
+        MoEConfig(MODS, input_pool=0)
+
+
+def test_conditioned_gate_sees_which_modalities_are_present():
+    m = model("neuromoe").eval()
+    present = torch.ones(2, len(MODS), dtype=torch.bool)
+    present[1, 0] = False                                  # same clinical features, aMRI absent in sample 2
+    inputs = batch(MODS, present)
+    inputs = {k: v[:1].expand(2, *v.shape[1:]) for k, v in inputs.items()}
+    with torch.no_grad():
+        w = m(inputs, present).routing_weights["conditioned"]
+    assert not torch.allclose(w[0], w[1])
+
+
+def test_curriculum_order_most_observed_first():
+    present = torch.tensor([[1, 0, 0], [1, 1, 1], [0, 1, 1], [0, 0, 1]], dtype=torch.bool)
+    assert moe.curriculum_order(present).tolist() == [1, 2, 0, 3]
+
+
 def test_vit_handles_non_multiple_sizes_and_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     vit = moe.ViT3D(2, (13, 15, 11), 16, 4, 2, 4)

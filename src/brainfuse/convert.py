@@ -18,12 +18,15 @@ outputs by parsing dcm2niix's stdout and renames nothing, whereas here each seri
 with a fixed output name, which is what makes the series -> output mapping exact.
 
 Identifying values never reach file names, the manifest or log lines: descriptions and paths are passed
-through the same scrubber before they are written anywhere.
+through the same scrubber (:mod:`brainfuse.deid`) before they are written anywhere.
+
+Commands: ``brainfuse convert`` (one subject), ``brainfuse convert dataset`` (dataset_description.json,
+participants.tsv merged with the clinical table, merged manifest), ``brainfuse convert verify`` (the demo's
+round trip: converted images against the BIDS images the DICOM export was made from).
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import os
@@ -36,10 +39,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .bids import ENTITY_ORDER, LabelError, bids_path, check_label
+from .bids import LabelError, bids_path, check_label, with_ext
+from .deid import Scrubber, identifying_values, scrub_nifti, scrub_sidecar
+from .deid import as_text as _text
 
 log = logging.getLogger("brainfuse.convert")
 
@@ -172,6 +178,8 @@ def load_mapping(section: dict | None = None) -> Mapping:
     user = [_check_rule(r, f"convert.rules[{i}]") for i, r in enumerate(rules)]
     for i, r in enumerate(user):
         r.setdefault("name", f"convert.rules[{i}]")
+        # as the defaults do: DWI always names its phase-encoding direction, BOLD when runs differ in it
+        r.setdefault("dir", {"dwi": "always", "func": "auto", "fmap": "auto", "perf": "auto"}.get(r.get("datatype"), "never"))
     defaults = section.get("default_rules", True)
     if not isinstance(defaults, bool):
         raise ConvertConfigError("config key 'convert.default_rules': must be true or false")
@@ -183,14 +191,6 @@ def load_mapping(section: dict | None = None) -> Mapping:
     if not isinstance(deny, list) or not all(isinstance(k, str) for k in deny):
         raise ConvertConfigError("config key 'convert.deny_keys': must be a list of sidecar key names")
     return Mapping(rules=user + (list(DEFAULT_RULES) if defaults else []), task=task, deny_keys=tuple(deny))
-
-
-def _text(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)):
-        return "\\".join(_text(v) for v in value)
-    return str(value)
 
 
 def match_rule(rule: dict, fields: dict) -> bool:
@@ -208,150 +208,6 @@ def match_rule(rule: dict, fields: dict) -> bool:
 
 def first_rule(rules, fields) -> dict | None:
     return next((r for r in rules if match_rule(r, fields)), None)
-
-
-# --------------------------------------------------------------------------------------------------
-# De-identification
-# --------------------------------------------------------------------------------------------------
-# Header fields whose values identify a person, a place or a date (DICOM PS3.15 basic profile, the
-# parts that occur in MR exports). Their values, read from every source file, are searched for in
-# everything written.
-IDENTIFYING_KEYWORDS = (
-    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate", "PatientBirthTime",
-    "PatientBirthName", "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "PatientAge",
-    "PatientWeight", "PatientSize", "IssuerOfPatientID", "MedicalRecordLocator", "InstitutionName",
-    "InstitutionAddress", "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber",
-    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-    "PerformingPhysicianName", "OperatorsName", "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord",
-    "RequestingPhysician", "AccessionNumber", "StudyID", "StudyDate", "SeriesDate", "AcquisitionDate",
-    "ContentDate", "AcquisitionDateTime", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
-    "RequestedProcedureID", "PerformedProcedureStepID", "ScheduledProcedureStepID",
-)
-# Sidecar keys always removed (dcm2niix -ba y keeps some of them), besides any key with Patient (but
-# PatientPosition), Date, UID, Physician, Operator or Institution in its name.
-DENY_KEYS = {
-    "StationName", "DeviceSerialNumber", "AccessionNumber", "StudyID", "StudyDescription",
-    "ProcedureStepDescription", "PerformedProcedureStepDescription", "RequestedProcedureDescription",
-    "ImageComments", "SeriesComments", "StudyComments", "AcquisitionComments", "BidsGuess",
-}
-_DENY_RE = re.compile(r"^(?!PatientPosition$)Patient|Date|UID$|Physician|Operator|Institution")
-_PLACEHOLDERS = {"anonymous", "anonymized", "anonymised", "anon", "none", "unknown", "n/a", "null", "removed",
-                 "deidentified", "de-identified", "nil", "xxx"}
-REMOVED = "[removed]"
-
-
-def _tokens(value: str) -> list[str]:
-    return re.findall(r"[A-Za-z0-9]+", value)
-
-
-class Scrubber:
-    """Finds and removes identifying values (read from the source headers) in any text."""
-
-    def __init__(self, values=()):
-        self.values: set[str] = set()
-        self._patterns: list[re.Pattern] = []
-        for v in values:
-            self.add(v)
-
-    def add(self, value) -> None:
-        value = str(value).strip()
-        if not value or value in self.values:
-            return
-        alnum = "".join(_tokens(value))
-        if len(alnum) < 3 or value.lower() in _PLACEHOLDERS or len(set(alnum)) == 1:
-            return
-        self.values.add(value)
-        variants = [_tokens(value)]
-        if re.fullmatch(r"\d{8}", value):                # DICOM date YYYYMMDD: also YYYY-MM-DD etc.
-            variants.append([value[:4], value[4:6], value[6:]])
-        if "^" in value or "=" in value:                  # person name: each component of 4+ characters
-            variants += [[c] for c in re.split(r"[\^=]", value) if len("".join(_tokens(c))) >= 4]
-        for toks in variants:
-            if not toks:
-                continue
-            body = r"[^A-Za-z0-9]{0,3}".join(re.escape(t) for t in toks)
-            short = len("".join(toks)) < 6 or "".join(toks).isdigit() or len(toks) == 1 and len(toks[0]) < 8
-            pattern = rf"(?<![A-Za-z0-9]){body}(?![A-Za-z0-9])" if short else body
-            self._patterns.append(re.compile(pattern, re.I))
-
-    def found(self, text) -> bool:
-        text = _text(text)
-        return any(p.search(text) for p in self._patterns)
-
-    def clean(self, text) -> str:
-        text = _text(text)
-        for p in self._patterns:
-            text = p.sub(REMOVED, text)
-        return text
-
-    def found_bytes(self, data: bytes) -> bool:
-        return self.found(data.decode("latin-1"))
-
-
-def identifying_values(ds) -> list[str]:
-    """Values of the identifying header fields of one pydicom dataset (top level)."""
-    out = []
-    for kw in IDENTIFYING_KEYWORDS:
-        try:
-            value = ds.get(kw)
-        except Exception:       # a corrupt element: its value is unknown, nothing to search for
-            continue
-        if value is None or value == "":
-            continue
-        values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
-        out += [str(v) for v in values if str(v).strip()]
-    return out
-
-
-def scrub_sidecar(meta: dict, scrubber: Scrubber, deny_keys=()) -> tuple[dict, list[str]]:
-    """Sidecar without deny-listed keys and without any key whose value holds an identifying value."""
-    deny = DENY_KEYS | set(deny_keys)
-    clean, removed = {}, []
-    for key, value in meta.items():
-        if key in deny or _DENY_RE.search(key) or scrubber.found(key) or _holds_identifying(value, scrubber):
-            removed.append(key)
-        else:
-            clean[key] = value
-    return clean, removed
-
-
-def _holds_identifying(value, scrubber: Scrubber) -> bool:
-    if isinstance(value, dict):
-        return any(scrubber.found(k) or _holds_identifying(v, scrubber) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(_holds_identifying(v, scrubber) for v in value)
-    if isinstance(value, bool) or value is None:
-        return False
-    if isinstance(value, (int, float)):
-        return str(value) in scrubber.values
-    return scrubber.found(value)
-
-
-# NIfTI-1 header text fields (offset, length): data_type, db_name, descrip, aux_file, intent_name.
-_NIFTI_TEXT = ((4, 10), (14, 18), (148, 80), (228, 24), (328, 16))
-
-
-def _scrub_nifti(src: Path, dst: Path, scrubber: Scrubber) -> None:
-    """Copy a .nii.gz, blanking header text fields that hold identifying values; refuse identifying
-    values anywhere else in the header or its extensions."""
-    with gzip.open(src, "rb") as f:
-        head = bytearray(f.read(352))
-        vox_offset = int(np.frombuffer(bytes(head[108:112]), "<f4")[0]) if len(head) >= 352 else 352
-        ext = f.read(max(vox_offset - 352, 0))
-    changed = False
-    for off, n in _NIFTI_TEXT:
-        if scrubber.found_bytes(bytes(head[off:off + n]).split(b"\0")[0]):
-            head[off:off + n] = b"\0" * n
-            changed = True
-    if scrubber.found_bytes(bytes(head) + ext):
-        raise ValueError("identifying value in the NIfTI header extension")
-    if not changed:
-        shutil.copyfile(src, dst)
-        return
-    with gzip.open(src, "rb") as f, gzip.open(dst, "wb", compresslevel=6) as g:
-        f.read(352)
-        g.write(bytes(head))
-        shutil.copyfileobj(f, g, 1 << 20)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -617,7 +473,7 @@ def description_dir(text: str) -> str | None:
     return m[1] if m else None
 
 
-@dataclass
+@dataclass(eq=False)     # compared by identity (it holds an array)
 class Candidate:
     """One image written by dcm2niix and what the rules decided for it."""
     series: Series
@@ -746,6 +602,7 @@ def _install(c: Candidate, bids_root: Path, subject: str, session: str | None, s
         meta["TaskName"] = c.entities.get("task", mapping.task)
     if removed:
         c.notes.append(f"{len(removed)} sidecar keys removed")
+        log.info("%s: sidecar keys removed: %s", image.name, ", ".join(scrubber.clean(k) for k in removed))
     staged = []          # (temporary, final)
     try:
         for ext in ("bval", "bvec"):
@@ -759,7 +616,7 @@ def _install(c: Candidate, bids_root: Path, subject: str, session: str | None, s
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         staged.append((tmp, final))
         tmp = image.with_name(f".{image.name}.{os.getpid()}.tmp")
-        _scrub_nifti(c.files["nii.gz"], tmp, scrubber)
+        scrub_nifti(c.files["nii.gz"], tmp, scrubber)
         staged.append((tmp, image))
         for tmp, final in staged:
             os.replace(tmp, final)
@@ -803,7 +660,12 @@ def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = No
     if not dicom_dir.is_dir():
         raise FileNotFoundError(f"{dicom_dir}: DICOM folder of sub-{subject} does not exist")
     tag = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+    # The subject's folder exists afterwards even when nothing converts (it is a workflow output).
+    (bids_root / f"sub-{subject}" / (f"ses-{session}" if session else "")).mkdir(parents=True, exist_ok=True)
     series_list, bad, scrubber = scan(dicom_dir)
+    if scrubber.found(subject) or scrubber.found(session or ""):
+        log.warning("%s: the subject/session label contains a value of the patient's DICOM headers: "
+                    "choose labels that do not identify the participant", tag)
     rows = []
     for b in bad:
         rel = scrubber.clean(os.path.relpath(b.path, dicom_dir))
@@ -856,7 +718,6 @@ def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = No
                         files[ext] = p
                 try:
                     sidecar = json.loads(files["json"].read_text()) if "json" in files else {}
-                    import nibabel as nib
                     hdr = nib.load(str(nii))
                     volumes = hdr.shape[3] if len(hdr.shape) > 3 else 1
                     affine = hdr.affine
@@ -892,7 +753,9 @@ def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = No
                     _install(c, bids_root, subject, session, scrubber, mapping)
                 except Exception as e:
                     c.decision, c.reason = "failed", f"could not write the BIDS files ({type(e).__name__}: {scrubber.clean(str(e))[:200]})"
-            reason = "; ".join([c.reason] + c.notes)
+            several = sum(o.series is c.series for o in cands) > 1
+            image = [f"image {c.variant.strip('_')}"] if several and c.variant else []
+            reason = "; ".join(image + [c.reason] + c.notes)
             bids_name = c.outputs[-1] if c.outputs else ""
             rows.append(_row(subject, session, c.series, scrubber, dicom_dir, decision=c.decision, reason=reason,
                              datatype=c.datatype if c.decision == "converted" else "",
@@ -1006,41 +869,91 @@ def write_dataset_files(bids_root, manifest, clinical_tsv=None, name: str = "bra
     return table
 
 
-def discover(dicom_root) -> list[tuple[str, str | None, Path]]:
-    """(subject, session, folder) for each subject folder under ``dicom_root`` (sessions: sub-folders all
-    named ``ses-*``). Labels are the folder names without ``sub-``/``ses-`` and non-alphanumerics;
-    two folders that give the same label are an error."""
-    dicom_root = Path(dicom_root)
-    if not dicom_root.is_dir():
-        raise FileNotFoundError(f"dicom_dir {dicom_root} does not exist")
-    out, seen = [], {}
-    for sub_dir in sorted(p for p in dicom_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        subject = re.sub(r"[^A-Za-z0-9]", "", re.sub(r"^sub-", "", sub_dir.name))
-        if not subject:
-            raise ValueError(f"{sub_dir}: cannot make a subject label from this folder name")
-        if subject in seen:
-            raise ValueError(f"{sub_dir} and {seen[subject]} both give subject label {subject!r}")
-        seen[subject] = sub_dir
-        children = [p for p in sub_dir.iterdir() if not p.name.startswith(".")]
-        sessions = [p for p in children if p.is_dir() and p.name.startswith("ses-")]
-        if sessions and len(sessions) == len(children):
-            for ses_dir in sorted(sessions):
-                out.append((subject, check_label(ses_dir.name, f"session folder {ses_dir}"), ses_dir))
-        else:
-            out.append((subject, None, sub_dir))
-    return out
+# --------------------------------------------------------------------------------------------------
+# Round trip check (demo): converted images against the BIDS images the DICOM export was made from
+# --------------------------------------------------------------------------------------------------
+VERIFY_COLUMNS = ["bids_name", "reference", "shape_equal", "data_max_abs_diff", "affine_max_abs_diff",
+                  "bval_max_abs_diff", "bvec_max_abs_diff", "sidecar_mismatches", "identifying_values_found", "ok"]
+
+
+def _canonical(path):
+    """Image in the closest RAS orientation: dcm2niix may return another voxel order than the source."""
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    return img, np.asanyarray(img.dataobj, dtype=np.float64)
+
+
+def _same_value(a, b) -> bool:
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool):
+        return bool(np.isclose(a, b, rtol=1e-6, atol=1e-9))
+    return a == b
+
+
+def verify(converted_root, reference_root, manifest, identity: dict | None = None,
+           tolerance: float = 1e-4) -> pd.DataFrame:
+    """Compare each converted image with the reference image of the same BIDS name.
+
+    Data are compared in world orientation (closest canonical), with a tolerance for the int16
+    quantisation of non-integer images; affines within ``tolerance`` mm; bval/bvec and the key sidecar
+    fields as written. ``identity``: the fake patient fields the export carried, searched for in every
+    converted file and the manifest.
+    """
+    from .deid import find_identifying
+
+    converted_root, reference_root = Path(converted_root), Path(reference_root)
+    manifest = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    scrubber = Scrubber(v for v in (identity or {}).values() if v)
+    rows = []
+    for _, row in manifest[manifest["decision"] == "converted"].iterrows():
+        out = dict.fromkeys(VERIFY_COLUMNS, "n/a")
+        name = row["bids_name"]
+        ref = reference_root / name
+        out.update(bids_name=name, reference=os.path.relpath(ref, reference_root))
+        if not ref.exists():
+            out.update(ok=False, sidecar_mismatches="no reference image")
+            rows.append(out)
+            continue
+        a_img, a = _canonical(converted_root / name)
+        b_img, b = _canonical(ref)
+        step = float(getattr(nib.load(str(ref)).dataobj, "slope", 1.0) or 1.0)
+        out["shape_equal"] = a.shape == b.shape
+        if out["shape_equal"]:
+            out["data_max_abs_diff"] = float(np.abs(a - b).max())
+            out["affine_max_abs_diff"] = float(np.abs(a_img.affine - b_img.affine).max())
+        same_order = np.allclose(nib.load(str(converted_root / name)).affine, nib.load(str(ref)).affine, atol=tolerance)
+        for ext, col in (("bval", "bval_max_abs_diff"), ("bvec", "bvec_max_abs_diff")):
+            p, q = converted_root / with_ext(name, f".{ext}"), with_ext(ref, f".{ext}")
+            if Path(q).exists():
+                x, y = np.loadtxt(p, ndmin=2) if p.exists() else None, np.loadtxt(q, ndmin=2)
+                out[col] = float(np.abs(x - y).max()) if x is not None and x.shape == y.shape and (ext == "bval" or same_order) else "mismatch"
+        a_side = json.loads((converted_root / with_ext(name, ".json")).read_text())
+        b_side = json.loads(Path(with_ext(ref, ".json")).read_text()) if Path(with_ext(ref, ".json")).exists() else {}
+        keys = ["RepetitionTime", "EchoTime", "TotalReadoutTime"] + (["PhaseEncodingDirection"] if same_order else [])
+        bad = [k for k in keys if k in b_side and not _same_value(a_side.get(k), b_side[k])]
+        out["sidecar_mismatches"] = ",".join(bad) or "none"
+        leaks = find_identifying([converted_root / p for p in str(row["outputs"]).split(";") if p], scrubber)
+        out["identifying_values_found"] = len(leaks)
+        numeric = [out[k] for k in ("bval_max_abs_diff", "bvec_max_abs_diff") if isinstance(out[k], float)]
+        out["ok"] = bool(out["shape_equal"] and out["data_max_abs_diff"] <= step / 2 + 1e-6
+                         and out["affine_max_abs_diff"] <= tolerance and all(v <= 1e-4 for v in numeric)
+                         and "mismatch" not in (out["bval_max_abs_diff"], out["bvec_max_abs_diff"])
+                         and not bad and not leaks)
+        rows.append(out)
+    return pd.DataFrame(rows, columns=VERIFY_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
-def _convert_section(config_path) -> dict:
+def _convert_section(config_path=None, params=None) -> dict:
+    """The ``convert`` section: from ``--params`` (JSON, what the workflow passes) or a config YAML."""
+    if params:
+        return json.loads(params)
     if not config_path:
         return {}
-    import yaml
+    from .config import load
 
-    with open(config_path) as f:
-        return (yaml.safe_load(f) or {}).get("convert") or {}
+    return load(config_path)["convert"]
 
 
 def _setup_logging(log_file=None) -> None:
@@ -1051,50 +964,89 @@ def _setup_logging(log_file=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
 
 
+def _cli_dataset(argv) -> int:
+    ap = argparse.ArgumentParser(prog="brainfuse convert dataset",
+                                 description="Write dataset_description.json, participants.tsv and the merged manifest.")
+    ap.add_argument("--bids-dir", required=True)
+    ap.add_argument("--subject-manifests", nargs="*", default=[], help="per-subject manifest TSVs")
+    ap.add_argument("--manifest", required=True, help="merged manifest TSV to write")
+    ap.add_argument("--participants-tsv", help="clinical table to merge into participants.tsv")
+    ap.add_argument("--log")
+    args = ap.parse_args(argv)
+    _setup_logging(args.log)
+    frames = [read_manifest(p) for p in args.subject_manifests]
+    manifest = pd.concat(frames, ignore_index=True) if frames else _frame([])
+    try:
+        write_dataset_files(args.bids_dir, manifest, args.participants_tsv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"brainfuse convert dataset: {e}", file=sys.stderr)
+        return 2
+    write_manifest(manifest, args.manifest)
+    log.info("dataset: %d subjects, %s", manifest["subject"].nunique(), manifest["decision"].value_counts().to_dict())
+    return 0
+
+
+def _cli_verify(argv) -> int:
+    ap = argparse.ArgumentParser(prog="brainfuse convert verify",
+                                 description="Compare converted images with the BIDS images a DICOM export was made from.")
+    ap.add_argument("--converted", required=True, help="BIDS root the conversion wrote")
+    ap.add_argument("--reference", required=True, help="BIDS root of the reference images")
+    ap.add_argument("--manifests", nargs="+", required=True, help="conversion manifests")
+    ap.add_argument("--identity", nargs="*", default=[], help="JSON files of the identifying values the export carried")
+    ap.add_argument("--out", required=True, help="verification TSV to write")
+    ap.add_argument("--log")
+    args = ap.parse_args(argv)
+    _setup_logging(args.log)
+    identity = {}
+    for i, p in enumerate(args.identity):
+        identity.update({f"{k}{i}": v for k, v in json.loads(Path(p).read_text()).items() if k != "PatientSex"})
+    manifest = pd.concat([read_manifest(p) for p in args.manifests], ignore_index=True)
+    table = verify(args.converted, args.reference, manifest, identity)
+    problems = []
+    if table.empty:
+        problems.append("no converted image to verify")
+    for row in table[~table["ok"].astype(bool)].to_dict("records"):
+        problems.append(f"{row.pop('bids_name')} differs from its reference: {row}")
+    write_manifest(table, args.out)
+    for line in problems:
+        log.error("verify: %s", line)
+    log.info("verify: %d images, %d match their reference", len(table), int(table["ok"].sum()) if len(table) else 0)
+    return 1 if problems else 0
+
+
 def cli(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "dataset":
-        ap = argparse.ArgumentParser(prog="brainfuse convert dataset",
-                                     description="Write dataset_description.json, participants.tsv and the merged manifest.")
-        ap.add_argument("--bids-dir", required=True)
-        ap.add_argument("--subject-manifests", nargs="*", default=[], help="per-subject manifest TSVs")
-        ap.add_argument("--manifest", required=True, help="merged manifest TSV to write")
-        ap.add_argument("--participants-tsv", help="clinical table to merge into participants.tsv")
-        ap.add_argument("--log")
-        args = ap.parse_args(argv[1:])
-        _setup_logging(args.log)
-        frames = [read_manifest(p) for p in args.subject_manifests]
-        manifest = pd.concat(frames, ignore_index=True) if frames else _frame([])
-        write_dataset_files(args.bids_dir, manifest, args.participants_tsv)
-        write_manifest(manifest, args.manifest)
-        counts = manifest["decision"].value_counts().to_dict()
-        log.info("dataset: %d subjects, %s", manifest["subject"].nunique(), counts)
-        return 0
+        return _cli_dataset(argv[1:])
+    if argv and argv[0] == "verify":
+        return _cli_verify(argv[1:])
     ap = argparse.ArgumentParser(prog="brainfuse convert",
                                  description="Convert one subject's DICOM folder to BIDS (dcm2niix), with a manifest. "
-                                             "`brainfuse convert dataset --help` for the dataset-level files.")
+                                             "`brainfuse convert dataset --help`: the dataset-level files; "
+                                             "`brainfuse convert verify --help`: the demo's round-trip check.")
     ap.add_argument("--dicom-dir", required=True, help="this subject's (or session's) DICOM folder")
     ap.add_argument("--bids-dir", required=True, help="BIDS root to write into")
     ap.add_argument("--subject", required=True, help="subject label (with or without sub-)")
     ap.add_argument("--session", help="session label")
-    ap.add_argument("--config", help="brainfuse config YAML (its convert: section is used)")
     ap.add_argument("--manifest", required=True, help="this subject's manifest TSV to write")
-    ap.add_argument("--outputs", help="JSON listing the BIDS files produced (default: manifest path with .json)")
+    ap.add_argument("--config", help="brainfuse config YAML (its convert: section is used)")
+    ap.add_argument("--params", help="the convert: section as JSON (instead of --config)")
+    ap.add_argument("--outputs", help="also write a JSON listing the BIDS files produced")
     ap.add_argument("--work-dir", help="where dcm2niix writes before files are moved (default: system temp)")
     ap.add_argument("--log", help="also write log lines to this file")
     args = ap.parse_args(argv)
     _setup_logging(args.log)
     try:
-        mapping = load_mapping(_convert_section(args.config))
+        mapping = load_mapping(_convert_section(args.config, args.params))
         manifest = convert_subject(args.dicom_dir, args.bids_dir, args.subject, args.session, mapping, args.work_dir)
-    except (ConvertConfigError, LabelError, FileNotFoundError) as e:
+    except (ConvertConfigError, LabelError, FileNotFoundError, ValueError) as e:
         print(f"brainfuse convert: {e}", file=sys.stderr)
         return 2
     write_manifest(manifest, args.manifest)
-    outputs = Path(args.outputs) if args.outputs else Path(re.sub(r"\.tsv$", "", str(args.manifest)) + ".json")
-    info = {"subject": f"sub-{check_label(args.subject)}",
-            "session": f"ses-{check_label(args.session)}" if args.session else None,
-            **produced_files(manifest), "decisions": manifest["decision"].value_counts().to_dict()}
-    outputs.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(info, outputs)
+    if args.outputs:
+        info = {"subject": f"sub-{check_label(args.subject)}",
+                "session": f"ses-{check_label(args.session)}" if args.session else None,
+                **produced_files(manifest), "decisions": manifest["decision"].value_counts().to_dict()}
+        Path(args.outputs).parent.mkdir(parents=True, exist_ok=True)
+        _write_json(info, Path(args.outputs))
     return 0

@@ -18,8 +18,14 @@ One readable file in the spirit of nanoGPT's model.py. The published methods are
   modalities get a learned embedding instead of zeros).
 - late / single: baselines (concatenate + MLP; one modality + MLP).
 
+The noisy presets use Shazeer et al.'s (2017) learned noise, std softplus(x W_noise) + 1e-2 (the seed notes say
+"noisy top-k" without saying fixed or learned; ``learned_noise=False`` gives a fixed ``noise_std``).
+Flex-MoE's warm-up curriculum is a training-loop matter: ``PRESET_TRAINING`` and ``curriculum_order``.
+
 Shapes: B batch, M modalities, R routers, E experts, d model width. Volumes are (B, C, X, Y, Z),
 tabular modalities (B, F); ``present`` is a (B, M) bool mask in ``MoEConfig.modalities`` order.
+CPU budget: the CNN downsamples 2x per stage from its first conv; ``input_pool`` (e.g. 2) average-pools
+volumes before any encoder, which the ViT needs at 3 mm on CPU (tokens and attention shrink 8x and 64x).
 """
 from __future__ import annotations
 
@@ -75,6 +81,7 @@ class MoEConfig:
     mlp_hidden: int = 64
     encoder_dropout: float = 0.1
     grad_checkpoint: bool = False        # ViT blocks recompute activations in backward
+    input_pool: int = 1                  # average-pool volumes by this factor per axis before encoding
     mixer_layers: int = 0                # transformer blocks over the M modality tokens before routing
     # routing and experts
     router: str = "joint"                # joint | per_modality | disjoint | conditioned
@@ -84,6 +91,7 @@ class MoEConfig:
     gate: str = "softmax"                # softmax (xW) | laplace (-||x-w||) | gaussian (-||x-w||^2)
     top_k: int | None = None             # None: dense softmax over all experts
     noise_std: float = 0.0               # Gaussian noise on gate scores, training only
+    learned_noise: bool = False          # Shazeer et al.: std = noise_std * softplus(x W_noise) + 1e-2
     router_hidden: int = 0               # >0: Linear-ReLU-Dropout before the gate (NeuroMoE's 2-layer gate)
     router_dropout: float = 0.0
     missing: str = "learned"             # zeros | learned (one vector per modality) | bank (per combination)
@@ -114,6 +122,8 @@ class MoEConfig:
         unknown = set(self.aux_weights) - set(AUX_NAMES)
         if unknown:
             raise ValueError(f"unknown aux_weights {sorted(unknown)}; known: {AUX_NAMES}")
+        if self.input_pool < 1:
+            raise ValueError(f"input_pool={self.input_pool} must be >= 1")
         if self.d_model % self.vit_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by vit_heads={self.vit_heads}")
         if self.fusion == "moe" and self.router == "conditioned":
@@ -207,14 +217,31 @@ def mlp(d_in: int, hidden: int, d_out: int, dropout: float = 0.0) -> nn.Sequenti
     return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_out))
 
 
+class AvgPool3d(nn.Module):
+    """Average over p^3 blocks; a block at the far edge averages only its voxels (ceil_mode), so the
+    output grid is ceil(s / p) per axis. Cheap way to fit 2 mm (or 3 mm on CPU) volumes in a time budget."""
+
+    def __init__(self, spatial: tuple, p: int):
+        super().__init__()
+        self.kernel = tuple(min(p, s) for s in spatial)
+        self.out_shape = tuple(math.ceil(s / p) for s in spatial)
+
+    def forward(self, x):
+        return F.avg_pool3d(x, self.kernel, ceil_mode=True)
+
+
 def make_encoder(spec: ModalitySpec, cfg: MoEConfig) -> nn.Module:
     kind = spec.encoder or ("mlp" if spec.kind == "tabular" else cfg.volume_encoder)
+    if kind == "mlp":
+        return mlp(spec.shape[0], cfg.mlp_hidden, cfg.d_model, cfg.encoder_dropout)
+    channels, spatial = spec.shape[0], spec.shape[1:]
+    pool = AvgPool3d(spatial, cfg.input_pool) if cfg.input_pool > 1 else None
+    spatial = pool.out_shape if pool else spatial
     if kind == "vit":
-        return ViT3D(spec.shape[0], spec.shape[1:], cfg.d_model, cfg.vit_patch, cfg.vit_depth, cfg.vit_heads,
-                     cfg.grad_checkpoint)
-    if kind == "cnn":
-        return CNN3D(spec.shape[0], cfg.d_model, tuple(cfg.cnn_channels))
-    return mlp(spec.shape[0], cfg.mlp_hidden, cfg.d_model, cfg.encoder_dropout)
+        enc = ViT3D(channels, spatial, cfg.d_model, cfg.vit_patch, cfg.vit_depth, cfg.vit_heads, cfg.grad_checkpoint)
+    else:
+        enc = CNN3D(channels, cfg.d_model, tuple(cfg.cnn_channels))
+    return nn.Sequential(pool, enc) if pool else enc
 
 
 # ---------------------------------------------------------------------------------------------- routing
@@ -235,9 +262,9 @@ def top_k_softmax(logits: torch.Tensor, k: int | None) -> torch.Tensor:
     return torch.zeros_like(logits, dtype=probs.dtype).scatter(-1, idx, probs)
 
 
-def prob_in_top_k(clean: torch.Tensor, noisy: torch.Tensor, noise_std: float, k: int) -> torch.Tensor:
+def prob_in_top_k(clean: torch.Tensor, noisy: torch.Tensor, noise_std, k: int) -> torch.Tensor:
     """P(expert i stays in the top k when its own noise is redrawn, the others' fixed): Shazeer et al.
-    (2017) smooth load estimator, differentiable in the clean scores. Needs k < E."""
+    (2017) smooth load estimator, differentiable in the clean scores. noise_std: a float or (B, E). k < E."""
     top = noisy.topk(k + 1, -1).values
     thr_in, thr_out = top[:, k:k + 1], top[:, k - 1:k]   # the threshold an expert must beat, if in / if out
     is_in = noisy > thr_in
@@ -246,14 +273,16 @@ def prob_in_top_k(clean: torch.Tensor, noisy: torch.Tensor, noise_std: float, k:
 
 
 class Routing(NamedTuple):
-    logits: torch.Tensor   # (B, E) clean gate scores
-    weights: torch.Tensor  # (B, E) routing weights: rows sum to 1, top_k non-zero when sparse
-    load: torch.Tensor     # (B, E) per-sample load: dispatch indicator, or its smooth estimate under noise
+    logits: torch.Tensor    # (B, E) clean gate scores
+    weights: torch.Tensor   # (B, E) routing weights: rows sum to 1, top_k non-zero when sparse
+    load: torch.Tensor      # (B, E) per-sample load: dispatch indicator, or its smooth estimate under noise
+    dispatch: torch.Tensor  # (B, E) bool: the experts selected (all of them when dense)
 
 
 class Router(nn.Module):
-    """Gate scores over E experts (optionally after a hidden layer), noise in training only, dense or
-    top-k softmax. Runs in float32 under autocast: distances and top-k in bf16 misroute."""
+    """Gate scores over E experts (optionally after a hidden layer), noise in training only (fixed std,
+    or Shazeer et al.'s learned softplus(x W_noise), zero-initialised), dense or top-k softmax.
+    Runs in float32 under autocast: distances and top-k in bf16 misroute."""
 
     def __init__(self, d_in: int, n_experts: int, cfg: MoEConfig):
         super().__init__()
@@ -261,21 +290,28 @@ class Router(nn.Module):
         self.pre = (nn.Sequential(nn.Linear(d_in, h), nn.ReLU(), nn.Dropout(cfg.router_dropout))
                     if h else nn.Identity())
         self.weight = nn.Parameter(torch.randn(n_experts, h or d_in) * (h or d_in) ** -0.5)
+        self.noise_weight = (nn.Parameter(torch.zeros(n_experts, h or d_in))
+                             if cfg.learned_noise and cfg.noise_std > 0 else None)
         self.gate, self.top_k, self.noise_std = cfg.gate, cfg.top_k, cfg.noise_std
 
     def forward(self, x: torch.Tensor) -> Routing:
         with torch.autocast(x.device.type, enabled=False):
-            logits = gate_scores(self.pre(x.float()), self.weight, self.gate)
-            noisy = logits
-            if self.training and self.noise_std > 0:
-                noisy = logits + torch.randn_like(logits) * self.noise_std
-            weights = top_k_softmax(noisy, self.top_k)
+            h = self.pre(x.float())
+            logits = gate_scores(h, self.weight, self.gate)
             E = logits.shape[-1]
-            if self.training and self.noise_std > 0 and self.top_k is not None and self.top_k < E:
-                load = prob_in_top_k(logits, noisy, self.noise_std, self.top_k)
-            else:
-                load = (weights > 0).to(weights.dtype)
-        return Routing(logits, weights, load)
+            sparse = self.top_k is not None and self.top_k < E
+            noisy, std = logits, None
+            if self.training and self.noise_std > 0:
+                std = (self.noise_std * F.softplus(h @ self.noise_weight.t()) + 1e-2
+                       if self.noise_weight is not None else self.noise_std)
+                noisy = logits + torch.randn_like(logits) * std
+            weights = top_k_softmax(noisy, self.top_k)
+            # Selection from the indices, not weights > 0: a far expert's softmax weight can underflow to 0.
+            dispatch = torch.ones_like(logits, dtype=torch.bool)
+            if sparse:
+                dispatch = torch.zeros_like(dispatch).scatter(-1, noisy.topk(self.top_k, -1).indices, True)
+            load = prob_in_top_k(logits, noisy, std, self.top_k) if sparse and std is not None else dispatch.float()
+        return Routing(logits, weights, load, dispatch)
 
 
 def expert_ffn(d: int, hidden: int) -> nn.Sequential:
@@ -416,10 +452,11 @@ class MultimodalMoE(nn.Module):
                 self.experts = nn.ModuleList(nn.ModuleList(expert_ffn(d, h) for _ in range(E))
                                              for _ in range(pools))
                 self.router_names, head_in = list(self.names), M * d
-            else:  # conditioned: gate input = clinical features (zeroed when absent) + presence bit
+            else:  # conditioned: gate input = clinical features (zeroed when absent) + the presence mask,
+                # so the gate can move weight off the experts of absent modalities
                 self.cond = self.names.index(cfg.condition_on)
                 n_feat = specs[self.used[self.cond]].shape[0]
-                self.routers = nn.ModuleList([Router(n_feat + 1, M, cfg)])
+                self.routers = nn.ModuleList([Router(n_feat + M, M, cfg)])
                 self.experts = nn.ModuleList([nn.ModuleList(expert_ffn(d, h) for _ in range(M))])
                 self.router_names, E = ["conditioned"], M
             self.expert_names = list(self.names) if cfg.router == "conditioned" else [f"e{i}" for i in range(E)]
@@ -466,7 +503,7 @@ class MultimodalMoE(nn.Module):
             raw = inputs.get(name)
             raw = (torch.where(p[:, None], raw, 0.0) if raw is not None   # where: NaN-safe
                    else tokens.new_zeros(B, self.cfg.modalities[self.used[self.cond]].shape[0]))
-            routings = [self.routers[0](torch.cat([raw.float(), p[:, None].float()], 1))]
+            routings = [self.routers[0](torch.cat([raw.float(), present.float()], 1))]
             outs = torch.stack([f(tokens[:, m]) for m, f in enumerate(self.experts[0])], 1)[:, None]
         weights = torch.stack([r.weights for r in routings], 1)                # (B, R, E)
         fused = torch.einsum("bre,bred->brd", weights.to(outs.dtype), outs).flatten(1)
@@ -481,7 +518,7 @@ class MultimodalMoE(nn.Module):
         for r in routings:
             E = r.weights.shape[-1]
             sparse = self.cfg.top_k is not None and self.cfg.top_k < E
-            dispatch = (r.weights > 0) if sparse else F.one_hot(r.weights.argmax(-1), E)  # dense: top-1
+            dispatch = r.dispatch if sparse else F.one_hot(r.weights.argmax(-1), E)  # dense: top-1
             parts["balance"].append(balance_loss(r.weights))
             parts["cv2"].append(cv_squared(r.weights[rows].sum(0)) + cv_squared(r.load[rows].sum(0)))
             parts["switch"].append(switch_loss(r.logits.softmax(-1), dispatch))
@@ -534,20 +571,30 @@ PRESETS: dict[str, dict] = {
     # PerM-MoE: CNN encoders, self-attention over modality tokens, a sparse router per modality over
     # shared experts, missing-modality bank, SMoE balancing + expert-specialisation cross-entropy.
     "permmoe": dict(fusion="moe", router="per_modality", gate="softmax", n_experts=8, top_k=2, noise_std=1.0,
-                    volume_encoder="cnn", mixer_layers=1, missing="bank",
+                    learned_noise=True, volume_encoder="cnn", mixer_layers=1, missing="bank",
                     aux_weights={"cv2": 1e-2, "specialization": 1e-2}),
     # Flex-MoE: one noisy top-4-of-16 softmax router, d=128, bank, cv^2 on complete samples and
     # combination cross-entropy on incomplete ones, weight 1e-2.
     "flexmoe": dict(fusion="moe", router="joint", gate="softmax", n_experts=16, top_k=4, noise_std=1.0,
-                    d_model=128, volume_encoder="cnn", mixer_layers=1, missing="bank",
+                    learned_noise=True, d_model=128, volume_encoder="cnn", mixer_layers=1, missing="bank",
                     balance_complete_only=True, aux_weights={"cv2": 1e-2, "specialization": 1e-2}),
     # FuseMoE: per-modality Laplace routers over a shared pool, noisy top-k, entropy regulariser; the
     # balance loss its code dropped is kept, absent modalities get a learned embedding, not zeros.
     "fusemoe": dict(fusion="moe", router="per_modality", gate="laplace", n_experts=8, top_k=2, noise_std=1.0,
-                    volume_encoder="cnn", missing="learned", aux_weights={"entropy": 1e-2, "cv2": 1e-2}),
+                    learned_noise=True, volume_encoder="cnn", missing="learned",
+                    aux_weights={"entropy": 1e-2, "cv2": 1e-2}),
     "late": dict(fusion="late", volume_encoder="cnn", missing="learned"),
     "single": dict(fusion="single", volume_encoder="cnn", missing="learned"),
 }
+
+# Training-schedule parts of the methods (not model config; for the training loop to honour). Flex-MoE
+# warms up for 5 epochs on samples ordered from most to fewest observed modalities (curriculum_order).
+PRESET_TRAINING: dict[str, dict] = {"flexmoe": {"warmup_epochs": 5, "warmup_order": "most_observed_first"}}
+
+
+def curriculum_order(present: torch.Tensor) -> torch.Tensor:
+    """Sample indices from most to fewest present modalities (stable: ties keep their order)."""
+    return torch.sort(present.sum(1), descending=True, stable=True).indices
 
 
 def preset_config(preset_name: str, modalities: list, n_outputs: int, task: str = "classification",

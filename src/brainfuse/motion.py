@@ -341,12 +341,28 @@ def resample_series(data4d, affine, transforms, order: int = 1, device="cpu") ->
                                        order=order, mode="constant").reshape(data.shape[:3])
                for k in range(data.shape[3])]
         return np.stack(out, axis=3)
+    vals, valid = sample_series(data, affine, transforms, np.indices(data.shape[:3]).reshape(3, -1).T @ A[:3, :3].T
+                                + A[:3, 3], order=order, device=device)
+    return (vals * valid).reshape(data.shape)
+
+
+def sample_series(data4d, affine, transforms, points_mm, order: int = 1, device="cpu"):
+    """Values (P, N) of volume k at ``T_k(x)`` for world points x (P, 3) (mm), and in-FOV flags (P, N).
+
+    One interpolation from the raw series to any grid (e.g. MNI points mapped into the BOLD frame).
+    order 0/1: torch grid_sample (nearest/trilinear).
+    """
+    data = np.asarray(data4d)
+    A = np.asarray(affine, float)
+    M = np.linalg.inv(A) @ np.asarray(transforms, float) @ A  # voxel -> voxel
+    pts_vox = (np.asarray(points_mm, float) - A[:3, 3]) @ np.linalg.inv(A[:3, :3]).T
     dev = torch.device(device)
     vols = torch.as_tensor(np.moveaxis(data, 3, 0).astype(np.float32), device=dev)[:, None]
-    pts = torch.as_tensor(np.indices(data.shape[:3]).reshape(3, -1).T, dtype=torch.float32, device=dev)
-    out = []
+    pts = torch.as_tensor(pts_vox, dtype=torch.float32, device=dev)
+    vals, flags = [], []
     for k in range(0, data.shape[3], 16):  # chunks bound memory on long series
         Mk = torch.as_tensor(M[k:k + 16], dtype=torch.float32, device=dev)
         w, v = _sample(vols[k:k + 16], Mk, pts, mode="nearest" if order == 0 else "bilinear")
-        out.append((w * v).cpu().numpy())
-    return np.moveaxis(np.concatenate(out).reshape((-1,) + data.shape[:3]), 0, 3)
+        vals.append(w.cpu().numpy())
+        flags.append(v.cpu().numpy())
+    return np.concatenate(vals).T, np.concatenate(flags).T.astype(bool)

@@ -1,1 +1,191 @@
-# convert stage: see workflow/rules/common.smk for helpers (bpath, units_with, raw_images, STAGE_TARGETS).
+# convert stage: DICOM -> BIDS with dcm2niix (src/brainfuse/convert.py), de-identified, with a manifest of
+# every series found. In DICOM mode the per-subject job is a checkpoint: which images a subject has is
+# known only once it has run, and downstream stages ask `raw_images(unit, modality)`, which reads its
+# manifest through `converted_images` below, within the same snakemake invocation.
+# In demo mode the target converts the demo's DICOM export back and checks it against the demo's BIDS
+# images; in BIDS mode there is nothing to convert.
+import csv
+import os
+import shlex
+
+from brainfuse.bids import IMAGING
+
+CONVERT_PARAMS = shlex.quote(json.dumps(config["convert"], sort_keys=True))
+DEMO_CONVERTED = f"{DEMO}/converted"
+_CONVERT_SHELL = (
+    "{BRAINFUSE} convert --dicom-dir {input.dicom:q} --bids-dir {params.root:q} --subject {wildcards.subject}"
+    " --manifest {output.manifest:q} --params {params.convert} > {log:q} 2>&1"
+)
+
+
+def _manifest(root):
+    return f"{root}/code/manifests/sub-{{subject}}_manifest.tsv"
+
+
+def _dataset_outputs(root):
+    return {
+        "description": f"{root}/dataset_description.json",
+        "participants": f"{root}/participants.tsv",
+        "manifest": f"{root}/code/manifest.tsv",
+    }
+
+
+if MODE == "dicom":
+    # Subject label -> folder (common.smk made the labels from these folder names).
+    _DICOM_FOLDERS = {check_label(p.name): str(p) for p in Path(config["dicom_dir"]).iterdir() if p.is_dir()}
+
+    checkpoint convert_subject:
+        input:
+            dicom=lambda w: _DICOM_FOLDERS[w.subject],
+        output:
+            bids=directory(f"{BIDS_DIR}/sub-{{subject}}"),
+            manifest=_manifest(BIDS_DIR),
+        params:
+            root=BIDS_DIR,
+            convert=CONVERT_PARAMS,
+            code=code_version("convert"),
+        log:
+            log_path("convert_subject"),
+        conda:
+            "../../envs/convert.yaml"
+        group:
+            "convert"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        shell:
+            _CONVERT_SHELL
+
+    # Per-subject manifests (known before conversion): list them as inputs of any rule that gathers over
+    # subjects, so that every subject's checkpoint is scheduled at once rather than one after another.
+    CONVERT_MANIFESTS = expand(_manifest(BIDS_DIR), subject=[s for s, _ in UNITS])
+    _CONVERTED_CACHE = {}
+
+    def converted_images(unit):
+        """{"T1w": [...], "dwi": [...], "bold": [...]} of a subject, read from its conversion manifest
+        (raises Snakemake's IncompleteCheckpointException until the checkpoint has run: call it from
+        input functions only)."""
+        manifest = checkpoints.convert_subject.get(subject=unit[0]).output.manifest
+        key = (manifest, os.stat(manifest).st_mtime_ns)
+        if key not in _CONVERTED_CACHE:
+            by_suffix = {suffix: modality for modality, (_, suffix) in IMAGING.items()}
+            images = {modality: [] for modality in IMAGING}
+            with open(manifest, newline="") as f:
+                for row in csv.DictReader(f, delimiter="\t"):
+                    if row["decision"] == "converted" and row["suffix"] in by_suffix and row["bids_name"]:
+                        images[by_suffix[row["suffix"]]].append(f"{BIDS_DIR}/{row['bids_name']}")
+            _CONVERTED_CACHE[key] = {m: sorted(v) for m, v in images.items()}
+        return _CONVERTED_CACHE[key]
+
+    _CONVERT_ROOT, _CONVERT_SUBJECTS = BIDS_DIR, [s for s, _ in UNITS]
+    _CLINICAL = config["participants_tsv"]
+
+elif MODE == "demo":
+    _CONVERT_SUBJECTS = [s.label for s in bf_demo.plan(config["demo"]) if s.dicom and (s.label, None) in AVAILABILITY]
+    _CONVERT_ROOT = DEMO_CONVERTED if _CONVERT_SUBJECTS else None      # demo.dicom_subjects may be 0
+    _CLINICAL = f"{DEMO}/bids/participants.tsv"
+
+    rule convert_demo_subject:
+        """The demo's DICOM export of a subject, converted back (same command as for real DICOM)."""
+        input:
+            dicom=f"{DEMO}/dicom/{{subject}}",
+        output:
+            bids=directory(f"{DEMO_CONVERTED}/sub-{{subject}}"),
+            manifest=_manifest(DEMO_CONVERTED),
+        params:
+            root=DEMO_CONVERTED,
+            convert=CONVERT_PARAMS,
+            code=code_version("convert"),
+        log:
+            log_path("convert_demo_subject"),
+        conda:
+            "../../envs/convert.yaml"
+        group:
+            "convert"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        shell:
+            _CONVERT_SHELL
+
+    rule convert_demo_verify:
+        """Round trip: converted images equal the demo's BIDS images, no fake identity in any output."""
+        input:
+            manifests=expand(_manifest(DEMO_CONVERTED), subject=_CONVERT_SUBJECTS),
+            converted=expand(f"{DEMO_CONVERTED}/sub-{{subject}}", subject=_CONVERT_SUBJECTS),
+            reference=[p for s in _CONVERT_SUBJECTS for m in MODALITIES for p in raw_images((s, None), m)],
+        output:
+            f"{DEMO_CONVERTED}/code/verification.tsv",
+        params:
+            # written by rule demo_dicom next to the export
+            identity=[f"{DEMO}/truth/sub-{s}/sub-{s}_dicom_identity.json" for s in _CONVERT_SUBJECTS],
+            converted=DEMO_CONVERTED,
+            reference=f"{DEMO}/bids",
+            code=code_version("convert"),
+        log:
+            log_path("convert_demo_verify", per_unit=False),
+        conda:
+            "../../envs/convert.yaml"
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        shell:
+            "{BRAINFUSE} convert verify --converted {params.converted:q} --reference {params.reference:q}"
+            " --manifests {input.manifests:q} --identity {params.identity:q} --out {output:q} > {log:q} 2>&1"
+
+else:
+    _CONVERT_ROOT, _CONVERT_SUBJECTS, _CLINICAL = None, [], None
+
+if MODE != "dicom":
+    CONVERT_MANIFESTS = []
+
+
+def deferred_targets(targets):
+    """Stage targets that depend on what conversion found: ``targets`` is a function of no arguments
+    returning the list (it may call units_with / raw_images). In DICOM mode this returns the conversion
+    manifests plus an input function (evaluated once the checkpoints have run); otherwise the list itself.
+    Use it for STAGE_TARGETS: calling units_with() at parse time fails in DICOM mode."""
+    if MODE == "dicom":
+        return CONVERT_MANIFESTS + [lambda wildcards: targets()]
+    return targets()
+
+
+if _CONVERT_ROOT:
+
+    rule convert_dataset:
+        """dataset_description.json, participants.tsv (merged with the clinical table), merged manifest."""
+        input:
+            manifests=expand(_manifest(_CONVERT_ROOT), subject=_CONVERT_SUBJECTS),
+            clinical=[_CLINICAL] if _CLINICAL else [],
+        output:
+            **_dataset_outputs(_CONVERT_ROOT),
+        params:
+            root=_CONVERT_ROOT,
+            clinical=f"--participants-tsv {shlex.quote(_CLINICAL)}" if _CLINICAL else "",
+            code=code_version("convert"),
+        log:
+            log_path("convert_dataset", per_unit=False),
+        conda:
+            "../../envs/convert.yaml"
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        shell:
+            "{BRAINFUSE} convert dataset --bids-dir {params.root:q} --subject-manifests {input.manifests:q}"
+            " --manifest {output.manifest:q} {params.clinical} > {log:q} 2>&1"
+
+    STAGE_TARGETS["convert"] = list(_dataset_outputs(_CONVERT_ROOT).values()) + (
+        [f"{DEMO_CONVERTED}/code/verification.tsv"] if MODE == "demo" else []
+    )
+else:
+    STAGE_TARGETS["convert"] = []
+
+
+rule convert:
+    """Convert DICOM to BIDS (DICOM mode), or check the demo's DICOM round trip (demo mode)."""
+    input:
+        STAGE_TARGETS["convert"],

@@ -1,1 +1,64 @@
 # dwi stage: see workflow/rules/common.smk for helpers (bpath, units_with, raw_images, STAGE_TARGETS).
+# One job per subject (session) corrects every DWI run together, fits the tensor and normalises the maps
+# (src/brainfuse/dwi.py). Per-run outputs (desc-preproc dwi/bval/bvec, desc-motion timeseries) are written
+# too; only the subject-level files are declared because run entities differ between subjects.
+from brainfuse import templates as bf_templates
+
+DWI_RES = int(config["resolution_mm"])
+DWI_SETTINGS = json.dumps(config["dwi"], sort_keys=True)
+_dwi_map = lambda space, p, **e: bpath(DERIV, "dwi", f"param-{p}_dwimap", space=space, model="tensor", **e)
+DWI_MNI = [_dwi_map(TEMPLATE, p, res=DWI_RES) for p in ("fa", "md", "ad", "rd")]
+DWI_QC = [bpath(DERIV, "figures", "dwi", ".png", desc=d) for d in ("fa", "motion")]
+
+
+def dwi_inputs(wildcards):
+    runs = sorted(raw_images(unit_of(wildcards), "dwi"))
+    return runs + [r.replace(".nii.gz", x) for r in runs for x in (".bval", ".bvec")]
+
+
+rule dwi_subject:
+    """Motion/eddy correction with b-vector rotation, dipy tensor fit, FA/MD/AD/RD to the template."""
+    input:
+        dwi=dwi_inputs,
+        t1w=bpath(DERIV, "anat", "T1w", desc="preproc"),
+        mask=bpath(DERIV, "anat", "mask", desc="brain"),
+        warp=bpath(DERIV, "anat", "xfm", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "warp"}),
+        affine=bpath(DERIV, "anat", "xfm", ".mat", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "affine"}),
+        template=bf_templates.template_path("resources", DWI_RES, "T1w"),
+    output:
+        maps=[_dwi_map("dwi", p) for p in ("fa", "md", "ad", "rd")],
+        mni=DWI_MNI,
+        xfm=bpath(DERIV, "dwi", "xfm", ".mat", **{"from": "dwi", "to": "T1w", "mode": "image"}),
+        qc=DWI_QC,
+    params:
+        runs=lambda wildcards, input: " ".join(r for r in input.dwi if r.endswith((".nii", ".nii.gz"))),
+        ses=lambda wildcards: f"--ses {wildcards.session}" if HAS_SESSIONS else "",
+        settings=DWI_SETTINGS,
+        res=DWI_RES,
+        code=code_version("dwi"),
+    log:
+        log_path("dwi_subject"),
+    conda:
+        "../../envs/dwi.yaml"
+    group:
+        "dwi"
+    threads: config["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "{BRAINFUSE} dwi --dwi {params.runs} --sub {wildcards.subject} {params.ses} --out {DERIV}"
+        " --t1w {input.t1w} --t1w-mask {input.mask} --transforms {input.warp} {input.affine}"
+        " --template {input.template} --res {params.res} --params '{params.settings}' --threads {threads}"
+        " > {log} 2>&1"
+
+
+STAGE_TARGETS["dwi"] = deferred_targets(
+    lambda: [p for pattern in DWI_MNI + DWI_QC for p in expand_units(pattern, units_with("dwi"))]
+)
+
+
+rule dwi:
+    """DWI stage for every subject with diffusion data."""
+    input:
+        STAGE_TARGETS["dwi"],

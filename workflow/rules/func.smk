@@ -1,1 +1,134 @@
 # func stage: see workflow/rules/common.smk for helpers (bpath, units_with, raw_images, STAGE_TARGETS).
+# One job per BOLD run (src/brainfuse/func.py): motion correction, confounds, BOLD -> T1w -> MNI, denoising,
+# ALFF/fALFF/ReHo, parcel time series and Fisher-z connectivity. The parcellation (rule atlas) is built once
+# from the template (src/brainfuse/atlas.py). Wildcard {bold}: the run's entities, e.g. "task-rest_run-1".
+import os
+
+from brainfuse import templates as bf_templates
+from brainfuse.bids import ENTITY_ORDER, parse_name
+
+FUNC_RES = int(config["resolution_mm"])
+FUNC_SETTINGS = json.dumps(config["func"], sort_keys=True)
+_TPL_DIR = f"resources/tpl-{TEMPLATE}"
+ATLAS_NII = f"{_TPL_DIR}/tpl-{TEMPLATE}_res-{FUNC_RES}_atlas-brainfuse_dseg.nii.gz"
+ATLAS_TSV = f"{_TPL_DIR}/tpl-{TEMPLATE}_atlas-brainfuse_dseg.tsv"
+_RUN_ENTITIES = ("task", "acq", "ce", "rec", "dir", "run", "echo")
+
+wildcard_constraints:
+    bold="task-[A-Za-z0-9]+(_(acq|ce|rec|dir|run|echo)-[A-Za-z0-9]+)*",
+
+
+def _func_stem(datatype="func"):
+    ses = "_ses-{session}" if HAS_SESSIONS else ""
+    folder = f"{DERIV}/sub-{{subject}}" + ("/ses-{session}" if HAS_SESSIONS else "") + f"/{datatype}"
+    return f"{folder}/sub-{{subject}}{ses}_{{bold}}"
+
+
+_MNI = f"space-{TEMPLATE}_res-{FUNC_RES}"
+FUNC_OUT = {
+    "confounds": _func_stem() + "_desc-confounds_timeseries.tsv",
+    "xfm": _func_stem() + "_from-bold_to-T1w_mode-image_xfm.mat",
+    "preproc": _func_stem() + f"_{_MNI}_desc-preproc_bold.nii.gz",
+    **{s: _func_stem() + f"_{_MNI}_stat-{s}_boldmap.nii.gz" for s in ("alff", "falff", "reho")},
+    "timeseries": _func_stem() + f"_{_MNI}_atlas-brainfuse_timeseries.tsv",
+    "relmat": _func_stem() + f"_{_MNI}_atlas-brainfuse_desc-fisherz_relmat.tsv",
+    "qc_motion": _func_stem("figures") + "_desc-motion_bold.png",
+    "qc_carpet": _func_stem("figures") + "_desc-carpet_bold.png",
+}
+
+
+def bold_runs(unit):
+    """{entity string: raw BOLD path} of a unit, e.g. {"task-rest": ".../sub-01_task-rest_bold.nii.gz"}."""
+    runs = {}
+    for path in raw_images(unit, "bold"):
+        ents = parse_name(Path(path).name) or {}
+        key = "_".join(f"{k}-{ents[k]}" for k in ENTITY_ORDER if k in _RUN_ENTITIES and k in ents)
+        runs[key] = path
+    return runs
+
+
+def _func_bold(wildcards):
+    runs = bold_runs(unit_of(wildcards))
+    if wildcards.bold not in runs:
+        raise WorkflowError(f"sub-{wildcards.subject}: no BOLD run with entities {wildcards.bold}")
+    return {"bold": runs[wildcards.bold], "sidecar": runs[wildcards.bold].replace(".nii.gz", ".json")}
+
+
+rule atlas:
+    """atlas-brainfuse: k-means grey-matter parcels of the template, per hemisphere (no download)."""
+    input:
+        gm=bf_templates.template_path("resources", FUNC_RES, "probseg", label="GM"),
+        mask=bf_templates.template_path("resources", FUNC_RES, "mask", desc="brain"),
+    output:
+        nii=ATLAS_NII,
+        tsv=ATLAS_TSV,
+    params:
+        n=config["func"]["n_parcels"],
+        code=code_version("atlas"),
+    log:
+        log_path("atlas", per_unit=False),
+    conda:
+        "../../envs/func.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "{BRAINFUSE} func atlas --gm {input.gm} --mask {input.mask} --out {output.nii} --tsv {output.tsv}"
+        " --n-parcels {params.n} > {log} 2>&1"
+
+
+rule func_run:
+    """One BOLD run: motion, confounds, MNI, denoising, ALFF/fALFF/ReHo, connectivity, QC."""
+    input:
+        unpack(_func_bold),
+        t1w=bpath(DERIV, "anat", "T1w", desc="preproc"),
+        mask=bpath(DERIV, "anat", "mask", desc="brain"),
+        warp=bpath(DERIV, "anat", "xfm", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "warp"}),
+        affine=bpath(DERIV, "anat", "xfm", ".mat", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "affine"}),
+        wm=bpath(DERIV, "anat", "probseg", space=TEMPLATE, res=FUNC_RES, label="WM"),
+        csf=bpath(DERIV, "anat", "probseg", space=TEMPLATE, res=FUNC_RES, label="CSF"),
+        template=bf_templates.template_path("resources", FUNC_RES, "T1w"),
+        template_mask=bf_templates.template_path("resources", FUNC_RES, "mask", desc="brain"),
+        atlas=ATLAS_NII,
+        atlas_tsv=ATLAS_TSV,
+    output:
+        **FUNC_OUT,
+    params:
+        settings=FUNC_SETTINGS,
+        res=FUNC_RES,
+        anat_dir=lambda wildcards, input: os.path.dirname(input.t1w),  # brainfuse.anat.to_mni_transforms
+        code=code_version("func"),
+    log:
+        f"{LOGS}/func_run/sub-{{subject}}" + ("_ses-{session}" if HAS_SESSIONS else "") + "_{bold}.log",
+    conda:
+        "../../envs/func.yaml"
+    group:
+        "func"
+    threads: config["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    shell:
+        "{BRAINFUSE} func --bold {input.bold} --t1w {input.t1w} --t1w-mask {input.mask}"
+        " --anat-dir {params.anat_dir} --template {input.template} --template-mask {input.template_mask}"
+        " --wm {input.wm} --csf {input.csf} --atlas {input.atlas} --atlas-tsv {input.atlas_tsv} --deriv {DERIV}"
+        " --res {params.res} --params '{params.settings}' --threads {threads} > {log} 2>&1"
+
+
+def _func_targets():
+    out = []
+    for unit in units_with("bold"):
+        sub, ses = unit
+        for key in sorted(bold_runs(unit)):
+            out += [p.format(subject=sub, session=ses, bold=key) for p in FUNC_OUT.values()]
+    return out
+
+
+STAGE_TARGETS["func"] = deferred_targets(_func_targets)
+
+
+rule func:
+    """func stage for every BOLD run of every subject that has one."""
+    input:
+        STAGE_TARGETS["func"],

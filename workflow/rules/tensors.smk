@@ -1,1 +1,114 @@
-# tensors stage: see workflow/rules/common.smk for helpers (bpath, units_with, raw_images, STAGE_TARGETS).
+# tensors stage: per-subject fixed-shape caches of the MNI derivatives, then one gathered cohort
+# (src/brainfuse/tensors.py). Helpers (bpath, units_with, raw_images, STAGE_TARGETS) are in common.smk.
+import shlex
+
+from brainfuse import tensors as bf_tensors
+from brainfuse.bids import parse_name
+
+TENSORS = f"{OUT}/tensors"
+TENSOR_RES = int(config["resolution_mm"])
+TENSOR_SETTINGS = dict(config["tensors"])
+if MODE == "demo" and not TENSOR_SETTINGS["classes"]:
+    TENSOR_SETTINGS["classes"] = config["demo"]["classes"]
+TEMPLATE_MASK = bf_tensors.template_mask_path(TENSOR_RES)
+# DICOM input: convert merges participants_tsv into the converted dataset's table; BIDS/demo: the given
+# clinical table, else the dataset's own participants.tsv.
+PARTICIPANTS_TSV = (f"{BIDS_DIR}/participants.tsv" if MODE == "dicom"
+                    else config["participants_tsv"] or f"{BIDS_DIR}/participants.tsv")
+IMAGE_TENSORS = [m for m in TENSOR_SETTINGS["modalities"] if m in bf_tensors.IMAGE_MODALITIES]
+
+wildcard_constraints:
+    modality="|".join(bf_tensors.IMAGE_MODALITIES),
+
+
+def bold_run_entities(unit):
+    """Entities of the BOLD run the tensors use: the first task-rest run (sorted), else the first run."""
+    runs = sorted(raw_images(unit, "bold"), key=lambda p: Path(p).name)
+    rest = [p for p in runs if parse_name(Path(p).name).get("task") == "rest"]
+    ents = parse_name(Path((rest or runs)[0]).name)
+    return {k: ents[k] for k in ("task", "acq", "ce", "rec", "dir", "run", "echo") if k in ents}
+
+
+def tensor_sources(wildcards):
+    unit = unit_of(wildcards)
+    run = bold_run_entities(unit) if bf_tensors.SOURCE_OF[wildcards.modality] == "bold" else None
+    return bf_tensors.derivative_paths(DERIV, unit[0], wildcards.modality, TENSOR_RES, ses=unit[1], run_entities=run)
+
+
+def unit_tensors(unit):
+    """The caches a unit gets: one per image modality whose source scan it has (none is never an error)."""
+    return [bf_tensors.tensor_path(TENSORS, unit[0], m, ses=unit[1])
+            for m in IMAGE_TENSORS if has(unit, bf_tensors.SOURCE_OF[m])]
+
+
+def all_unit_tensors(wildcards):
+    return [p for u in UNITS for p in unit_tensors(u)]
+
+
+_tensor = bf_tensors.tensor_path(TENSORS, "{subject}", "{modality}", ses="{session}" if HAS_SESSIONS else None)
+
+
+rule tensors_subject:
+    """One subject's derivatives of one modality -> float16 tensor + provenance sidecar (no resampling)."""
+    input:
+        sources=tensor_sources,
+        mask=TEMPLATE_MASK,
+    output:
+        tensor=_tensor,
+        sidecar=_tensor.replace(".npy", ".json"),
+    params:
+        res=TENSOR_RES,
+        session=lambda w: f"--session {w.session}" if HAS_SESSIONS else "",
+        code=code_version("tensors"),
+    log:
+        f"{LOGS}/tensors_subject/sub-{{subject}}" + ("_ses-{session}" if HAS_SESSIONS else "") + "_{modality}.log",
+    conda:
+        "../../envs/tensors.yaml"
+    group:
+        "tensors"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "{BRAINFUSE} tensors subject --modality {wildcards.modality} --subject {wildcards.subject} {params.session}"
+        " --resolution {params.res} --mask {input.mask} --sources {input.sources} --out {output.tensor} > {log} 2>&1"
+
+
+rule tensors_gather:
+    """Stack every cache and the participant tables: manifest.tsv, <modality>.npy, clinical.tsv, cohort.json."""
+    input:
+        tensors=all_unit_tensors,
+        participants=PARTICIPANTS_TSV,
+        tables=[t["path"] for t in TENSOR_SETTINGS["tables"].values()],
+    output:
+        # <modality>.npy and covariates.npy are written beside these (which modalities exist is known
+        # only once the caches are; cohort.json lists them and load_cohort checks them).
+        manifest=f"{TENSORS}/manifest.tsv",
+        clinical=f"{TENSORS}/clinical.tsv",
+        cohort=f"{TENSORS}/cohort.json",
+    params:
+        out_dir=TENSORS,
+        settings=shlex.quote(json.dumps(TENSOR_SETTINGS, sort_keys=True)),
+        units=" ".join(f"sub-{s}" + (f"_ses-{ses}" if ses else "") for s, ses in UNITS),
+        code=code_version("tensors"),
+    log:
+        f"{LOGS}/tensors_gather.log",
+    conda:
+        "../../envs/tensors.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "{BRAINFUSE} tensors gather --out-dir {params.out_dir} --participants {input.participants}"
+        " --settings {params.settings} --units {params.units} --tensors {input.tensors} > {log} 2>&1"
+
+
+STAGE_TARGETS["tensors"] = list(rules.tensors_gather.output)
+
+
+rule tensors:
+    """Cache every subject's tensors and gather the cohort."""
+    input:
+        STAGE_TARGETS["tensors"],

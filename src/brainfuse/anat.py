@@ -1,0 +1,337 @@
+"""anat: N4, skull stripping, MNI registration (affine + SyN) and tissue maps of one T1w image, with antspyx.
+
+One process per subject does every step (``import ants`` alone costs seconds):
+
+1. affine registration of the whole head to the template head target (``templates.py``: no head template
+   ships offline, so the target is the template brain inside synthetic CSF/skull/scalp shells);
+2. N4 bias correction, weighted by the template brain mask mapped back through that affine (dilated);
+3. SyN of the bias-corrected head to the same target, its metric restricted to the dilated template brain
+   mask so that the synthetic scalp does not pull the brain edge (antsBrainExtraction's idea in one step);
+4. brain mask = template mask pulled back through affine + SyN; tissue maps = Atropos initialised with the
+   template GM/WM/CSF priors pulled back the same way;
+5. T1 brain, tissue maps and the log-Jacobian of the template->subject warp resampled onto the template grid.
+
+Transforms follow ANTs: registering fixed = template, moving = T1w gives ``[warp, affine]`` that takes a T1w-space
+image to the template with ``ants.apply_transforms(fixed=tpl, moving=img, transformlist=[warp, affine])``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .bids import TEMPLATE, bids_path, check_label
+from .provenance import code_version
+from .templates import outputs as template_outputs
+
+TISSUES = ("CSF", "GM", "WM")          # Atropos class order: T1 intensity increases CSF < GM < WM
+DEFAULTS = {
+    "syn_iterations": [100, 70, 20],   # coarse -> fine (shrink 4, 2, 1); the finest level halves the error
+    "syn_gradient_step": 0.3,
+    "syn_flow_sigma": 3.0,
+    "syn_total_sigma": 1.0,
+    "metric_mask_dilation_mm": 8.0,    # brain + this margin drives the SyN metric (sees the brain edge, not scalp)
+    "atropos_prior_weight": 0.25,
+    "atropos_mrf": 0.1,
+    "n4_spline_mm": 60.0,
+}
+MAX_VOXEL_MM, MIN_VOXEL_MM = 8.0, 0.2
+
+
+class InputError(ValueError):
+    """A T1w image brainfuse cannot process; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------------ paths
+def output_paths(deriv, sub: str, ses: str | None, res: int) -> dict:
+    """Every file the anat stage writes for one subject (session), by short name (the Stage contract)."""
+    a = lambda suffix, ext=".nii.gz", **e: bids_path(deriv, sub, "anat", suffix, ext, ses=ses, **e)
+    fig = lambda desc: bids_path(deriv, sub, "figures", "T1w", ".png", ses=ses, desc=desc)
+    out = {
+        "preproc": a("T1w", desc="preproc"),
+        "mask": a("mask", desc="brain"),
+        "affine": a("xfm", ".mat", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "affine"}),
+        "warp": a("xfm", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "warp"}),
+        "inverse_warp": a("xfm", **{"from": TEMPLATE, "to": "T1w", "mode": "image", "desc": "warp"}),
+        "mni_t1w": a("T1w", space=TEMPLATE, res=res, desc="preproc"),
+        "logjacobian": a("T1w", space=TEMPLATE, res=res, desc="logjacobian"),
+        "qc_mask": fig("brainmask"),
+        "qc_reg": fig("reg"),
+    }
+    for t in TISSUES:
+        out[f"{t}"] = a("probseg", label=t)
+        out[f"mni_{t}"] = a("probseg", space=TEMPLATE, res=res, label=t)
+    return out
+
+
+def to_mni_transforms(anat_dir, sub: str | None = None, ses: str | None = None) -> list[str]:
+    """Transform list taking a T1w-space image to the template: ``[warp, affine]``.
+
+    ``anat_dir``: the subject's ``DERIV/sub-X[/ses-Y]/anat`` folder (subject and session read from its path
+    when not given), or the derivatives root ``DERIV`` together with ``sub`` (and ``ses``). Use as
+    ``ants.apply_transforms(fixed=tpl, moving=img, transformlist=to_mni_transforms(...) + [your_to_T1w.mat])``
+    (pass ``whichtoinvert=[False] * n`` explicitly: antspyx inverts a leading .mat of a 2-element list).
+    """
+    anat_dir = Path(anat_dir)
+    if sub is None:
+        parts = anat_dir.resolve().parts
+        subs = [p for p in parts if p.startswith("sub-")]
+        if not subs:
+            raise ValueError(f"{anat_dir}: give sub= or a DERIV/sub-X/anat folder")
+        sub = subs[-1][4:]
+        ses = ses or next((p[4:] for p in parts if p.startswith("ses-")), None)
+        root = Path(*parts[: parts.index(subs[-1])])
+    else:
+        root = anat_dir
+    sub = check_label(sub, "subject label")
+    p = output_paths(root, sub, ses, 0)
+    missing = [x for x in (p["warp"], p["affine"]) if not os.path.exists(x)]
+    if missing:
+        raise FileNotFoundError(f"anat transforms missing for sub-{sub}: {missing}")
+    return [p["warp"], p["affine"]]
+
+
+# ------------------------------------------------------------------------------------------- checks
+def check_t1w(path) -> nib.Nifti1Image:
+    """Load a T1w NIfTI and refuse what cannot be a usable 3D structural image (error names the file)."""
+    path = str(path)
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel raises several types for unreadable files
+        raise InputError(f"{path}: cannot be read as NIfTI ({e})") from None
+    shape = img.shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise InputError(f"{path}: a T1w image must be 3D, this one has shape {img.shape}")
+    if min(shape) < 8:
+        raise InputError(f"{path}: too few voxels along an axis for a head image (shape {shape})")
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    if not np.all((zooms >= MIN_VOXEL_MM) & (zooms <= MAX_VOXEL_MM)):
+        raise InputError(f"{path}: voxel size {zooms.tolist()} mm is outside {MIN_VOXEL_MM}-{MAX_VOXEL_MM} mm")
+    if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-6:
+        raise InputError(f"{path}: its affine (voxel to world) is singular or not finite")
+    data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: contains {int((~np.isfinite(data)).sum())} NaN/Inf voxels")
+    if not (data > 0).any() or np.ptp(data) == 0:
+        raise InputError(f"{path}: the image is empty (all voxels {float(data.flat[0])})")
+    return nib.Nifti1Image(data, img.affine, img.header)
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+def _dice(a, b) -> float:
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int, threads: int = 1,
+            params: dict | None = None, log=print) -> dict:
+    """Run every step for one T1w image; write all outputs atomically; return paths and step timings."""
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    import ants
+
+    from . import qc
+
+    p = {**DEFAULTS, **(params or {})}
+    sub = check_label(sub, "subject label")
+    ses = check_label(ses, "session label") if ses else None
+    res = int(res)
+    tpl_files = template_outputs(res, Path(template_dir).parent)
+    missing = [f for f in tpl_files.values() if not os.path.exists(f)]
+    if missing:
+        raise FileNotFoundError(f"template files missing (run `brainfuse templates --res {res}`): {missing}")
+    img = check_t1w(t1w_path)
+    final = output_paths(out_dir, sub, ses, res)
+    anat_dir = Path(final["preproc"]).parent
+    anat_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".anat-", dir=anat_dir))       # ANTs outprefix and staged outputs
+    timings, t0 = {}, time.perf_counter()
+
+    def tick(step):
+        nonlocal t0
+        now = time.perf_counter()
+        timings[step] = round(now - t0, 2)
+        t0 = now
+        log(f"[anat] sub-{sub}: {step} {timings[step]:.1f} s")
+
+    try:
+        tmp_in = work / "input.nii.gz"
+        nib.save(img, tmp_in)
+        t1 = ants.image_read(str(tmp_in))
+        head = ants.image_read(tpl_files["head"])
+        tpl = ants.image_read(tpl_files["T1w"])
+        tpl_mask = ants.image_read(tpl_files["mask"])
+        # Registration runs at the working resolution at finest; native images keep their own grid.
+        spacing = np.array(t1.spacing)
+        reg_img = t1 if spacing.min() >= 0.9 * res else ants.resample_image(t1, (res,) * 3, use_voxels=False, interp_type=0)
+        reg_img = _rescale(reg_img)
+        tick("load")
+
+        aff = ants.registration(fixed=head, moving=reg_img, type_of_transform="Affine",
+                                outprefix=str(work / "aff_"), aff_metric="mattes")
+        affine_mat = aff["fwdtransforms"][0]
+        tick("affine")
+
+        # Template brain mask in native space (dilated): N4 weights and, later, the Atropos domain.
+        head_mask = ants.resample_image_to_target(tpl_mask, head, interp_type="nearestNeighbor")
+        dil_vox = max(1, int(round(p["metric_mask_dilation_mm"] / res)))
+        metric_mask = ants.iMath(head_mask, "MD", dil_vox)
+        native_mask0 = ants.apply_transforms(fixed=t1, moving=metric_mask, transformlist=[affine_mat],
+                                             whichtoinvert=[True], interpolator="nearestNeighbor")
+        shrink = int(max(1, min(4, round(6.0 / spacing.min()))))
+        n4 = ants.n4_bias_field_correction(t1, mask=native_mask0, shrink_factor=shrink,
+                                           spline_param=float(p["n4_spline_mm"]))
+        n4_reg = n4 if reg_img is t1 else ants.resample_image_to_target(n4, reg_img, interp_type="linear")
+        n4_reg = _rescale(n4_reg)
+        tick("n4")
+
+        syn = ants.registration(fixed=head, moving=n4_reg, type_of_transform="SyNOnly", initial_transform=affine_mat,
+                                outprefix=str(work / "syn_"), mask=metric_mask, syn_metric="mattes",
+                                reg_iterations=tuple(p["syn_iterations"]), grad_step=p["syn_gradient_step"],
+                                flow_sigma=p["syn_flow_sigma"], total_sigma=p["syn_total_sigma"])
+        fwd, inv = _split(syn, affine_mat)
+        tick("syn")
+
+        # Brain mask and tissue priors pulled back to native space.
+        pull = lambda moving, interp="linear": ants.apply_transforms(
+            fixed=t1, moving=moving, transformlist=[fwd["affine"], inv], whichtoinvert=[True, False],
+            interpolator=interp)
+        mask_prob = pull(tpl_mask)
+        mask = ants.threshold_image(mask_prob, 0.5, 2.0, 1, 0)
+        mask = ants.iMath(mask, "FillHoles").threshold_image(0.5, 2)
+        priors = [pull(ants.image_read(tpl_files[t])) * mask for t in TISSUES]
+        tick("mask")
+
+        seg = ants.atropos(a=n4, x=mask, i=priors, m=f"[{p['atropos_mrf']},1x1x1]", c="[3,0]",
+                           priorweight=p["atropos_prior_weight"])
+        probs = dict(zip(TISSUES, seg["probabilityimages"]))
+        tick("atropos")
+
+        brain = n4 * mask
+        to_mni = lambda moving: ants.apply_transforms(fixed=tpl, moving=moving, transformlist=[fwd["warp"], fwd["affine"]],
+                                                     whichtoinvert=[False, False], interpolator="linear")
+        mni = {"mni_t1w": to_mni(brain)}
+        for t in TISSUES:
+            mni[f"mni_{t}"] = to_mni(probs[t])
+        logjac = ants.create_jacobian_determinant_image(head, fwd["warp"], do_log=True)
+        logjac = ants.resample_image_to_target(logjac, tpl, interp_type="linear") * tpl_mask
+        tick("to_mni")
+
+        # Stage every output in `work`, then rename: nothing half-written ever carries a final name.
+        staged = {}
+
+        def stage(key, image):
+            staged[key] = str(work / Path(final[key]).name)
+            ants.image_write(image, staged[key])
+
+        stage("preproc", n4)
+        stage("mask", mask.astype("uint8"))
+        for t in TISSUES:
+            stage(t, probs[t])
+            stage(f"mni_{t}", mni[f"mni_{t}"])
+        stage("mni_t1w", mni["mni_t1w"])
+        stage("logjacobian", logjac)
+        for key, src in (("affine", fwd["affine"]), ("warp", fwd["warp"]), ("inverse_warp", inv)):
+            staged[key] = str(work / Path(final[key]).name)
+            shutil.copyfile(src, staged[key])
+        tpl_np = qc.as_canonical(tpl_files["T1w"])
+        staged["qc_mask"] = qc.overlay_figure(
+            qc.as_canonical(staged["preproc"]), work / "qc_mask.png", title=f"sub-{sub}: brain mask on N4 T1w",
+            contours=[(qc.as_canonical(staged["mask"]), 0.5, "red")])
+        wm = qc.as_canonical(tpl_files["WM"])
+        staged["qc_reg"] = qc.overlay_figure(
+            qc.as_canonical(staged["mni_t1w"]), work / "qc_reg.png", box_from=tpl_np,
+            title=f"sub-{sub}: T1w in {TEMPLATE} with template edges",
+            contours=[(wm, 0.5, "cyan"), (qc.as_canonical(tpl_files["mask"]), 0.5, "yellow")])
+        tick("write")
+
+        metrics = {"mask_volume_ml": float(mask.numpy().sum() * np.prod(t1.spacing) / 1000),
+                   "mni_correlation": float(np.corrcoef(mni["mni_t1w"].numpy()[tpl_mask.numpy() > 0],
+                                                        tpl.numpy()[tpl_mask.numpy() > 0])[0, 1]),
+                   "mni_mask_dice": _dice(to_mni(mask).numpy() > 0.5, tpl_mask.numpy())}
+        sources = [os.path.abspath(str(t1w_path))]
+        provenance = {"GeneratedBy": [{"Name": "brainfuse anat", "CodeVersion": code_version("anat"),
+                                       "Software": {"antspyx": ants.__version__}}],
+                      "Parameters": {**p, "resolution_mm": res, "registration_resolution_mm": float(max(res, spacing.min()))}}
+        tpl_rel = {k: os.path.abspath(v) for k, v in tpl_files.items()}
+        side = {
+            "preproc": {"Description": "N4 bias-corrected T1w (native space)", "SkullStripped": False},
+            "mask": {"Description": "Brain mask: template mask pulled back through affine + SyN", "Type": "Brain",
+                     "RawSources": sources},
+            "affine": {"Description": "ITK affine, T1w to template (second in the antsApplyTransforms list)"},
+            "warp": {"Description": "SyN displacement field (ITK, LPS), T1w to template (first in the list)"},
+            "inverse_warp": {"Description": "Inverse SyN field: template to T1w, after inverting the affine"},
+            "mni_t1w": {"Description": "Skull-stripped N4 T1w in template space", "SkullStripped": True,
+                        "SpatialReference": tpl_rel["T1w"], "QC": metrics},
+            "logjacobian": {"Description": "log det Jacobian of the template->subject warp (atrophy < 0), "
+                                           "nonlinear part only, inside the template brain mask",
+                            "SpatialReference": tpl_rel["T1w"]},
+        }
+        for t in TISSUES:
+            side[t] = {"Description": f"{t} probability (Atropos, template priors)"}
+            side[f"mni_{t}"] = {"Description": f"{t} probability in template space", "SpatialReference": tpl_rel["T1w"]}
+        for key, extra in side.items():
+            extra = {**extra, "Sources": sources + ([tpl_rel[k] for k in ("head", "mask", "GM", "WM", "CSF")]
+                                                   if key not in ("preproc",) else []), **provenance}
+            name = Path(final[key]).name
+            base = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
+            staged[f"{key}.json"] = str(work / (base + ".json"))
+            Path(staged[f"{key}.json"]).write_text(json.dumps(extra, indent=2) + "\n")
+            final[f"{key}.json"] = str(Path(final[key]).with_name(base + ".json"))
+        Path(final["qc_mask"]).parent.mkdir(parents=True, exist_ok=True)
+        for key, src in staged.items():
+            os.replace(src, final[key])
+        tick("rename")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"paths": final, "timings": timings, "metrics": metrics}
+
+
+def _rescale(image):
+    """Intensities to 0..1 by robust range (the metric's histogram then does not depend on scanner units)."""
+    a = image.numpy()
+    hi = np.percentile(a[a > 0], 99.5) if (a > 0).any() else 1.0
+    return image.new_image_like(np.clip(a / hi, 0, 1.2).astype(np.float32))
+
+
+def _split(reg: dict, affine_mat: str):
+    """Forward (warp, affine) and inverse warp from a SyNOnly run started from ``affine_mat``."""
+    fwd = reg["fwdtransforms"]
+    warp = next(f for f in fwd if f.endswith("Warp.nii.gz") and "Inverse" not in f)
+    inv = next(f for f in reg["invtransforms"] if f.endswith("InverseWarp.nii.gz"))
+    mats = [f for f in fwd if f.endswith(".mat")]
+    return {"warp": warp, "affine": mats[0] if mats else affine_mat}, inv
+
+
+def cli(argv=None):
+    ap = argparse.ArgumentParser(prog="brainfuse anat", description=__doc__.splitlines()[0])
+    ap.add_argument("--t1w", required=True, help="T1w NIfTI (BIDS raw)")
+    ap.add_argument("--out-dir", required=True, help="derivatives root (DERIV); writes DERIV/sub-X[/ses-Y]/{anat,figures}")
+    ap.add_argument("--subject", required=True)
+    ap.add_argument("--session")
+    ap.add_argument("--template-dir", required=True, help=f"resources/tpl-{TEMPLATE} (built by `brainfuse templates`)")
+    ap.add_argument("--res", type=int, required=True, help="template resolution (mm)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--params", default="{}", help="JSON of the config's anat section (overrides defaults)")
+    args = ap.parse_args(argv)
+    params = json.loads(args.params)
+    unknown = set(params) - set(DEFAULTS)
+    if unknown:
+        ap.error(f"unknown anat parameters {sorted(unknown)}")
+    try:
+        out = process(args.t1w, args.out_dir, args.subject, args.session, args.template_dir, args.res,
+                      args.threads, params, log=lambda m: print(m, file=sys.stderr))
+    except InputError as e:
+        print(f"brainfuse anat: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"timings": out["timings"], "metrics": out["metrics"]}), file=sys.stderr)
+    return 0

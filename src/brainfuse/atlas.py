@@ -1,0 +1,107 @@
+"""atlas-brainfuse: a reproducible grey-matter parcellation built from the packaged template (no download).
+
+Grey-matter voxels of nilearn's MNI152 2009a GM map (2 mm grid, fixed whatever the working resolution)
+are clustered by k-means on their coordinates, separately in each hemisphere (x < 0 left, x >= 0 right),
+with a fixed seed. The working-resolution atlas labels each grey-matter voxel of the target grid with the
+nearest centroid of its own hemisphere, so the parcels are the same regions at 2, 3 or 4 mm. Compact,
+roughly equal-volume parcels: no anatomical names, but stable across runs and machines (same
+scikit-learn version), and fine enough to separate the canonical network nodes.
+
+A user-supplied atlas (labels NIfTI on the template grid + a TSV with ``index`` and ``name`` columns)
+can replace it in the func stage.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from .bids import TEMPLATE
+
+GM_THRESHOLD = 0.3   # GM probability for a voxel to be parcelled (catches the striatum at 3-4 mm)
+
+
+def atlas_paths(res, root="resources") -> tuple[str, str]:
+    folder = Path(root) / f"tpl-{TEMPLATE}"
+    return (str(folder / f"tpl-{TEMPLATE}_res-{int(res)}_atlas-brainfuse_dseg.nii.gz"),
+            str(folder / f"tpl-{TEMPLATE}_atlas-brainfuse_dseg.tsv"))
+
+
+def centroids(n_parcels: int = 100, seed: int = 0) -> pd.DataFrame:
+    """Parcel centres (mm) from k-means on the 2 mm template GM voxels, half per hemisphere."""
+    from nilearn import datasets
+    from sklearn.cluster import KMeans
+
+    if n_parcels < 2 or n_parcels % 2:
+        raise ValueError(f"n_parcels must be an even number >= 2, got {n_parcels}")
+    gm = datasets.load_mni152_gm_template(resolution=2)
+    g = gm.get_fdata(dtype=np.float32)
+    xyz = np.argwhere(g >= GM_THRESHOLD) @ gm.affine[:3, :3].T + gm.affine[:3, 3]
+    rows = []
+    for hemi, sel in (("L", xyz[:, 0] < 0), ("R", xyz[:, 0] >= 0)):
+        km = KMeans(n_clusters=n_parcels // 2, n_init=4, random_state=seed).fit(xyz[sel])
+        c = km.cluster_centers_
+        c = c[np.lexsort((c[:, 0], c[:, 1], c[:, 2]))]   # inferior -> superior: stable, readable order
+        rows += [{"hemisphere": hemi, "x": p[0], "y": p[1], "z": p[2]} for p in c]
+    df = pd.DataFrame(rows)
+    df.insert(0, "index", np.arange(1, len(df) + 1))
+    df.insert(1, "name", [f"{h}{i:03d}" for h, i in zip(df["hemisphere"], df.groupby("hemisphere").cumcount() + 1)])
+    return df.round({"x": 2, "y": 2, "z": 2})
+
+
+def label_grid(gm_img, table: pd.DataFrame, mask_img=None) -> np.ndarray:
+    """Labels (table index) of the GM voxels of ``gm_img``'s grid: nearest centre of the same hemisphere."""
+    from scipy.spatial import cKDTree
+
+    g = np.asarray(gm_img.dataobj, np.float32)
+    sel = g >= GM_THRESHOLD
+    if mask_img is not None:
+        sel &= np.asarray(mask_img.dataobj) > 0
+    ijk = np.argwhere(sel)
+    xyz = ijk @ gm_img.affine[:3, :3].T + gm_img.affine[:3, 3]
+    labels = np.zeros(g.shape, np.int16)
+    for hemi, side in (("L", xyz[:, 0] < 0), ("R", xyz[:, 0] >= 0)):
+        t = table[table["hemisphere"] == hemi]
+        _, nearest = cKDTree(t[["x", "y", "z"]].to_numpy()).query(xyz[side])
+        labels[tuple(ijk[side].T)] = t["index"].to_numpy()[nearest]
+    return labels
+
+
+def build(gm_path, out_nii, out_tsv, mask_path=None, n_parcels: int = 100, seed: int = 0):
+    """Write the atlas on the grid of ``gm_path`` (the template GM map at the working resolution)."""
+    table = centroids(n_parcels, seed)
+    gm = nib.load(str(gm_path))
+    labels = label_grid(gm, table, nib.load(str(mask_path)) if mask_path else None)
+    present = set(np.unique(labels)) - {0}
+    table["n_voxels"] = [int((labels == i).sum()) for i in table["index"]]
+    if len(present) < len(table):
+        # a parcel too small for a coarse grid stays in the table (columns are fixed) but is empty
+        print(f"[atlas] {len(table) - len(present)} parcels have no voxel on this grid", file=sys.stderr)
+    for p in (out_nii, out_tsv):
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(labels, gm.affine)
+    img.header.set_data_dtype(np.int16)
+    tmp = str(out_nii) + ".part.nii.gz"
+    nib.save(img, tmp)
+    os.replace(tmp, out_nii)
+    tmp = str(out_tsv) + ".part"
+    table.to_csv(tmp, sep="\t", index=False)
+    os.replace(tmp, out_tsv)
+    return out_nii, out_tsv
+
+
+def cli(argv=None):
+    ap = argparse.ArgumentParser(prog="brainfuse func atlas", description=__doc__.split("\n")[0])
+    ap.add_argument("--gm", required=True, help="template GM probability map at the working resolution")
+    ap.add_argument("--mask", help="template brain mask on the same grid")
+    ap.add_argument("--out", required=True, help="atlas dseg NIfTI")
+    ap.add_argument("--tsv", required=True, help="atlas dseg TSV (index, name, hemisphere, x, y, z)")
+    ap.add_argument("--n-parcels", type=int, default=100)
+    args = ap.parse_args(argv)
+    build(args.gm, args.out, args.tsv, args.mask, args.n_parcels)
+    return 0

@@ -1,0 +1,595 @@
+"""dwi: motion/eddy-current correction with b-vector rotation, tensor fit (dipy), FA/MD/AD/RD in MNI space.
+
+One process per subject handles every DWI run of the subject (e.g. dir-AP and dir-PA):
+
+1. Input checks: 4D image, .bval/.bvec present, one value/vector per volume, at least one b0.
+2. Correction, every volume to one b0 reference (the first run's first b0 frame, mean of its aligned b0s).
+   ``registration: torch`` (default; ``brainfuse.motion``, batched): b0s rigid (SSD); diffusion-weighted
+   (DW) volumes rigid (SSD) to their mean, that mean placed on the b0 reference once (ANTs, mutual
+   information: the only cross-contrast step), then ``refine_iterations`` rounds of registering each DW
+   volume to its tensor-model prediction (same contrast, SSD; ``dw_dof`` affine by default, eddy's idea).
+   ``registration: ants``: per-volume ``ants.registration`` (Rigid for b0s, ``dw_dof`` for DW volumes,
+   mutual information to the b0 reference), the textbook approach; slower. Other runs are placed on the
+   first run's reference by a rigid b0-to-b0 registration composed with their own corrections.
+3. B-vectors rotated by each volume's rotation (polar part of its affine): ``g' = R^T g`` in world axes,
+   read and written in FSL's convention (image axes, x flipped when det(affine) > 0).
+4. Brain mask (dipy ``median_otsu`` on the mean b0); tensor fit (dipy ``TensorModel``, WLS or OLS) of all
+   runs together, restricted to b <= ``max_bval``; FA, MD, AD, RD and colour FA.
+5. Mean b0 -> T1w rigid (ANTs, mutual information, brain-masked), appended to the anat transforms to
+   bring the maps to the template grid; QC figures.
+
+Transforms: ``T_k`` (4x4, world RAS mm) maps a reference-space point to where it is in volume k (ANTs'
+fixed -> moving sense, ``brainfuse.motion``'s convention); the corrected volume is volume k sampled at T_k(x).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from .bids import TEMPLATE, bids_path, check_label, parse_name, sidecar, with_ext
+from .provenance import code_version
+
+DEFAULTS = {
+    "registration": "torch",     # torch | ants
+    "dw_dof": "affine",          # affine | rigid, for diffusion-weighted volumes (b0s are always rigid)
+    "refine_iterations": 2,      # torch: rounds of registration to the tensor-model prediction
+    "b0_threshold": 50,          # s/mm^2: volumes at or below are b0s
+    "max_bval": 1500,            # s/mm^2: tensor fit uses b <= this (the DTI regime)
+    "fit_method": "WLS",         # WLS | OLS
+    "interpolation": 3,          # spline order used to resample corrected volumes
+}
+PARAM_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+MAPS = ("fa", "md", "ad", "rd")
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (ITK)
+
+
+class InputError(ValueError):
+    """A DWI run brainfuse cannot process; the message names the file and the problem."""
+
+
+# ------------------------------------------------------------------------------------------ inputs
+@dataclass
+class Run:
+    path: str
+    data: np.ndarray          # (I, J, K, N) float32
+    affine: np.ndarray
+    bvals: np.ndarray         # (N,)
+    bvecs: np.ndarray         # (3, N), FSL convention
+    entities: dict = field(default_factory=dict)
+    sidecar: dict = field(default_factory=dict)
+
+
+def load_run(path, b0_threshold: float = DEFAULTS["b0_threshold"]) -> Run:
+    """Read one DWI run with its .bval/.bvec, refusing anything the correction cannot use."""
+    path = str(path)
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel raises several types for unreadable files
+        raise InputError(f"{path}: cannot be read as NIfTI ({e})") from None
+    if len(img.shape) != 4 or img.shape[3] < 2:
+        raise InputError(f"{path}: a DWI run must be a 4D image with several volumes, got shape {img.shape}")
+    n = img.shape[3]
+    files = {}
+    for ext in (".bval", ".bvec"):
+        f = with_ext(path, ext)
+        if not os.path.exists(f):
+            raise InputError(f"{f}: missing ({ext} file of the DWI run {path})")
+        try:
+            files[ext] = np.atleast_1d(np.loadtxt(f, ndmin=1 if ext == ".bval" else 2))
+        except ValueError as e:
+            raise InputError(f"{f}: not a table of numbers ({e})") from None
+    bvals = files[".bval"].ravel().astype(float)
+    bvecs = files[".bvec"]
+    if bvals.size != n:
+        raise InputError(f"{with_ext(path, '.bval')}: {bvals.size} b-values for {n} volumes in {path}")
+    if bvecs.shape != (3, n):
+        if bvecs.shape == (n, 3):
+            bvecs = bvecs.T    # one vector per row: tolerated (FSL writes 3 rows)
+        else:
+            raise InputError(f"{with_ext(path, '.bvec')}: shape {bvecs.shape}, expected 3 rows of {n} values "
+                             f"(one vector per volume of {path})")
+    if not np.isfinite(bvals).all() or not np.isfinite(bvecs).all() or (bvals < 0).any():
+        raise InputError(f"{with_ext(path, '.bval')}/.bvec: non-finite or negative values")
+    if not (bvals <= b0_threshold).any():
+        raise InputError(f"{with_ext(path, '.bval')}: no b0 volume (b <= {b0_threshold}); one is needed as reference")
+    dw = bvals > b0_threshold
+    norms = np.linalg.norm(bvecs[:, dw], axis=0)
+    if (np.abs(norms - 1) > 0.1).any():
+        raise InputError(f"{with_ext(path, '.bvec')}: diffusion-weighted volumes need unit b-vectors, "
+                         f"got norms {np.round(norms[np.abs(norms - 1) > 0.1], 3).tolist()}")
+    bvecs = bvecs.astype(float).copy()
+    bvecs[:, dw] /= norms
+    bvecs[:, ~dw] = 0.0
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: image contains NaN or infinite values")
+    side = {}
+    if os.path.exists(sidecar(path)):
+        side = json.loads(Path(sidecar(path)).read_text())
+    ents = parse_name(os.path.basename(path)) or {}
+    return Run(path, data, img.affine.astype(float), bvals, bvecs, ents, side)
+
+
+# ------------------------------------------------------------------------------------ geometry
+def fsl_axes(affine) -> np.ndarray:
+    """Q: FSL b-vector axes -> world axes (image axes, x flipped when det(affine) > 0)."""
+    from .motion import rotation_part
+
+    Q = rotation_part(np.asarray(affine, float)[None])[0]
+    if np.linalg.det(np.asarray(affine, float)[:3, :3]) > 0:
+        Q = Q @ np.diag([-1.0, 1.0, 1.0])
+    return Q
+
+
+def rotate_bvecs(bvecs, transforms, affine_in, affine_out=None) -> np.ndarray:
+    """Corrected b-vectors ``R_k^T g_k`` (world), read in ``affine_in``'s FSL axes, written in ``affine_out``'s."""
+    from .motion import rotation_part
+
+    R = rotation_part(transforms)
+    g = fsl_axes(affine_in) @ np.asarray(bvecs, float)
+    g = np.einsum("nji,jn->in", R, g)
+    return fsl_axes(affine_in if affine_out is None else affine_out).T @ g
+
+
+def resample(volumes, vol_affine, transforms, ref_affine, ref_shape, order: int = 3) -> np.ndarray:
+    """Volume k (of (I, J, K, N)) sampled at ``T_k(x)`` for each voxel centre x of the reference grid."""
+    grid = np.indices(ref_shape).reshape(3, -1).astype(np.float64)
+    out = np.empty(tuple(ref_shape) + (volumes.shape[3],), np.float32)
+    for k in range(volumes.shape[3]):
+        M = np.linalg.inv(vol_affine) @ transforms[k] @ ref_affine
+        out[..., k] = ndimage.map_coordinates(volumes[..., k], M[:3, :3] @ grid + M[:3, 3:], order=order,
+                                              mode="constant", cval=0.0).reshape(ref_shape)
+    return np.clip(out, 0, None)
+
+
+# ------------------------------------------------------------------------------------ ANTs helpers
+def _ants_image(data, affine):
+    import ants
+
+    img = nib.Nifti1Image(np.asarray(data, np.float32), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    return ants.from_nibabel_nifti(img)
+
+
+def _ants_matrix(mat_path) -> np.ndarray:
+    """World RAS 4x4 (fixed -> moving point) of an ITK affine .mat written by ANTs."""
+    import ants
+
+    tx = ants.read_transform(str(mat_path))
+    p, c = np.asarray(tx.parameters, float), np.asarray(tx.fixed_parameters, float)
+    M = np.eye(4)
+    M[:3, :3] = p[:9].reshape(3, 3)
+    M[:3, 3] = p[9:12] + c - M[:3, :3] @ c
+    return LPS @ M @ LPS
+
+
+def _ants_register(fixed, moving, kind: str, work: str, metric: str = "mattes", **kw):
+    """ants.registration (outprefix inside ``work``) -> (RAS 4x4 fixed->moving, path of the .mat)."""
+    import ants
+
+    prefix = tempfile.mkdtemp(dir=work) + "/x_"
+    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=kind, aff_metric=metric,
+                            outprefix=prefix, random_seed=1, **kw)
+    mat = [f for f in reg["fwdtransforms"] if f.endswith(".mat")][0]
+    return _ants_matrix(mat), mat
+
+
+def symmetric_rigid(fixed, moving, affine, work) -> np.ndarray:
+    """Rigid fixed -> moving (RAS 4x4) from ANTs MI registrations in both directions, averaged on SE(3)."""
+    from scipy.linalg import expm, logm
+
+    f, m = _ants_image(fixed, affine), _ants_image(moving, affine)
+    S1, _ = _ants_register(f, m, "Rigid", work)
+    S2, _ = _ants_register(m, f, "Rigid", work)
+    return np.real(expm((logm(S1) + logm(np.linalg.inv(S2))) / 2))
+
+
+# ------------------------------------------------------------------------------------- correction
+@dataclass
+class Correction:
+    transforms: np.ndarray    # (N, 4, 4) reference world -> volume world
+    reference: np.ndarray     # mean b0 of the run on its own grid (torch) / reference grid
+
+
+def _tensor_predict(corr, bvals, bvecs, mask, b0):
+    """Leave-one-out tensor prediction of every volume (reference space): volume k as predicted by a log-linear
+    (OLS) tensor fit of all the *other* volumes, so a volume's own misalignment is not fitted into its target
+    (eddy's leave-one-out idea). One design matrix serves every voxel, so the hat-matrix identity
+    ``y_k - e_k / (1 - h_kk)`` gives all leave-one-out predictions at once (dipy has no such shortcut)."""
+    big = ndimage.binary_dilation(mask, iterations=4)   # registration samples past the mask edge
+    g = np.asarray(bvecs, float)
+    b = np.asarray(bvals, float)
+    X = np.stack([np.ones_like(b), *(-b * g[i] * g[j] * (1 if i == j else 2)
+                                      for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)))], 1)
+    Hm = X @ np.linalg.pinv(X)
+    y = np.log(np.maximum(corr[big], 1e-3)).astype(np.float64)        # (voxels, N)
+    e = y - y @ Hm.T
+    h = np.clip(np.diag(Hm), 0, 0.95)
+    loo = y - e / (1 - h)
+    pred = np.zeros(corr.shape, np.float32)
+    pred[big] = np.exp(np.clip(loo, -20, 20))
+    return pred
+
+
+def brain_mask(mean_b0) -> np.ndarray:
+    """dipy median_otsu on the mean b0, largest component, holes filled."""
+    from dipy.segment.mask import median_otsu
+
+    _, mask = median_otsu(np.asarray(mean_b0, np.float32), median_radius=2, numpass=1)
+    lab, n = ndimage.label(mask)
+    if n > 1:
+        mask = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
+    return ndimage.binary_fill_holes(mask)
+
+
+def correct_run_torch(run: Run, p: dict, work: str, log=print) -> Correction:
+    from . import motion
+
+    data, A = run.data, run.affine
+    b0 = np.flatnonzero(run.bvals <= p["b0_threshold"])
+    dw = np.flatnonzero(run.bvals > p["b0_threshold"])
+    T = np.tile(np.eye(4), (len(run.bvals), 1, 1))
+    rb = motion.register_series(data[..., b0], A, reference=0, dof="rigid", similarity="ssd")
+    T[b0] = rb.transforms
+    ref = resample(data[..., b0], A, T[b0], A, data.shape[:3], order=3).mean(3)
+    if len(dw) == 0:
+        return Correction(T, ref)
+    mask = brain_mask(ref)
+    # DW volumes among themselves (same contrast), then each to its tensor-model prediction (same contrast,
+    # so SSD; affine is safe), all in the DW volumes' own frame ...
+    t = time.perf_counter()
+    mean_dw = data[..., dw].mean(3)
+    for _ in range(2):
+        T[dw] = motion.register_series(data[..., dw], A, reference=mean_dw, mask=mask, dof="rigid",
+                                       similarity="ssd", init=T[dw]).transforms
+        mean_dw = motion.resample_series(data[..., dw], A, T[dw]).mean(3)
+    for it in range(p["refine_iterations"]):
+        corr = motion.resample_series(data, A, T)
+        pred = _tensor_predict(corr, run.bvals, rotate_bvecs(run.bvecs, T, A), mask, b0)
+        for k in dw:
+            T[k] = motion.register_series(data[..., k:k + 1], A, reference=pred[..., k], mask=mask, dof=p["dw_dof"],
+                                          similarity="ssd", init=T[k:k + 1]).transforms[0]
+    log(f"[dwi]   DW volumes aligned among themselves in {time.perf_counter() - t:.1f} s")
+    # ... then that frame onto the b0 reference once: the only cross-contrast step (no model can tell a
+    # common shift of all DW volumes from a shifted MD map). Mutual information both ways, averaged:
+    # halves the interpolation bias of one direction.
+    mean_dw = resample(data[..., dw], A, T[dw], A, data.shape[:3], order=3).mean(3)
+    T[dw] = T[dw] @ symmetric_rigid(ref * mask, mean_dw * mask, A, work)
+    return Correction(T, ref)
+
+
+def correct_run_ants(run: Run, p: dict, work: str, log=print) -> Correction:
+    data, A = run.data, run.affine
+    b0 = np.flatnonzero(run.bvals <= p["b0_threshold"])
+    T = np.tile(np.eye(4), (len(run.bvals), 1, 1))
+    first = _ants_image(data[..., b0[0]], A)
+    for k in b0[1:]:
+        T[k], _ = _ants_register(first, _ants_image(data[..., k], A), "Rigid", work)
+    ref = resample(data[..., b0], A, T[b0], A, data.shape[:3], order=1).mean(3)
+    fixed = _ants_image(ref, A)
+    kind = {"affine": "Affine", "rigid": "Rigid"}[p["dw_dof"]]
+    for k in np.flatnonzero(run.bvals > p["b0_threshold"]):
+        T[k], _ = _ants_register(fixed, _ants_image(data[..., k], A), kind, work)
+    return Correction(T, ref)
+
+
+def correct_runs(runs: list[Run], p: dict, work: str, log=print):
+    """Per-run corrections composed onto the first run's b0 reference: list of (N, 4, 4) transforms."""
+    method = {"torch": correct_run_torch, "ants": correct_run_ants}[p["registration"]]
+    out, ref0 = [], None
+    for i, run in enumerate(runs):
+        t = time.perf_counter()
+        c = method(run, p, work, log)
+        T = c.transforms
+        if i == 0:
+            ref0 = c.reference
+        else:  # this run's reference frame onto the first run's (b0 to b0, rigid; grids may differ)
+            S, _ = _ants_register(_ants_image(ref0, runs[0].affine), _ants_image(c.reference, run.affine), "Rigid", work)
+            T = T @ S
+        out.append(T)
+        log(f"[dwi] {os.path.basename(run.path)}: {len(run.bvals)} volumes corrected ({p['registration']}) "
+            f"in {time.perf_counter() - t:.1f} s")
+    return out, ref0
+
+
+def motion_table(T, center) -> pd.DataFrame:
+    """Motion parameters (fMRIPrep names) and Power framewise displacement of each volume."""
+    from .motion import framewise_displacement, params_from_matrix
+
+    params = params_from_matrix(T, center)
+    table = pd.DataFrame(params, columns=list(PARAM_NAMES))
+    table["framewise_displacement"] = framewise_displacement(params)
+    return table
+
+
+# ---------------------------------------------------------------------------------------- tensors
+def fit_tensor(data, bvals, bvecs, mask, max_bval=DEFAULTS["max_bval"], fit_method="WLS",
+               b0_threshold=DEFAULTS["b0_threshold"]) -> dict:
+    """dipy tensor fit on volumes with b <= max_bval: fa, md, ad, rd, colour FA (float32, 0 outside mask)."""
+    from dipy.core.gradients import gradient_table
+    from dipy.reconst.dti import TensorModel, color_fa
+
+    keep = np.asarray(bvals) <= max_bval
+    if not (np.asarray(bvals)[keep] > b0_threshold).any():
+        raise InputError(f"no diffusion-weighted volume with b <= max_bval={max_bval} (b-values: "
+                         f"{sorted(set(np.round(bvals).astype(int).tolist()))})")
+    gt = gradient_table(np.asarray(bvals)[keep], bvecs=np.asarray(bvecs)[:, keep].T, b0_threshold=b0_threshold)
+    fit = TensorModel(gt, fit_method=fit_method).fit(data[..., keep], mask=mask)
+    fa = np.clip(np.nan_to_num(fit.fa), 0, 1)
+    maps = {"fa": fa, "md": fit.md, "ad": fit.ad, "rd": fit.rd}
+    maps = {k: np.where(mask, np.nan_to_num(v), 0).astype(np.float32) for k, v in maps.items()}
+    maps["cfa"] = np.where(mask[..., None], color_fa(fa, np.nan_to_num(fit.evecs)), 0).astype(np.float32)
+    return maps
+
+
+# -------------------------------------------------------------------------------------------- MNI
+def to_template(images: dict, transforms: list[str], template, work: str) -> dict:
+    """Images on the DWI grid -> template grid through ``transforms`` (anat's list + the dwi->T1w .mat).
+
+    ``images``: name -> (data, affine). Linear interpolation; returns name -> float32 array on the template.
+    """
+    import ants
+
+    fixed = ants.image_read(str(template))
+    out = {}
+    for name, (data, affine) in images.items():
+        moved = ants.apply_transforms(fixed=fixed, moving=_ants_image(data, affine), transformlist=list(transforms),
+                                      whichtoinvert=[False] * len(transforms), interpolator="linear")
+        out[name] = moved.numpy().astype(np.float32)
+    return out
+
+
+def register_to_t1w(mean_b0, mask, affine, t1w_path, t1w_mask_path, work: str):
+    """Mean b0 -> T1w rigid (mutual information, both brain-masked): (.mat path in ``work``, RAS matrix)."""
+    t1 = nib.load(str(t1w_path))
+    t1d = np.asarray(t1.dataobj, np.float32)
+    if t1w_mask_path and os.path.exists(str(t1w_mask_path)):
+        t1d = t1d * (np.asarray(nib.load(str(t1w_mask_path)).dataobj) > 0)
+    M, mat = _ants_register(_ants_image(t1d, t1.affine), _ants_image(mean_b0 * mask, affine), "Rigid", work)
+    return mat, M
+
+
+# -------------------------------------------------------------------------------------------- QC
+def qc_fa(fa, cfa, affine, out_png, title):
+    """FA and colour FA, three orthogonal slices through the brain centre (RAS display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ornt = nib.orientations.io_orientation(affine)
+    tr = lambda a: nib.orientations.apply_orientation(a, ornt)
+    fa_r, cfa_r = tr(fa), tr(cfa)
+    c = [int(round(x)) for x in ndimage.center_of_mass(fa_r > 0.05)]
+    fig, axes = plt.subplots(2, 3, figsize=(10, 6.5), facecolor="black")
+    for col, ax_i in enumerate((0, 1, 2)):
+        sl = [slice(None)] * 3
+        sl[ax_i] = c[ax_i]
+        for row, (img, kw) in enumerate(((fa_r, dict(cmap="gray", vmin=0, vmax=1)), (cfa_r, {}))):
+            a = img[tuple(sl)]
+            a = np.rot90(a) if a.ndim == 2 else np.rot90(np.clip(a, 0, 1), axes=(0, 1))
+            axes[row, col].imshow(a, **kw)
+            axes[row, col].axis("off")
+    fig.suptitle(title, color="white")
+    fig.tight_layout()
+    _save_fig(fig, out_png)
+
+
+def qc_motion(tables: dict, out_png, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+    offset = 0
+    for run, t in tables.items():
+        x = np.arange(len(t)) + offset
+        for name, ax, scale in (("trans", axes[0], 1.0), ("rot", axes[1], 180 / np.pi)):
+            for a, colour in zip("xyz", ("C0", "C1", "C2")):
+                ax.plot(x, t[f"{name}_{a}"] * scale, colour, label=f"{name}_{a}" if offset == 0 else None)
+        axes[2].plot(x, t["framewise_displacement"], "k")
+        axes[0].axvline(offset - 0.5, color="grey", lw=0.5)
+        axes[0].text(offset, axes[0].get_ylim()[1], run, fontsize=7, va="top")
+        offset += len(t)
+    axes[0].set_ylabel("translation (mm)")
+    axes[1].set_ylabel("rotation (deg)")
+    axes[2].set_ylabel("FD (mm)")
+    axes[2].set_xlabel("volume (runs concatenated)")
+    axes[0].legend(fontsize=7, ncol=3)
+    axes[1].legend(fontsize=7, ncol=3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save_fig(fig, out_png)
+
+
+def _save_fig(fig, out_png):
+    import matplotlib.pyplot as plt
+
+    tmp = str(out_png) + ".part.png"
+    fig.savefig(tmp, dpi=80, facecolor=fig.get_facecolor())
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+# -------------------------------------------------------------------------------------------- paths
+def run_prefix(run_path) -> dict:
+    """Entities of a run kept in its outputs (acq, dir, run)."""
+    ents = parse_name(os.path.basename(str(run_path))) or {}
+    return {k: ents[k] for k in ("acq", "dir", "run") if k in ents}
+
+
+def output_paths(deriv, sub: str, ses: str | None, res: int, runs=()) -> dict:
+    """Every file the dwi stage writes for one subject (Stage contract); per-run files under 'runs'."""
+    d = lambda suffix, ext=".nii.gz", **e: bids_path(deriv, sub, "dwi", suffix, ext, ses=ses, **e)
+    # bids_path has no `param` entity (it follows `model`, last here): carried in the suffix
+    out = {f"{m}": d(f"param-{m}_dwimap", space="dwi", model="tensor") for m in MAPS}
+    out.update({f"mni_{m}": d(f"param-{m}_dwimap", space=TEMPLATE, res=res, model="tensor") for m in MAPS})
+    out["cfa"] = d("param-cfa_dwimap", space="dwi", model="tensor")
+    out["mask"] = d("mask", space="dwi", desc="brain")
+    out["b0"] = d("dwiref", space="dwi")
+    out["xfm"] = d("xfm", ".mat", **{"from": "dwi", "to": "T1w", "mode": "image"})
+    out["qc_fa"] = bids_path(deriv, sub, "figures", "dwi", ".png", ses=ses, desc="fa")
+    out["qc_motion"] = bids_path(deriv, sub, "figures", "dwi", ".png", ses=ses, desc="motion")
+    out["runs"] = []
+    for r in runs:
+        e = run_prefix(r)
+        out["runs"].append({"preproc": d("dwi", desc="preproc", **e), "bval": d("dwi", ".bval", desc="preproc", **e),
+                            "bvec": d("dwi", ".bvec", desc="preproc", **e),
+                            "motion": d("timeseries", ".tsv", desc="motion", **e)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------- process
+SAFE_SIDECAR_KEYS = ("PhaseEncodingDirection", "TotalReadoutTime", "EffectiveEchoSpacing", "RepetitionTime",
+                     "EchoTime", "MagneticFieldStrength", "Manufacturer")   # acquisition only, nothing identifying
+
+
+def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transforms, template, res: int,
+            params: dict | None = None, threads: int = 1, log=print) -> dict:
+    """Correct, fit and normalise every DWI run of one subject; all outputs written atomically."""
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    p = {**DEFAULTS, **(params or {})}
+    if p["registration"] not in ("torch", "ants") or p["dw_dof"] not in ("affine", "rigid") \
+            or p["fit_method"] not in ("WLS", "OLS"):
+        raise ValueError(f"dwi settings: registration torch|ants, dw_dof affine|rigid, fit_method WLS|OLS; got {p}")
+    sub = check_label(sub, "subject label")
+    ses = check_label(ses, "session label") if ses else None
+    dwi_paths = sorted(str(x) for x in dwi_paths)
+    for f in [t1w, template, *transforms]:
+        if not os.path.exists(str(f)):
+            raise FileNotFoundError(f"{f}: missing (needed to bring the DWI maps to {TEMPLATE})")
+    runs = [load_run(x, p["b0_threshold"]) for x in dwi_paths]
+    prefixes = [json.dumps(run_prefix(x), sort_keys=True) for x in dwi_paths]
+    if len(set(prefixes)) != len(prefixes):
+        raise InputError(f"DWI runs {dwi_paths} are not told apart by acq/dir/run entities")
+    final = output_paths(out_dir, sub, ses, res, dwi_paths)
+    dwi_dir = Path(final["fa"]).parent
+    dwi_dir.mkdir(parents=True, exist_ok=True)
+    Path(final["qc_fa"]).parent.mkdir(parents=True, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".dwi-", dir=dwi_dir)   # ANTs outprefix and staged outputs
+    staged = {}
+    timings, t_start = {}, time.perf_counter()
+    try:
+        def stage(key, path):
+            tmp = os.path.join(work, os.path.basename(path))
+            staged[tmp] = path
+            return tmp
+
+        t0 = time.perf_counter()
+        transforms_runs, ref = correct_runs(runs, p, work, log)
+        timings["correction_s"] = time.perf_counter() - t0
+        A0, shape0 = runs[0].affine, runs[0].data.shape[:3]
+        center = np.asarray(A0 @ np.r_[(np.asarray(shape0) - 1) / 2, 1.0])[:3]
+        all_data, all_bvals, all_bvecs, tables = [], [], [], {}
+        code = code_version("dwi")
+        for run, T, fp in zip(runs, transforms_runs, final["runs"]):
+            corr = resample(run.data, run.affine, T, A0, shape0, order=p["interpolation"])
+            bvecs = rotate_bvecs(run.bvecs, T, run.affine, A0)
+            table = motion_table(T, center)
+            tables[os.path.basename(fp["preproc"]).split("_desc-")[0]] = table
+            _save(corr, A0, stage("preproc", fp["preproc"]), np.float32)
+            np.savetxt(stage("bval", fp["bval"]), run.bvals[None], fmt="%g")
+            np.savetxt(stage("bvec", fp["bvec"]), bvecs, fmt="%.6f")
+            table.to_csv(stage("motion", fp["motion"]), sep="\t", index=False, float_format="%.6f")
+            side = {k: run.sidecar[k] for k in SAFE_SIDECAR_KEYS if k in run.sidecar}
+            side.update({"SkullStripped": False, "Sources": [os.path.basename(run.path)],
+                         "Description": "Motion/eddy-current corrected on the first run's b0 reference; b-vectors "
+                                        "rotated by each volume's rotation (FSL convention, this image's axes).",
+                         "RegistrationMethod": p["registration"], "DiffusionWeightedDOF": p["dw_dof"],
+                         "MeanFramewiseDisplacement": float(table["framewise_displacement"].mean()),
+                         "GeneratedBy": [{"Name": "brainfuse dwi", "CodeVersion": code}]})
+            _save_json(side, stage("json", sidecar(fp["preproc"])))
+            all_data.append(corr)
+            all_bvals.append(run.bvals)
+            all_bvecs.append(bvecs)
+        data = np.concatenate(all_data, 3)
+        bvals, bvecs = np.concatenate(all_bvals), np.concatenate(all_bvecs, 1)
+        b0 = bvals <= p["b0_threshold"]
+        mean_b0 = data[..., b0].mean(3)
+        mask = brain_mask(mean_b0)
+        t0 = time.perf_counter()
+        maps = fit_tensor(data, bvals, bvecs, mask, p["max_bval"], p["fit_method"], p["b0_threshold"])
+        timings["tensor_fit_s"] = time.perf_counter() - t0
+        used = int((bvals <= p["max_bval"]).sum())
+        meta = {"Model": "tensor (dipy TensorModel)", "FitMethod": p["fit_method"], "MaxBValue": p["max_bval"],
+                "VolumesUsed": used, "Sources": [os.path.basename(x) for x in dwi_paths],
+                "GeneratedBy": [{"Name": "brainfuse dwi", "CodeVersion": code}]}
+        units = {"fa": "arbitrary", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "cfa": "arbitrary"}
+        for m in (*MAPS, "cfa"):
+            _save(maps[m], A0, stage(m, final[m]), np.float32)
+            _save_json({**meta, "Units": units[m]}, stage(m, sidecar(final[m])))
+        _save(mask.astype(np.uint8), A0, stage("mask", final["mask"]), np.uint8)
+        _save(mean_b0, A0, stage("b0", final["b0"]), np.float32)
+        # b0 -> T1w, then the anat chain to the template
+        t0 = time.perf_counter()
+        mat, _ = register_to_t1w(mean_b0, mask, A0, t1w, t1w_mask, work)
+        shutil.copy(mat, stage("xfm", final["xfm"]))
+        chain = list(transforms) + [os.path.join(work, os.path.basename(final["xfm"]))]
+        mni = to_template({m: (maps[m], A0) for m in MAPS}, chain, template, work)
+        tpl_affine = nib.load(str(template)).affine
+        for m in MAPS:
+            _save(mni[m], tpl_affine, stage(m, final[f"mni_{m}"]), np.float32)
+            _save_json({**meta, "Units": units[m], "Resolution": f"{res} mm", "SpatialReference": TEMPLATE,
+                        "Transforms": [os.path.basename(x) for x in chain]}, stage(m, sidecar(final[f"mni_{m}"])))
+        timings["normalisation_s"] = time.perf_counter() - t0
+        label = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+        qc_fa(maps["fa"], maps["cfa"], A0, stage("qc", final["qc_fa"]), f"{label}: FA and colour FA ({p['fit_method']})")
+        qc_motion(tables, stage("qc", final["qc_motion"]), f"{label}: DWI motion ({p['registration']})")
+        for tmp, dest in staged.items():
+            os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    timings["total_s"] = time.perf_counter() - t_start
+    timings["volumes"] = int(sum(len(r.bvals) for r in runs))
+    log(f"[dwi] sub-{sub}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in timings.items()))
+    return {"paths": final, "timings": timings, "transforms": transforms_runs}
+
+
+def _save(data, affine, path, dtype):
+    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, path)
+
+
+def _save_json(obj, path):
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def cli(argv=None):
+    ap = argparse.ArgumentParser(prog="brainfuse dwi", description=__doc__.split("\n")[0])
+    ap.add_argument("--dwi", nargs="+", required=True, help="every DWI run of the subject (.nii[.gz] with .bval/.bvec)")
+    ap.add_argument("--sub", required=True)
+    ap.add_argument("--ses")
+    ap.add_argument("--out", required=True, help="derivatives root (DERIV); writes DERIV/sub-X/{dwi,figures}")
+    ap.add_argument("--t1w", required=True, help="anat desc-preproc T1w")
+    ap.add_argument("--t1w-mask", help="anat desc-brain mask")
+    ap.add_argument("--transforms", nargs="+", required=True, help="T1w -> template list ([warp, affine])")
+    ap.add_argument("--template", required=True, help="template T1w at the working resolution")
+    ap.add_argument("--res", type=int, required=True)
+    ap.add_argument("--params", default="{}", help="JSON of the config's dwi section")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    try:
+        process(args.dwi, args.out, args.sub, args.ses, args.t1w, args.t1w_mask, args.transforms, args.template,
+                args.res, json.loads(args.params), args.threads)
+    except (InputError, FileNotFoundError) as e:
+        print(f"brainfuse dwi: error: {e}", file=sys.stderr)
+        return 1
+    return 0

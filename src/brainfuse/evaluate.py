@@ -1,0 +1,479 @@
+"""Cross-validated evaluation: metrics with bootstrap CIs, linear baselines, the missing-modality grid,
+routing ablations, expert-utilisation plots and one results TSV.
+
+``brainfuse evaluate --tensors T --splits S --models M --presets P1 P2 … --settings JSON --out DIR [--bayes J]``
+
+Everything uses the out-of-fold test predictions of the models trained by ``brainfuse train fold`` (or, for
+the grid and ablations, those models re-run on their own test rows); the baselines are refitted here on the
+same splits, with their imputers and scalers fitted on each training fold. Evaluation refuses to run when
+a participant (or group) appears in two sets of one fold.
+
+Outputs in DIR: ``results.tsv`` (analysis, model, condition, metric, value, ci_low, ci_high, n),
+``predictions.tsv`` (every out-of-fold prediction), ``summary.json`` (best preset), ``figures/*.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from sklearn.impute import SimpleImputer  # noqa: E402
+from sklearn.linear_model import LogisticRegression, Ridge  # noqa: E402
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,  # noqa: E402
+                             mean_absolute_error, mean_squared_error, r2_score, roc_auc_score)
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+from . import splits as bf_splits  # noqa: E402
+from . import train as bf_train  # noqa: E402
+
+RESULT_COLUMNS = ["analysis", "model", "condition", "metric", "value", "ci_low", "ci_high", "n"]
+MAIN_METRIC = {"classification": "balanced_accuracy", "regression": "r2"}
+
+
+# -------------------------------------------------------------------------------------------- metrics
+def classification_metrics(y: np.ndarray, prob: np.ndarray) -> dict:
+    """accuracy, balanced accuracy, macro-F1 and macro one-vs-rest AUROC (NaN when a class is absent)."""
+    y = np.asarray(y, dtype=int)
+    k = prob.shape[1]
+    pred = prob.argmax(1)
+    out = {"accuracy": accuracy_score(y, pred), "balanced_accuracy": balanced_accuracy_score(y, pred),
+           "macro_f1": f1_score(y, pred, average="macro", labels=np.arange(k), zero_division=0)}
+    try:
+        if len(np.unique(y)) < k:
+            raise ValueError("a class is absent")
+        p = prob / prob.sum(1, keepdims=True)
+        out["auroc"] = roc_auc_score(y, p[:, 1], ) if k == 2 else roc_auc_score(y, p, multi_class="ovr", average="macro")
+    except ValueError:
+        out["auroc"] = float("nan")
+    return out
+
+
+def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict:
+    return {"rmse": float(np.sqrt(mean_squared_error(y, pred))), "mae": mean_absolute_error(y, pred),
+            "r2": r2_score(y, pred) if len(y) > 1 else float("nan")}
+
+
+def metrics(task: str, y, scores) -> dict:
+    return classification_metrics(y, scores) if task == "classification" else regression_metrics(y, scores)
+
+
+def bootstrap(task: str, y, scores, n_boot: int, seed: int = 0, groups=None) -> dict:
+    """Point estimates and percentile 95% CIs, resampling participants (``groups``) with replacement."""
+    y, scores = np.asarray(y), np.asarray(scores)
+    point = metrics(task, y, scores)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    draws = {k: [] for k in point}
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        for k, v in metrics(task, y[idx], scores[idx]).items():
+            draws[k].append(v)
+    out = {}
+    for k, v in point.items():
+        d = np.asarray(draws[k], dtype=float)
+        d = d[np.isfinite(d)]
+        lo, hi = (np.percentile(d, [2.5, 97.5]) if len(d) else (np.nan, np.nan))
+        out[k] = (float(v), float(lo), float(hi))
+    return out
+
+
+def rows_for(analysis, model, condition, stats: dict, n: int) -> list:
+    out = []
+    for metric, v in stats.items():
+        value, lo, hi = v if isinstance(v, tuple) else (v, np.nan, np.nan)
+        out.append({"analysis": analysis, "model": model, "condition": condition, "metric": metric,
+                    "value": value, "ci_low": lo, "ci_high": hi, "n": n})
+    return out
+
+
+def scores_of(pred: pd.DataFrame, task: str, classes: list) -> np.ndarray:
+    if task == "classification":
+        return pred[[f"prob_{c}" for c in classes]].to_numpy(float)
+    return pred["predicted"].to_numpy(float)
+
+
+# ------------------------------------------------------------------------------------------ baselines
+def baseline_features(cohort, rows: np.ndarray, modalities: list, fit_rows: np.ndarray, grid=(4, 5, 4)):
+    """Concatenated features of ``modalities`` for ``rows``: tabular columns and volumes average-pooled to a
+    coarse grid, each imputed and scaled with statistics of ``fit_rows`` (the training fold), absent
+    modalities set to the training mean (0 after scaling) plus one presence indicator each."""
+    blocks = []
+    for name in modalities:
+        m = bf_train.modality_names(cohort).index(name)
+        spec = cohort.modalities[m]
+
+        def feats(r):
+            if spec.kind == "tabular":
+                return np.asarray(cohort.arrays[name][r], dtype=np.float64)
+            x = torch.from_numpy(np.nan_to_num(np.asarray(cohort.arrays[name][r], dtype=np.float32)))
+            return torch.nn.functional.adaptive_avg_pool3d(x, grid).flatten(1).double().numpy()
+
+        have_fit = fit_rows[cohort.present[fit_rows, m]]
+        X = feats(rows)
+        if len(have_fit):
+            Xf = feats(have_fit)
+            imp = SimpleImputer(strategy="median", keep_empty_features=True).fit(Xf)
+            sc = StandardScaler().fit(imp.transform(Xf))
+            X = sc.transform(imp.transform(X))
+        else:
+            X = np.zeros_like(X)
+        pres = cohort.present[rows, m]
+        X[~pres] = 0.0
+        blocks += [np.nan_to_num(X), pres[:, None].astype(float)]
+    return np.concatenate(blocks, 1)
+
+
+def linear_model(task: str):
+    if task == "classification":
+        return LogisticRegression(C=1.0, max_iter=5000, class_weight="balanced")
+    return Ridge(alpha=1.0)
+
+
+def run_baseline(cohort, y, table, folds, modalities, task, n_classes, only_present=False):
+    """Out-of-fold scores of a linear model on ``modalities``; rows lacking all of them are left out
+    when ``only_present`` (single-modality baselines), so the model is judged where it can be used."""
+    keys = bf_train.row_keys(cohort)
+    labelled = [k if np.isfinite(v) and (task != "classification" or v >= 0) else None for k, v in zip(keys, y)]
+    cols = [bf_train.modality_names(cohort).index(m) for m in modalities]
+    out_idx, out_scores = [], []
+    for fold in folds:
+        r = bf_splits.fold_indices(table, fold, labelled)
+        fit = np.concatenate([r["train"], r["val"]])
+        test = r["test"]
+        if only_present:
+            fit = fit[cohort.present[fit][:, cols].any(1)]
+            test = test[cohort.present[test][:, cols].any(1)]
+        if len(test) == 0:
+            continue
+        Xf = baseline_features(cohort, fit, modalities, fit)
+        Xt = baseline_features(cohort, test, modalities, fit)
+        model = linear_model(task)
+        if task == "classification":
+            yf = y[fit].astype(int)
+            model.fit(Xf, yf)
+            p = np.zeros((len(test), n_classes))
+            p[:, model.classes_] = model.predict_proba(Xt)
+        else:
+            p = model.fit(Xf, y[fit]).predict(Xt)
+        out_idx.append(test)
+        out_scores.append(p)
+    if not out_idx:
+        return np.zeros(0, int), None
+    return np.concatenate(out_idx), np.concatenate(out_scores)
+
+
+# ------------------------------------------------------------------------------- grid and ablations
+def subsets(names: list) -> list:
+    return [c for k in range(1, len(names) + 1) for c in itertools.combinations(names, k)]
+
+
+def routing_hook(kind: str, expert: int | None = None):
+    """A forward hook on a Router replacing its weights: 'uniform' (1/E each) or 'drop' one expert
+    (its weight set to 0, the rest renormalised)."""
+    def hook(module, args, out):
+        w = out.weights
+        if kind == "uniform":
+            w = torch.full_like(w, 1.0 / w.shape[-1])
+        else:
+            w = w.clone()
+            w[:, expert] = 0
+            s = w.sum(-1, keepdim=True)
+            fallback = torch.ones_like(w)
+            fallback[:, expert] = 0
+            fallback = fallback / fallback.sum(-1, keepdim=True)
+            w = torch.where(s > 0, w / s.clamp_min(1e-12), fallback)
+        return out._replace(weights=w)
+    return hook
+
+
+def fold_models(models_dir, presets, folds):
+    for preset in presets:
+        for fold in folds:
+            path = Path(models_dir) / preset / f"fold-{fold}" / "checkpoint.pt"
+            yield preset, fold, path
+
+
+def grid_and_ablations(cohort, y, table, models_dir, presets, folds, settings, log=print) -> pd.DataFrame:
+    """Long table: analysis (grid | ablation), model, condition, participant row, scores."""
+    task = cohort.task
+    keys = bf_train.row_keys(cohort)
+    labelled = [k if ok else None for k, ok in zip(keys, bf_train.targets(cohort, settings["cv"])[1])]
+    records = []
+    for preset, fold, path in fold_models(models_dir, presets, folds):
+        ckpt, model = bf_train.load_checkpoint(path)
+        test = bf_splits.fold_indices(table, fold, labelled)["test"]
+        data = bf_train.cohort_data(ckpt, cohort, test)
+        names = [m["name"] for m in ckpt["modalities"]]
+        conditions = []
+        if settings["cv"]["missing_grid"]:
+            for combo in subsets(names):
+                mask = torch.tensor([n in combo for n in names])
+                conditions.append(("grid", "+".join(combo), data["present"] & mask, None))
+        if settings["cv"]["ablations"] and ckpt["config"]["fusion"] == "moe":
+            conditions.append(("ablation", "full", data["present"], None))
+            conditions.append(("ablation", "uniform gating", data["present"], ("uniform", None)))
+            for e, ename in enumerate(model.expert_names):
+                conditions.append(("ablation", f"drop {ename}", data["present"], ("drop", e)))
+        for analysis, cond, present, hook in conditions:
+            keep = present.any(1)
+            if not bool(keep.any()):
+                continue
+            sub = {"inputs": {k: v[keep] for k, v in data["inputs"].items()}, "present": present[keep]}
+            handles = [r.register_forward_hook(routing_hook(*hook)) for r in model.routers] if hook else []
+            try:
+                pred = bf_train.run_model(model, sub, "cpu")["prediction"]
+            finally:
+                for h in handles:
+                    h.remove()
+            if task == "classification":
+                scores = pred.softmax(-1).numpy()
+            else:
+                mean, scale = ckpt.get("target_scale", (0.0, 1.0))
+                scores = pred.view(-1).numpy() * scale + mean
+            for i, row in enumerate(test[keep.numpy()]):
+                records.append({"analysis": analysis, "model": preset, "condition": cond, "row": int(row),
+                                "scores": scores[i]})
+        log(f"[evaluate] grid/ablations: {preset} fold {fold} done")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_metrics(results: pd.DataFrame, task: str, path, bayes: dict | None, chance: float | None):
+    metric = MAIN_METRIC[task]
+    r = results[(results.metric == metric) & results.analysis.isin(["cv", "baseline", "canary"])
+                & (results.condition == "all")]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(r) + 1.5))
+    labels = [f"{a}: {m}" for a, m in zip(r.analysis, r.model)]
+    colours = {"cv": "tab:blue", "baseline": "tab:grey", "canary": "tab:red"}
+    ypos = np.arange(len(r))[::-1]
+    ax.barh(ypos, r.value, color=[colours[a] for a in r.analysis],
+            xerr=[r.value - r.ci_low, r.ci_high - r.value], capsize=3)
+    ax.set_yticks(ypos, labels)
+    if chance is not None:
+        ax.axvline(chance, color="k", ls=":", label=f"chance {chance:.2f}")
+    if bayes:
+        ax.axvline(bayes["bayes_accuracy"], color="tab:green", ls="--", label=f"Bayes {bayes['bayes_accuracy']:.2f}")
+    ax.set_xlabel(f"{metric.replace('_', ' ')} (out-of-fold, 95% bootstrap CI)")
+    if chance is not None or bayes:
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Cross-validated performance: presets, baselines, permuted-label canary")
+    _save(fig, path)
+
+
+def plot_confusions(preds: pd.DataFrame, classes: list, presets: list, path):
+    n = len(presets)
+    cols = min(3, n)
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3.6 * cols, 3.3 * -(-n // cols)), squeeze=False)
+    for ax, preset in zip(axes.flat, presets):
+        p = preds[preds.preset == preset]
+        cm = confusion_matrix(p.target.astype(int), p.predicted.astype(int), labels=range(len(classes)))
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", color="k" if v < cm.max() / 2 else "w")
+        ax.set_xticks(range(len(classes)), classes, fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(preset)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    _save(fig, path)
+
+
+def plot_table_heatmap(table: pd.DataFrame, title: str, path, fmt="{:.2f}", cmap="viridis", vmin=None, vmax=None,
+                       xlabel="", ylabel=""):
+    fig, ax = plt.subplots(figsize=(max(5, 0.55 * table.shape[1] + 2.5), max(2.5, 0.4 * table.shape[0] + 1.8)))
+    im = ax.imshow(table.to_numpy(float), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    for (i, j), v in np.ndenumerate(table.to_numpy(float)):
+        if np.isfinite(v):
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="w" if v < np.nanmean(
+                table.to_numpy(float)) else "k")
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    _save(fig, path)
+
+
+def combo_label(row: pd.Series, names: list) -> str:
+    return "+".join(n for n in names if row.get(f"present_{n}", 0)) or "none"
+
+
+def plot_utilisation(preds: pd.DataFrame, preset: str, classes: list, names: list, path) -> bool:
+    """Mean gate weight per expert by true class and by modality combination."""
+    p = preds[preds.preset == preset]
+    wcols = [c for c in p.columns if c.startswith("weight_") and p[c].notna().any()]
+    if not wcols:
+        return False
+    p = p.assign(combination=[combo_label(r, names) for _, r in p.iterrows()])
+    by = [("class", p.target.map(lambda t: classes[int(t)] if classes else "all")), ("combination", p.combination)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, max(3, 0.28 * len(wcols) + 2)),
+                             gridspec_kw={"width_ratios": [1, 2]})
+    for ax, (what, key) in zip(axes, by):
+        t = p[wcols].groupby(key.to_numpy()).mean().T
+        t.index = [c.removeprefix("weight_") for c in t.index]
+        counts = key.value_counts()
+        im = ax.imshow(t.to_numpy(float), cmap="magma", vmin=0, aspect="auto")
+        ax.set_xticks(range(t.shape[1]), [f"{c} (n={counts[c]})" for c in t.columns], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(t.shape[0]), t.index, fontsize=7)
+        ax.set_title(f"{preset}: mean gate weight by {what}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    _save(fig, path)
+    return True
+
+
+def plot_training(models_dir, presets, folds, path):
+    fig, axes = plt.subplots(1, len(presets), figsize=(3 * len(presets), 2.8), squeeze=False, sharey=True)
+    for ax, preset in zip(axes[0], presets):
+        for _, fold, ck in fold_models(models_dir, [preset], folds):
+            h = torch.load(ck, map_location="cpu", weights_only=True)["history"]
+            ax.plot([e["epoch"] for e in h], [e["val_loss"] for e in h], label=f"fold {fold}", lw=1)
+        ax.set_title(preset, fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0, 0].set_ylabel("validation loss")
+    axes[0, -1].legend(fontsize=7)
+    _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------- driver
+def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: dict, out_dir,
+             bayes: dict | None = None, log=print) -> pd.DataFrame:
+    out_dir = Path(out_dir)
+    figs = out_dir / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    cv, task = settings["cv"], cohort.task
+    y, labelled = bf_train.targets(cohort, cv)
+    keys = bf_train.row_keys(cohort)
+    bf_splits.check_splits(table, [k[0] for k, ok in zip(keys, labelled) if ok])
+    folds = sorted(table["fold"].unique())
+    classes = list(cohort.classes) if task == "classification" else []
+    n_classes = len(classes) if classes else 1
+    key_row = {k: i for i, k in enumerate(keys)}
+    n_boot, seed = int(cv["bootstrap"]), int(cv["seed"])
+    results = []
+
+    # models: out-of-fold test predictions, each checked against the splits
+    preds = []
+    for preset, fold, path in fold_models(models_dir, presets, folds):
+        p = pd.read_csv(path.parent / "predictions.tsv", sep="\t", dtype={"participant_id": str, "session": str},
+                        keep_default_na=False)
+        test = table[(table.fold == fold) & (table.set == "test")]
+        expected = set(zip(test.participant_id, test.session))
+        got = set(zip(p.participant_id, p.session))
+        if got != expected:
+            raise bf_splits.LeakageError(f"{path.parent / 'predictions.tsv'}: its rows are not the test set of fold "
+                                         f"{fold} in the splits ({len(got ^ expected)} differ); retrain")
+        preds.append(p)
+    preds = pd.concat(preds, ignore_index=True)
+    preds["target"] = pd.to_numeric(preds["target"])
+    for preset in presets:
+        p = preds[preds.preset == preset]
+        stats = bootstrap(task, p.target.to_numpy(), scores_of(p, task, classes), n_boot, seed, p.participant_id)
+        results += rows_for("cv", preset, "all", stats, len(p))
+        log(f"[evaluate] {preset}: " + ", ".join(f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in stats.items()))
+
+    # baselines (refitted per fold) and the permuted-label canary
+    names = bf_train.modality_names(cohort)
+    if cv["baselines"]:
+        configs = [("baseline", "linear (all modalities)", names, y, False)]
+        configs += [("baseline", f"linear ({n} only)", [n], y, True) for n in names]
+        yp = y.copy()
+        yp[labelled] = np.random.default_rng([seed, 13]).permutation(y[labelled])
+        configs.append(("canary", "linear, permuted labels", names, yp, False))
+        for analysis, label, mods, yy, only in configs:
+            idx, sc = run_baseline(cohort, yy, table, folds, mods, task, n_classes, only)
+            if len(idx) < 2:
+                continue
+            stats = bootstrap(task, yy[idx], sc, n_boot, seed, [keys[i][0] for i in idx])
+            results += rows_for(analysis, label, "all", stats, len(idx))
+            log(f"[evaluate] {label}: {MAIN_METRIC[task]} {stats[MAIN_METRIC[task]][0]:.3f}")
+
+    # missing-modality grid and ablations (point estimates; n = rows evaluated)
+    if cv["missing_grid"] or cv["ablations"]:
+        recs = grid_and_ablations(cohort, y, table, models_dir, presets, folds, settings, log)
+        df = pd.DataFrame(recs)
+        if len(df):
+            for (analysis, model, cond), g in df.groupby(["analysis", "model", "condition"], sort=False):
+                rows = g.row.to_numpy()
+                sc = np.stack(g.scores.to_numpy()) if task == "classification" else g.scores.to_numpy(float)
+                results += rows_for(analysis, model, cond, metrics(task, y[rows], sc), len(rows))
+
+    res = pd.DataFrame(results, columns=RESULT_COLUMNS)
+    metric = MAIN_METRIC[task]
+    cvres = res[(res.analysis == "cv") & (res.metric == metric)]
+    best = cvres.sort_values("value", ascending=False).iloc[0]
+    summary = {"task": task, "metric": metric, "best_preset": best.model, "best_value": float(best.value),
+               "best_ci": [float(best.ci_low), float(best.ci_high)], "classes": classes, "n": int(best.n),
+               "permuted_labels": bool(cv["permute_labels"]),
+               "presets": {m: float(v) for m, v in zip(cvres.model, cvres.value)}}
+    if bayes:
+        summary["bayes_accuracy"] = bayes.get("bayes_accuracy")
+
+    # figures
+    chance = 1.0 / n_classes if task == "classification" else 0.0
+    plot_metrics(res, task, figs / "cv_performance.png", bayes if task == "classification" else None, chance)
+    if task == "classification":
+        plot_confusions(preds, classes, presets, figs / "confusion_matrices.png")
+    for analysis, fname, title in [("grid", "missing_modality_grid.png", "Missing-modality grid"),
+                                   ("ablation", "ablations.png", "Routing ablations")]:
+        t = res[(res.analysis == analysis) & (res.metric == metric)]
+        if len(t):
+            heat = t.pivot(index="model", columns="condition", values="value")
+            heat = heat[list(dict.fromkeys(t.condition))]
+            plot_table_heatmap(heat, f"{title}: {metric.replace('_', ' ')} (out-of-fold)", figs / fname,
+                               vmin=chance if task == "classification" else None,
+                               vmax=1 if task == "classification" else None,
+                               xlabel="modalities present" if analysis == "grid" else "")
+    for preset in presets:
+        plot_utilisation(preds, preset, classes, names, figs / f"utilisation_{preset}.png")
+    plot_training(models_dir, presets, folds, figs / "training_curves.png")
+
+    # write last, atomically: the rule's outputs appear only when everything succeeded
+    bf_splits.write_tsv(preds, out_dir / "predictions.tsv")
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out_dir / "summary.json")
+    bf_splits.write_tsv(res, out_dir / "results.tsv")
+    log(f"[evaluate] best preset {best.model}: {metric} {best.value:.3f} [{best.ci_low:.3f}, {best.ci_high:.3f}]")
+    return res
+
+
+def cli(argv=None):
+    ap = argparse.ArgumentParser(prog="brainfuse evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tensors", required=True)
+    ap.add_argument("--splits", required=True)
+    ap.add_argument("--models", required=True, help="folder with <preset>/fold-<k>/checkpoint.pt")
+    ap.add_argument("--presets", nargs="+", required=True)
+    ap.add_argument("--settings", default="{}")
+    ap.add_argument("--bayes", default=None, help="demo truth/bayes.json (drawn on the performance plot)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = bf_train.settings_from_json(args.settings)
+    cohort = bf_train.load(args.tensors)
+    table = bf_splits.read_splits(args.splits)
+    bayes = json.loads(Path(args.bayes).read_text()) if args.bayes else None
+    evaluate(cohort, table, args.models, args.presets, settings, args.out, bayes,
+             log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0

@@ -1,0 +1,645 @@
+"""func stage: motion correction, fMRIPrep-style confounds, MNI resampling, denoising, ALFF/fALFF/ReHo,
+parcel time series and Fisher-z connectivity, per BOLD run.
+
+Order of work (one run):
+1. checks (4D, enough volumes, RepetitionTime in the sidecar), then batched rigid motion correction
+   (:mod:`brainfuse.motion`, all volumes at once in torch) against the mean of a first pass;
+2. confounds in native space: 24 motion parameters, framewise_displacement (nipype's
+   FramewiseDisplacement), dvars / std_dvars (nipype's ComputeDVARS);
+3. BOLD reference -> T1w rigid registration (antspyx, Mattes MI), written as an ITK .mat that maps T1w
+   points to BOLD points (appended at the end of the anat list, see DEVELOPERS.md);
+4. template points pushed through ``[warp, affine, bold->T1w]`` once (``mni_coordinates``), then every
+   volume sampled once at ``T_k`` of those points (motion and normalisation in one interpolation);
+5. global_signal / white_matter / csf (and optional aCompCor, nipype's ACompCor) on the MNI series;
+6. nilearn ``signal.clean`` (confounds, detrend, band-pass 0.01-0.08 Hz, optional FD scrubbing) and the
+   derivatives.
+
+Motion parameters follow fMRIPrep's column names and units (mm, radians); see brainfuse.motion for the
+exact convention (rotation about the field-of-view centre, R = Rx Ry Rz).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from . import motion
+from .bids import TEMPLATE, bids_path, parse_name, sidecar
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+DEFAULTS = {
+    "min_volumes": 20,          # fewer volumes cannot give a meaningful band-passed correlation
+    "high_pass": 0.01,          # Hz
+    "low_pass": 0.08,           # Hz
+    "filter": "butterworth",    # nilearn signal.clean filter ("butterworth" or "cosine": high-pass only)
+    # regressed out (fnmatch patterns of confound columns). Few on purpose: after a 0.01-0.08 Hz band-pass
+    # a 100-volume run at TR 2 s keeps about 28 degrees of freedom, and the 24-parameter set would use them up.
+    "denoise_confounds": ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "white_matter", "csf"],
+    "alff_band": [0.01, 0.08],  # Hz, ALFF / fALFF (computed before the band-pass)
+    "fd_threshold": None,       # mm; scrub volumes above it (None: no scrubbing)
+    "acompcor": False,          # add a_comp_cor_00..04 (nipype ACompCor on WM+CSF)
+    "n_acompcor": 5,
+    "motion_device": "cpu",
+}
+
+
+class FuncInputError(ValueError):
+    """A BOLD input brainfuse cannot process; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def load_bold(path, min_volumes: int = DEFAULTS["min_volumes"]):
+    """The BOLD image and its RepetitionTime (s, from the JSON sidecar), or FuncInputError naming the file."""
+    path = str(path)
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel's messages do not always name the file
+        raise FuncInputError(f"{path}: cannot read the BOLD image ({e})") from None
+    if img.ndim != 4 or img.shape[3] == 1:
+        raise FuncInputError(f"{path}: expected a 4D BOLD series, got an image of shape {img.shape}")
+    if img.shape[3] < min_volumes:
+        raise FuncInputError(f"{path}: only {img.shape[3]} volumes, at least {min_volumes} are needed "
+                             f"(func.min_volumes)")
+    side = sidecar(path)
+    if not os.path.exists(side):
+        raise FuncInputError(f"{path}: no JSON sidecar {side}: RepetitionTime is needed")
+    tr = json.loads(Path(side).read_text()).get("RepetitionTime")
+    if not isinstance(tr, (int, float)) or tr <= 0:
+        raise FuncInputError(f"{side}: RepetitionTime is missing or not a positive number ({tr!r})")
+    return img, float(tr)
+
+
+def run_prefix(bold_path) -> dict:
+    """BIDS entities of a BOLD run (sub, ses, task, acq, dir, run, echo ...) to keep in output names."""
+    ents = parse_name(os.path.basename(str(bold_path)))
+    if not ents or ents["suffix"] != "bold":
+        raise FuncInputError(f"{bold_path}: not a BIDS BOLD file name (sub-X[_ses-Y]_task-Z[...]_bold.nii.gz)")
+    return {k: v for k, v in ents.items() if k not in ("suffix", "ext")}
+
+
+def outputs(deriv, bold_path, res) -> dict:
+    """Every output path of one run (Stage contract), built with bids_path."""
+    e = run_prefix(bold_path)
+    sub, ses = e.pop("sub"), e.pop("ses", None)
+    p = lambda suffix, ext, dt="func", **kw: bids_path(deriv, sub, dt, suffix, ext, ses=ses, **e, **kw)
+    mni = {"space": TEMPLATE, "res": str(int(res))}
+    return {
+        "confounds": p("timeseries", ".tsv", desc="confounds"),
+        "xfm": p("xfm", ".mat", **{"from": "bold", "to": "T1w", "mode": "image"}),
+        "preproc": p("bold", ".nii.gz", **mni, desc="preproc"),
+        "timeseries": p("timeseries", ".tsv", **mni, atlas="brainfuse"),
+        "relmat": p("relmat", ".tsv", **mni, atlas="brainfuse", desc="fisherz"),
+        "fig_motion": p("bold", ".png", dt="figures", desc="motion"),
+        "fig_carpet": p("bold", ".png", dt="figures", desc="carpet"),
+        **{f"{s}": _stat_path(deriv, sub, ses, e, mni, s) for s in ("alff", "falff", "reho")},
+    }
+
+
+def _stat_path(deriv, sub, ses, e, mni, stat):
+    # `stat` is not in bids.ENTITY_ORDER; BIDS derivatives put it after desc-less space/res entities.
+    base = bids_path(deriv, sub, "func", "", "", ses=ses, **e, **mni)
+    return f"{base}_stat-{stat}_boldmap.nii.gz"
+
+
+# ------------------------------------------------------------------------------------------ confounds
+MOTION_COLUMNS = list(motion.PARAM_NAMES)
+
+
+def motion_24(params) -> pd.DataFrame:
+    """fMRIPrep's 24 motion regressors: parameters, derivative1 (first row NaN), power2, derivative1_power2."""
+    df = pd.DataFrame(np.asarray(params, float), columns=MOTION_COLUMNS)
+    out = {}
+    for c in MOTION_COLUMNS:
+        d = df[c].diff()
+        out[c], out[f"{c}_derivative1"] = df[c], d
+        out[f"{c}_power2"], out[f"{c}_derivative1_power2"] = df[c] ** 2, d ** 2
+    return pd.DataFrame(out)
+
+
+def nipype_fd(params, workdir) -> np.ndarray:
+    """Power FD with nipype's FramewiseDisplacement (FSL column order: rotations first); FD[0] = NaN."""
+    from nipype.algorithms.confounds import FramewiseDisplacement
+
+    p = np.asarray(params, float)
+    par = Path(workdir) / "motion_fsl.par"
+    np.savetxt(par, np.c_[p[:, 3:], p[:, :3]])
+    res = FramewiseDisplacement(in_file=str(par), parameter_source="FSL", radius=50.0,
+                                save_plot=False).run(cwd=str(workdir))
+    fd = np.atleast_1d(np.loadtxt(res.outputs.out_file, skiprows=1))
+    return np.r_[np.nan, fd]
+
+
+def nipype_dvars(series_img, mask_img, workdir) -> tuple[np.ndarray, np.ndarray]:
+    """(dvars, std_dvars) from nipype's ComputeDVARS itself (about 10 s a run: it fits an AR(1) per voxel
+    in a Python loop); ``dvars`` computes the same numbers vectorised and is checked against this."""
+    from nipype.algorithms.confounds import ComputeDVARS
+
+    wd = Path(workdir)
+    nib.save(series_img, wd / "bold.nii.gz")
+    nib.save(mask_img, wd / "mask.nii.gz")
+    res = ComputeDVARS(in_file=str(wd / "bold.nii.gz"), in_mask=str(wd / "mask.nii.gz"), save_std=True,
+                       save_nstd=True, remove_zerovariance=True).run(cwd=str(wd))
+    load = lambda f: np.r_[np.nan, np.atleast_1d(np.loadtxt(f, skiprows=0))]
+    return load(res.outputs.out_nstd), load(res.outputs.out_std)
+
+
+def dvars(data4d, mask) -> tuple[np.ndarray, np.ndarray]:
+    """(dvars, std_dvars), first row NaN: nipype's ``compute_dvars`` (Power 2012; Nichols 2013) with
+    ``remove_zerovariance=True`` and the lag-1 Yule-Walker autocorrelation computed for all voxels at once
+    (for order 1, nitime's AR_est_YW is sum x_t x_t+1 / sum x_t^2 of the demeaned series)."""
+    mfunc = np.asarray(data4d, np.float32)[np.asarray(mask, bool)]
+    mfunc = mfunc / np.median(mfunc) * 1000
+    sd = (np.percentile(mfunc, 75, axis=1, method="lower") - np.percentile(mfunc, 25, axis=1, method="lower")) / 1.349
+    keep = sd > 0
+    mfunc, sd = mfunc[keep], sd[keep]
+    x = (mfunc - mfunc.mean(1, keepdims=True)).astype(np.float64)
+    ar1 = (x[:, :-1] * x[:, 1:]).sum(1) / np.maximum((x * x).sum(1), 1e-30)
+    diff_sdhat = np.sqrt((1 - ar1) * 2) * sd
+    d = np.sqrt(np.square(np.diff(mfunc, axis=1)).mean(0))
+    return np.r_[np.nan, d], np.r_[np.nan, d / diff_sdhat.mean()]
+
+
+def nipype_acompcor(series_img, mask_img, n, tr, workdir) -> pd.DataFrame:
+    """a_comp_cor_00.. from nipype's ACompCor on the given (WM+CSF) mask."""
+    from nipype.algorithms.confounds import ACompCor
+
+    wd = Path(workdir)
+    nib.save(series_img, wd / "mni_bold.nii.gz")
+    nib.save(mask_img, wd / "acc_mask.nii.gz")
+    res = ACompCor(realigned_file=str(wd / "mni_bold.nii.gz"), mask_files=[str(wd / "acc_mask.nii.gz")],
+                   components_file="acompcor.tsv", num_components=n, pre_filter="cosine",
+                   high_pass_cutoff=0.01, repetition_time=tr, header_prefix="a_comp_cor_").run(cwd=str(wd))
+    return pd.read_csv(res.outputs.components_file, sep="\t")
+
+
+# --------------------------------------------------------------------------------- registration / MNI
+def bold_to_t1w(boldref_img, t1w_img, out_mat, t1w_mask_img=None, workdir=None, voxel_mm: float | None = None):
+    """Rigid BOLD reference -> T1w (Mattes MI). Writes the ITK .mat mapping T1w points to BOLD points
+    (ants' forward transform with fixed = T1w), the convention appended to the anat MNI list.
+
+    The T1w (brain) is resampled to ``voxel_mm`` (default: the BOLD voxel, at least 2 mm) first: BOLD
+    carries no finer detail, and a 1 mm fixed image makes the finest level many times slower.
+    """
+    import ants
+    from nilearn import image
+
+    if voxel_mm is None:
+        voxel_mm = max(2.0, float(np.mean(boldref_img.header.get_zooms()[:3])))
+    t1 = np.asarray(t1w_img.dataobj, np.float32)
+    if t1w_mask_img is not None:
+        t1 = t1 * (np.asarray(t1w_mask_img.dataobj) > 0)
+    t1 = nib.Nifti1Image(t1, t1w_img.affine)
+    if min(t1w_img.header.get_zooms()[:3]) < voxel_mm - 1e-3:
+        t1 = image.resample_img(t1, target_affine=np.diag([voxel_mm] * 3), interpolation="continuous",
+                                force_resample=True, copy_header=True)
+    with tempfile.TemporaryDirectory(dir=workdir) as td:
+        fixed = _to_ants(t1, td, "t1w")
+        moving = _to_ants(boldref_img, td, "boldref")
+        # Same session, same scanner frame: start from the identity, not from centres of mass that the
+        # BOLD field of view and contrast move.
+        reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="Rigid", initial_transform="Identity",
+                                aff_metric="mattes", aff_sampling=32, aff_random_sampling_rate=0.25,
+                                aff_iterations=(100, 50), aff_shrink_factors=(2, 1),
+                                aff_smoothing_sigmas=(1, 0), outprefix=os.path.join(td, "bold2t1w_"))
+        tx = ants.read_transform(reg["fwdtransforms"][0])
+        tmp = str(out_mat) + ".part.mat"
+        ants.write_transform(tx, tmp)
+        os.replace(tmp, out_mat)
+    return str(out_mat)
+
+
+def _to_ants(img, folder, name):
+    import ants
+
+    path = os.path.join(folder, f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine), path)
+    return ants.image_read(path)
+
+
+def mni_coordinates(template_img, transformlist, bold_img, workdir=None) -> tuple[np.ndarray, np.ndarray]:
+    """For every template voxel, the world point (mm, RAS) of the BOLD reference frame it maps to through
+    ``transformlist`` (ANTs order, fixed = template: ``[warp, affine, bold->T1w .mat]``), and whether it
+    falls inside the BOLD field of view.
+
+    ANTs pushes coordinate images (x, y, z and a ones image): linear interpolation of a linear function is
+    exact, so this is the composed mapping itself, computed once per run and independent of the number of
+    volumes. Returns (points (P, 3), inside (P,)) in the template's C order.
+    """
+    import ants
+
+    shape, A = bold_img.shape[:3], bold_img.affine
+    world = np.indices(shape, dtype=np.float64).reshape(3, -1).T @ A[:3, :3].T + A[:3, 3]
+    with tempfile.TemporaryDirectory(dir=workdir) as td:
+        fixed = _to_ants(template_img, td, "template")
+        out = []
+        for i, values in enumerate([world[:, 0], world[:, 1], world[:, 2], np.ones(len(world))]):
+            moving = _to_ants(nib.Nifti1Image(values.reshape(shape).astype(np.float32), A), td, f"coord{i}")
+            warped = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=[str(t) for t in transformlist],
+                                           whichtoinvert=[False] * len(transformlist),
+                                           interpolator="linear", defaultvalue=0)
+            out.append(warped.numpy().astype(np.float64).reshape(-1))
+    ones = out[3]
+    inside = ones > 0.999
+    # float32 coordinates: renormalise by the ones image near the edge (where ANTs mixed in zeros)
+    pts = np.stack(out[:3], 1) / np.maximum(ones, 1e-6)[:, None]
+    return pts, inside
+
+
+def invert_ants_affine(in_mat, out_mat):
+    """Write the inverse of an ITK affine .mat (for tests and for subject->template affines)."""
+    import ants
+
+    ants.write_transform(ants.read_transform(str(in_mat)).invert(), str(out_mat))
+    return str(out_mat)
+
+
+# ----------------------------------------------------------------------------------------- derivatives
+def clean_signals(ts, confounds, tr, cfg, sample_mask=None, band=True):
+    """Denoise (T, V) series with nilearn's ``signal.clean`` (detrend + confound regression, censoring):
+    signals and confounds are band-passed the same way first (Lindquist et al. 2019, nilearn's order).
+
+    The filter runs here, vectorised over voxels (scipy ``sosfiltfilt`` along time): nilearn's own
+    Butterworth loops over voxels in Python (about 30 s a run). Scrubbed volumes are interpolated (cubic
+    spline over the kept ones, as nilearn does) before filtering and dropped before the regression.
+    filter="cosine": nilearn's DCT high-pass inside the regression, then the Butterworth low-pass.
+    """
+    from nilearn import signal
+
+    ts = np.asarray(ts, np.float64)
+    conf = None if confounds is None else np.asarray(confounds, np.float64)
+    kw = dict(detrend=True, standardize=None, t_r=tr)
+    if not band:
+        return signal.clean(ts, confounds=conf, filter=False, **kw)
+    if cfg["filter"] == "cosine":
+        out = signal.clean(ts, confounds=conf, filter="cosine", high_pass=cfg["high_pass"], **kw)
+        out = _butter(out, tr, None, cfg["low_pass"])
+        return out if sample_mask is None else out[sample_mask]
+    if sample_mask is not None:
+        ts = _interpolate_censored(ts, sample_mask)
+        conf = None if conf is None else _interpolate_censored(conf, sample_mask)
+    from scipy.signal import detrend
+
+    ts = _butter(detrend(ts, axis=0), tr, cfg["high_pass"], cfg["low_pass"])
+    conf = None if conf is None else _butter(detrend(conf, axis=0), tr, cfg["high_pass"], cfg["low_pass"])
+    return signal.clean(ts, confounds=conf, filter=False, sample_mask=sample_mask, **kw)
+
+
+def _butter(x, tr, high_pass, low_pass, order: int = 5):
+    """Zero-phase Butterworth (as nilearn's: order 5, odd padding) along axis 0; a band edge at or above
+    Nyquist is dropped."""
+    from scipy.signal import butter, sosfiltfilt
+
+    nyq = 0.5 / tr
+    lo = high_pass if high_pass and high_pass < nyq else None
+    hi = low_pass if low_pass and low_pass < nyq else None
+    if lo is None and hi is None:
+        return x
+    btype, wn = (("bandpass", [lo, hi]) if lo and hi else ("highpass", lo) if lo else ("lowpass", hi))
+    sos = butter(order, wn, btype=btype, fs=1.0 / tr, output="sos")
+    padlen = min(3 * (2 * len(sos) + 1), len(x) - 1)   # short runs: scipy's default padding exceeds them
+    return sosfiltfilt(sos, x, axis=0, padtype="odd", padlen=padlen)
+
+
+def _interpolate_censored(x, keep):
+    from scipy.interpolate import CubicSpline
+
+    t = np.arange(len(x))
+    out = x.copy()
+    drop = np.setdiff1d(t, keep)
+    if len(drop):
+        out[drop] = CubicSpline(t[keep], x[keep], axis=0)(drop)
+    return out
+
+
+def alff_falff(ts, tr, band=(0.01, 0.08)) -> tuple[np.ndarray, np.ndarray]:
+    """ALFF (mean amplitude in the band) and fALFF (band amplitude / amplitude over 0 < f <= Nyquist) of
+    (T, V) residual series (Zou et al. 2008)."""
+    n = ts.shape[0]
+    amp = np.abs(np.fft.rfft(ts - ts.mean(0), axis=0)) * 2 / n
+    f = np.fft.rfftfreq(n, tr)
+    inb = (f >= band[0]) & (f <= band[1])
+    alff = amp[inb].mean(0)
+    total = amp[f > 0].sum(0)
+    return alff, np.where(total > 0, amp[inb].sum(0) / np.maximum(total, 1e-12), 0.0)
+
+
+def reho(data4d, mask, neighbourhood: int = 27) -> np.ndarray:
+    """Kendall's W of each voxel with its 26 (or 18 / 6) face/edge/corner neighbours inside the mask."""
+    from scipy.stats import rankdata
+
+    n = data4d.shape[3]
+    ranks = np.zeros(data4d.shape, np.float32)
+    ranks[mask] = rankdata(data4d[mask], axis=1)
+    offsets = [(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)
+               if abs(i) + abs(j) + abs(k) <= {27: 3, 19: 2, 7: 1}[neighbourhood]]
+    pad = np.pad(ranks, ((1, 1), (1, 1), (1, 1), (0, 0)))
+    mpad = np.pad(mask, 1)
+    R = np.zeros(data4d.shape, np.float64)
+    K = np.zeros(mask.shape, np.float64)
+    I, J, L = mask.shape
+    for i, j, k in offsets:
+        R += pad[1 + i:1 + i + I, 1 + j:1 + j + J, 1 + k:1 + k + L]
+        K += mpad[1 + i:1 + i + I, 1 + j:1 + j + J, 1 + k:1 + k + L]
+    s = ((R - R.mean(3, keepdims=True)) ** 2).sum(3)
+    w = 12 * s / np.maximum(K ** 2 * (n ** 3 - n), 1e-12)
+    return np.where(mask, w, 0.0).astype(np.float32)
+
+
+def parcel_timeseries(ts, labels, names) -> pd.DataFrame:
+    """Mean of (T, V) series over each label (V,) 1..L; empty parcels (no BOLD coverage) get NaN."""
+    L = len(names)
+    counts = np.bincount(labels, minlength=L + 1)[1:]
+    sums = np.zeros((ts.shape[0], L + 1))
+    np.add.at(sums.T, labels, ts.T)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = sums[:, 1:] / counts
+    return pd.DataFrame(out, columns=names)
+
+
+def fisher_z_connectivity(parcel_ts: pd.DataFrame) -> pd.DataFrame:
+    """Pearson correlation between parcels, Fisher z (arctanh); diagonal 0, uncovered parcels NaN."""
+    r = parcel_ts.corr().to_numpy()
+    z = np.arctanh(np.clip(r, -0.999999, 0.999999))
+    np.fill_diagonal(z, 0.0)
+    return pd.DataFrame(z, index=parcel_ts.columns, columns=parcel_ts.columns)
+
+
+# ------------------------------------------------------------------------------------------ the run
+def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_tsv, deriv, res,
+        wm=None, csf=None, t1w_mask=None, cfg=None, bold_to_t1w_mat=None, log=print) -> dict:
+    """Process one BOLD run; returns the output paths (see ``outputs``) and a summary.
+
+    t1w / t1w_mask: the subject's T1w (N4) and brain mask; template / template_mask: the MNI grid at the
+    working resolution; mni_transforms: ANTs list template -> T1w (``brainfuse.anat.to_mni_transforms``);
+    wm / csf: MNI-space probability maps (the subject's from anat, or the template's); atlas: MNI labels.
+    bold_to_t1w_mat: use this transform instead of registering (tests, reruns).
+    """
+    cfg = {**DEFAULTS, **(cfg or {})}
+    t0 = time.time()
+    img, tr = load_bold(bold_path, cfg["min_volumes"])
+    out = outputs(deriv, bold_path, res)
+    for p in out.values():
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+    data = np.asarray(img.dataobj, np.float32)
+    A = img.affine
+    with tempfile.TemporaryDirectory(dir=Path(out["confounds"]).parent, prefix=".func-") as wd:
+        # 1. motion
+        mc = motion.register_series(data, A, dof="rigid", similarity="ssd", device=cfg["motion_device"])
+        log(f"[func] motion: {data.shape[3]} volumes in {time.time() - t0:.1f} s, max FD {mc.fd.max():.2f} mm")
+        corrected = motion.resample_series(data, A, mc.transforms, device=cfg["motion_device"])
+        boldref = corrected.mean(3)
+        native_mask = _bold_mask(boldref)
+        # 2. native confounds
+        conf = motion_24(mc.params)
+        conf.insert(0, "framewise_displacement", nipype_fd(mc.params, wd))
+        dv, sdv = dvars(corrected, native_mask)
+        conf.insert(0, "std_dvars", sdv)
+        conf.insert(0, "dvars", dv)
+        # 3. BOLD -> T1w
+        ref_img = nib.Nifti1Image(boldref, A)
+        if bold_to_t1w_mat is None:
+            bold_to_t1w(ref_img, nib.load(str(t1w)), out["xfm"], nib.load(str(t1w_mask)) if t1w_mask else None,
+                        workdir=wd)
+        else:
+            import shutil
+            shutil.copyfile(bold_to_t1w_mat, out["xfm"] + ".part")
+            os.replace(out["xfm"] + ".part", out["xfm"])
+        log(f"[func] bold->T1w done at {time.time() - t0:.1f} s")
+        # 4. one interpolation from raw volumes to MNI
+        tpl = nib.load(str(template))
+        grid = tpl.shape[:3]
+        pts, inside = mni_coordinates(tpl, list(mni_transforms) + [out["xfm"]], ref_img, workdir=wd)
+        tpl_brain = np.asarray(nib.load(str(template_mask)).dataobj) > 0
+        # sample only in and around the brain: the rest of the grid stays 0 (faster, smaller files)
+        roi = _dilate(tpl_brain, 2).reshape(-1) & inside
+        vals, valid = motion.sample_series(data, A, mc.transforms, pts[roi], device=cfg["motion_device"])
+        covered = np.zeros(len(pts), bool)
+        covered[roi] = valid.all(1)
+        brain = tpl_brain.reshape(-1) & covered
+        mni = np.zeros((len(pts), data.shape[3]), np.float32)
+        mni[roi] = np.where(valid.all(1)[:, None], vals, 0.0)
+        mni_img = nib.Nifti1Image(mni.reshape(*grid, -1), tpl.affine)
+        mni_img.header.set_xyzt_units("mm", "sec")
+        mni_img.header.set_zooms((*tpl.header.get_zooms()[:3], tr))
+        mni_img.header.set_data_dtype(np.int16)   # nibabel scales (slope/intercept): half the size, ample precision
+        _save(mni_img, out["preproc"])
+        log(f"[func] MNI series written at {time.time() - t0:.1f} s ({brain.sum()} brain voxels)")
+        # 5. MNI-space tissue signals
+        conf.insert(0, "global_signal", mni[brain].mean(0))
+        masks = {}
+        for name, probseg in (("white_matter", wm), ("csf", csf)):
+            prob = np.asarray(nib.load(str(probseg)).dataobj, np.float32).reshape(-1)
+            m = _tissue_mask(prob, covered)
+            masks[name] = m
+            conf.insert(1 + len(masks) - 1, name, mni[m].mean(0))
+        if cfg["acompcor"]:
+            acc_mask = nib.Nifti1Image((masks["white_matter"] | masks["csf"]).reshape(tpl.shape[:3]).astype(np.uint8),
+                                       tpl.affine)
+            acc = nipype_acompcor(mni_img, acc_mask, cfg["n_acompcor"], tr, wd)
+            for c in acc.columns:
+                conf[c] = acc[c].to_numpy()
+        _save_tsv(conf, out["confounds"], index=False)
+    # 6. denoising and derivatives
+    from fnmatch import fnmatchcase
+
+    cols = [c for c in conf.columns if any(fnmatchcase(c, p) for p in cfg["denoise_confounds"])]
+    X = conf[cols].fillna(0.0).to_numpy() if cols else None
+    fd = np.nan_to_num(conf["framewise_displacement"].to_numpy())
+    keep = None
+    if cfg["fd_threshold"] is not None:
+        keep = np.flatnonzero(fd <= cfg["fd_threshold"])
+        if len(keep) < cfg["min_volumes"]:
+            raise FuncInputError(f"{bold_path}: only {len(keep)} volumes with FD <= {cfg['fd_threshold']} mm "
+                                 f"remain after scrubbing (need {cfg['min_volumes']})")
+    ts = mni[brain].T.astype(np.float64)  # (T, V)
+    psc = ts / np.maximum(ts.mean(0), 1e-6) * 100   # percent signal: ALFF comparable across scanners
+    resid = clean_signals(psc, X, tr, cfg, band=False)
+    alff, falff = alff_falff(resid, tr, tuple(cfg["alff_band"]))
+    den = clean_signals(psc, X, tr, cfg, sample_mask=keep)
+    vol = lambda v: _from_mask(v, brain, grid)
+    _save(nib.Nifti1Image(vol(alff), tpl.affine), out["alff"])
+    _save(nib.Nifti1Image(vol(falff), tpl.affine), out["falff"])
+    den4d = np.zeros((*grid, den.shape[0]), np.float32)
+    den4d[brain.reshape(grid)] = den.T
+    _save(nib.Nifti1Image(reho(den4d, brain.reshape(grid)), tpl.affine), out["reho"])
+    labels_img = nib.load(str(atlas))
+    table = pd.read_csv(atlas_tsv, sep="\t")
+    lab = np.asarray(labels_img.dataobj).astype(int).reshape(-1)[brain]
+    pts_ts = parcel_timeseries(den, _relabel(lab, table["index"].to_numpy()), list(table["name"]))
+    _save_tsv(pts_ts, out["timeseries"], index=False)
+    _save_tsv(fisher_z_connectivity(pts_ts), out["relmat"], index=False)
+    # QC
+    motion_figure(conf, out["fig_motion"], title=Path(bold_path).name)
+    carpet_figure(mni, brain, tr, out["fig_carpet"], conf, title=Path(bold_path).name)
+    summary = {"n_volumes": int(data.shape[3]), "tr": tr, "mean_fd": float(np.nanmean(conf["framewise_displacement"])),
+               "max_fd": float(np.nanmax(conf["framewise_displacement"])),
+               "n_scrubbed": 0 if keep is None else int(data.shape[3] - len(keep)),
+               "brain_voxels": int(brain.sum()), "seconds": round(time.time() - t0, 1)}
+    log(f"[func] done: {json.dumps(summary)}")
+    return {**out, "summary": summary, "motion": mc}
+
+
+def _dilate(mask, iterations):
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=iterations)
+
+
+def _bold_mask(ref):
+    from scipy import ndimage
+
+    m = ref > 0.25 * np.percentile(ref, 98)
+    return ndimage.binary_fill_holes(ndimage.binary_opening(m, iterations=1))
+
+
+def _tissue_mask(prob, covered, thresholds=(0.95, 0.9, 0.8, 0.6)):
+    """Confidently-WM/CSF voxels (fMRIPrep erodes; at 3-4 mm a high threshold does the same job)."""
+    for t in thresholds:
+        m = (prob >= t) & covered
+        if m.sum() >= 10:
+            return m
+    raise FuncInputError("no white-matter/CSF voxels inside the BOLD field of view after registration")
+
+
+def _relabel(lab, index):
+    """Atlas label values -> 1..L positions of the TSV rows (0 = background)."""
+    lut = np.zeros(max(lab.max(initial=0), index.max()) + 1, int)
+    lut[index] = np.arange(1, len(index) + 1)
+    return lut[lab]
+
+
+def _from_mask(values, mask, grid):
+    out = np.zeros(int(np.prod(grid)), np.float32)
+    out[mask] = values
+    return out.reshape(grid)
+
+
+def _save(img, path):
+    tmp = str(path) + ".part.nii.gz"
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+
+
+def _save_tsv(df, path, index=False):
+    tmp = str(path) + ".part"
+    df.to_csv(tmp, sep="\t", index=index, na_rep="n/a", float_format="%.6g")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- QC
+def motion_figure(conf, path, title=""):
+    """Translations, rotations (as mm at 50 mm), FD and std_dvars over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(4, 1, figsize=(9, 7), sharex=True)
+    for c in ("trans_x", "trans_y", "trans_z"):
+        ax[0].plot(conf[c], label=c)
+    for c in ("rot_x", "rot_y", "rot_z"):
+        ax[1].plot(np.degrees(conf[c]), label=c)
+    ax[2].plot(conf["framewise_displacement"], color="k")
+    ax[3].plot(conf["std_dvars"], color="tab:red")
+    for a, lab in zip(ax, ("translation (mm)", "rotation (deg)", "FD (mm)", "std DVARS")):
+        a.set_ylabel(lab)
+        a.grid(alpha=0.3)
+    ax[0].legend(ncol=3, fontsize=8)
+    ax[1].legend(ncol=3, fontsize=8)
+    ax[3].set_xlabel("volume")
+    fig.suptitle(f"{title}: mean FD {np.nanmean(conf['framewise_displacement']):.3f} mm")
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def carpet_figure(mni, brain, tr, path, conf, title=""):
+    """Carpet plot (Power 2017) of the MNI brain voxels (z-scored, detrended) under global signal and FD."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.signal import detrend
+
+    ts = detrend(mni[brain].astype(np.float64), axis=1)
+    ts = ts / np.maximum(ts.std(1, keepdims=True), 1e-6)
+    order = np.argsort(mni[brain].mean(1))      # dark (CSF/edge) to bright voxels
+    step = max(1, len(order) // 1500)
+    fig, ax = plt.subplots(3, 1, figsize=(9, 7), sharex=True, gridspec_kw={"height_ratios": [1, 1, 5]})
+    ax[0].plot(conf["global_signal"], color="tab:blue")
+    ax[0].set_ylabel("GS")
+    ax[1].plot(conf["framewise_displacement"], color="k")
+    ax[1].set_ylabel("FD (mm)")
+    ax[2].imshow(ts[order[::step]], aspect="auto", cmap="gray", vmin=-2, vmax=2, interpolation="nearest")
+    ax[2].set_ylabel("brain voxels")
+    ax[2].set_xlabel(f"volume (TR {tr:g} s)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path):
+    import matplotlib.pyplot as plt
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(path) + ".part.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _mni_list(args):
+    if args.mni_xfm:
+        return args.mni_xfm
+    from .anat import to_mni_transforms
+
+    return to_mni_transforms(args.anat_dir)
+
+
+def cli(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "atlas":
+        from . import atlas
+
+        return atlas.cli(argv[1:])
+    ap = argparse.ArgumentParser(prog="brainfuse func", description="Process one BOLD run (see brainfuse.func). "
+                                 "`brainfuse func atlas --help` builds the parcellation.")
+    ap.add_argument("--bold", required=True)
+    ap.add_argument("--t1w", required=True, help="subject T1w (anat desc-preproc)")
+    ap.add_argument("--t1w-mask", help="subject brain mask (anat desc-brain_mask)")
+    ap.add_argument("--anat-dir", help="anat derivatives folder (transforms found by brainfuse.anat.to_mni_transforms)")
+    ap.add_argument("--mni-xfm", nargs="+", help="ANTs transform list template -> T1w (instead of --anat-dir)")
+    ap.add_argument("--template", required=True)
+    ap.add_argument("--template-mask", required=True)
+    ap.add_argument("--wm", required=True, help="MNI-space WM probability map")
+    ap.add_argument("--csf", required=True, help="MNI-space CSF probability map")
+    ap.add_argument("--atlas", required=True)
+    ap.add_argument("--atlas-tsv", required=True)
+    ap.add_argument("--deriv", required=True, help="derivatives root (DERIV)")
+    ap.add_argument("--res", type=int, required=True)
+    ap.add_argument("--params", default="{}", help="JSON of the config's func section")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if not args.mni_xfm and not args.anat_dir:
+        ap.error("give --anat-dir or --mni-xfm")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))
+    try:
+        run(args.bold, args.t1w, args.template, args.template_mask, _mni_list(args), args.atlas, args.atlas_tsv,
+            args.deriv, args.res, wm=args.wm, csf=args.csf, t1w_mask=args.t1w_mask, cfg=json.loads(args.params),
+            log=lambda m: print(m, file=sys.stderr))
+    except FuncInputError as e:
+        print(f"brainfuse func: error: {e}", file=sys.stderr)
+        return 1
+    return 0

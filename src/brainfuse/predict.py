@@ -1,0 +1,90 @@
+"""Predict new subjects with trained models: class probabilities (or values) and per-expert routing weights.
+
+``brainfuse predict --tensors T --models M --preset P|best [--summary reports/summary.json] --out predictions.tsv``
+
+New subjects go through the same workflow up to the tensors stage (DICOM or BIDS in, tensors out); the
+models are the preset's CV models ``M/<preset>/fold-*/checkpoint.pt``, each applying its own fold-fitted
+preprocessing; probabilities (values) and routing weights are averaged over the folds (an ensemble of
+the cross-validated models, so no model is refitted here). Rows with none of the model's modalities get
+``n/a``. For participants the models were trained on, use the out-of-fold predictions of the evaluation
+instead (``reports/predictions.tsv``): these are in-sample.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import splits as bf_splits
+from . import train as bf_train
+
+
+def checkpoints(models_dir, preset: str) -> list:
+    paths = sorted(Path(models_dir).glob(f"{preset}/fold-*/checkpoint.pt"))
+    if not paths:
+        raise FileNotFoundError(f"{models_dir}: no {preset}/fold-*/checkpoint.pt (train the preset first)")
+    return paths
+
+
+def predict(cohort, paths: list, device="cpu", log=print) -> pd.DataFrame:
+    """Fold-averaged predictions for every row of ``cohort`` that has at least one of the model's modalities."""
+    keys = bf_train.row_keys(cohort)
+    tables = []
+    for path in paths:
+        ckpt, model = bf_train.load_checkpoint(path, device)
+        bf_train.check_compatible(ckpt, cohort, str(path))
+        rows = np.arange(len(keys))
+        data = bf_train.cohort_data(ckpt, cohort, rows)
+        usable = data["present"].any(1)
+        sub = {"inputs": {k: v[usable] for k, v in data["inputs"].items()}, "present": data["present"][usable]}
+        t = bf_train.prediction_table(model, ckpt, sub, [keys[i] for i in rows[usable.numpy()]], device)
+        tables.append(t)
+        log(f"[predict] {path}: {int(usable.sum())} of {len(keys)} rows")
+    task, classes = ckpt["task"], ckpt["classes"]
+    allp = pd.concat(tables, ignore_index=True)
+    numeric = [c for c in allp.columns if c.startswith(("prob_", "weight_"))] + (
+        ["predicted"] if task == "regression" else [])
+    out = allp.groupby(["participant_id", "session"], sort=False)[numeric].mean()
+    out["n_models"] = allp.groupby(["participant_id", "session"], sort=False).size()
+    if task == "classification":
+        probs = out[[f"prob_{c}" for c in classes]].to_numpy()
+        out.insert(0, "predicted", [classes[i] for i in probs.argmax(1)])
+    out = out.reset_index()
+    pres = pd.DataFrame({"participant_id": [k[0] for k in keys], "session": [k[1] for k in keys]})
+    for j, name in enumerate(bf_train.modality_names(cohort)):
+        pres[f"present_{name}"] = np.asarray(cohort.present)[:, j].astype(int)
+    out = pres.merge(out, on=["participant_id", "session"], how="left")
+    out.insert(2, "preset", ckpt["preset"])
+    return out
+
+
+def cli(argv=None):
+    ap = argparse.ArgumentParser(prog="brainfuse predict", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tensors", required=True, help="tensors folder of the subjects to predict")
+    ap.add_argument("--models", required=True, help="models folder (<preset>/fold-<k>/checkpoint.pt)")
+    ap.add_argument("--preset", required=True, help="preset name, or 'best' (needs --summary)")
+    ap.add_argument("--summary", default=None, help="evaluation summary.json naming the best preset")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    preset = args.preset
+    if preset == "best":
+        if not args.summary:
+            ap.error("--preset best needs --summary (the evaluation's summary.json)")
+        preset = json.loads(Path(args.summary).read_text())["best_preset"]
+    device = bf_train.pick_device(args.device)
+    torch.set_grad_enabled(False)
+    cohort = bf_train.load(args.tensors)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        table = predict(cohort, checkpoints(args.models, preset), device, log)
+    except (ValueError, FileNotFoundError) as e:
+        ap.exit(1, f"brainfuse predict: error: {e}\n")
+    bf_splits.write_tsv(table, args.out)
+    log(f"[predict] {preset}: {table['predicted'].notna().sum()} predictions -> {args.out}")
+    return 0

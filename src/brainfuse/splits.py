@@ -1,0 +1,126 @@
+"""Participant-grouped, stratified k-fold splits with an inner validation set, written as one TSV.
+
+Every row of the cohort belongs to a *group* (the participant, or the site with ``group_by: site``);
+a group never straddles train/val/test within a fold, and every group is tested exactly once.
+``check_splits`` is the guard evaluation runs before computing any metric.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+SETS = ("train", "val", "test")
+COLUMNS = ["participant_id", "session", "group", "fold", "set"]
+
+
+class LeakageError(ValueError):
+    """A participant (or site) appears in two sets of one fold, or the splits do not cover the cohort."""
+
+
+def strata(target: np.ndarray, task: str, n_bins: int = 4) -> np.ndarray:
+    """Classes for classification; quantile bins of the target for regression (stratified regression CV)."""
+    target = np.asarray(target)
+    if task == "classification":
+        return target.astype(int)
+    edges = np.unique(np.quantile(target, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    return np.digitize(target, edges)
+
+
+def _group_folds(y, groups, n_splits, seed):
+    """StratifiedGroupKFold, with a readable error when there are too few groups."""
+    n_groups = len(np.unique(groups))
+    if n_groups < n_splits:
+        raise ValueError(f"{n_splits} folds need at least {n_splits} groups, the cohort has {n_groups}")
+    return list(StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(y, y, groups))
+
+
+def make_splits(participants, target, task: str = "classification", n_folds: int = 5,
+                val_fraction: float = 0.2, seed: int = 0, groups=None, sessions=None) -> pd.DataFrame:
+    """Long table (participant_id, session, group, fold, set): one row per cohort row and fold.
+
+    ``groups`` defaults to the participant: sessions of one participant always stay together.
+    The inner validation set takes about ``val_fraction`` of each training part, grouped and stratified alike.
+    """
+    participants = np.asarray(participants, dtype=str)
+    groups = participants if groups is None else np.asarray(groups, dtype=str)
+    sessions = np.full(len(participants), "", dtype=object) if sessions is None else np.asarray(sessions, dtype=object)
+    if not 0 < val_fraction < 0.5:
+        raise ValueError(f"val_fraction={val_fraction} must lie in (0, 0.5)")
+    y = strata(target, task)
+    rows = []
+    for fold, (trainval, test) in enumerate(_group_folds(y, groups, n_folds, seed)):
+        n_inner = max(2, round(1 / val_fraction))
+        n_inner = min(n_inner, len(np.unique(groups[trainval])))
+        inner = _group_folds(y[trainval], groups[trainval], n_inner, seed + 1000 + fold)
+        role = np.full(len(participants), "", dtype=object)
+        role[test] = "test"
+        role[trainval] = "train"
+        role[trainval[inner[0][1]]] = "val"
+        rows.append(pd.DataFrame({"participant_id": participants, "session": sessions, "group": groups,
+                                  "fold": fold, "set": role}))
+    table = pd.concat(rows, ignore_index=True)
+    check_splits(table)
+    return table
+
+
+def check_splits(table: pd.DataFrame, participants=None) -> None:
+    """Raise LeakageError if a participant or group is in two sets of one fold, a row is in no set, a
+    participant is tested in more or less than one fold, or (given ``participants``) the cohort differs."""
+    missing = set(COLUMNS) - set(table.columns)
+    if missing:
+        raise LeakageError(f"splits table lacks columns {sorted(missing)}")
+    bad_sets = set(table["set"]) - set(SETS)
+    if bad_sets:
+        raise LeakageError(f"splits table has unknown sets {sorted(bad_sets)}; expected {SETS}")
+    for key in ("participant_id", "group"):
+        n_sets = table.groupby(["fold", key])["set"].nunique()
+        leaked = n_sets[n_sets > 1]
+        if len(leaked):
+            examples = ", ".join(f"{key} {v!r} in fold {f}" for f, v in leaked.index[:5])
+            raise LeakageError(f"{len(leaked)} {key}s appear in two sets of one fold (e.g. {examples})")
+    tested = table[table["set"] == "test"].groupby("participant_id")["fold"].nunique()
+    everyone = set(table["participant_id"])
+    never = everyone - set(tested.index)
+    twice = tested[tested > 1]
+    if never or len(twice):
+        raise LeakageError(f"every participant must be tested in exactly one fold: never tested "
+                           f"{sorted(never)[:5]}, tested twice {list(twice.index[:5])}")
+    if participants is not None and set(map(str, participants)) != everyone:
+        diff = set(map(str, participants)) ^ everyone
+        raise LeakageError(f"splits do not match the cohort: {len(diff)} participants differ (e.g. {sorted(diff)[:5]})")
+
+
+def read_splits(path) -> pd.DataFrame:
+    table = pd.read_csv(path, sep="\t", dtype={"participant_id": str, "session": str, "group": str},
+                        keep_default_na=False)
+    try:
+        check_splits(table)
+    except LeakageError as e:
+        raise LeakageError(f"{path}: {e}") from None
+    return table
+
+
+def fold_indices(table: pd.DataFrame, fold: int, keys: list) -> dict:
+    """Row indices into the cohort per set; ``keys`` are (participant_id, session) per cohort row, None for
+    rows outside the CV (unlabelled participants)."""
+    part = table[table["fold"] == fold]
+    if part.empty:
+        raise ValueError(f"no fold {fold} in the splits (folds: {sorted(table['fold'].unique())})")
+    role = {(p, s): r for p, s, r in zip(part["participant_id"], part["session"], part["set"])}
+    missing = [k for k in keys if k is not None and k not in role]
+    if missing:
+        raise LeakageError(f"{len(missing)} cohort rows are not in the splits (e.g. {missing[:3]}); rerun the splits")
+    return {s: np.array([i for i, k in enumerate(keys) if k is not None and role[k] == s], dtype=int) for s in SETS}
+
+
+def write_tsv(table: pd.DataFrame, path) -> None:
+    """Atomic write: a temporary name in the same folder, renamed at the end."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_csv(tmp, sep="\t", index=False)
+    tmp.replace(path)
+

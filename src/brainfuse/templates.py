@@ -1,0 +1,94 @@
+"""The MNI152 2009a symmetric template at the working resolution, from nilearn's packaged copy (no download).
+
+Writes into ``<root>/tpl-MNI152NLin2009aSym/`` (names from the Stage contract in DEVELOPERS.md):
+
+* ``tpl-T_res-{res}_T1w`` (brain-only, as nilearn ships it), ``..._desc-brain_mask``,
+  ``..._label-{GM,WM,CSF}_probseg`` (CSF = brain mask - GM - WM, clipped: nilearn ships no CSF map);
+* ``tpl-T_res-{res}_desc-head_T1w``: a registration target with a head around the brain (CSF, skull and
+  scalp shells on a grid padded by 18 mm). No head template ships offline (ENVIRONMENT.md); skull stripping
+  registers the subject's whole head to this one and maps the template brain mask back. It is the same
+  synthetic head the phantom generator uses (``brainfuse.demo.head_model``), intensity white matter = 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .bids import TEMPLATE
+
+
+def template_path(root, res, suffix: str, **entities) -> str:
+    """``<root>/tpl-T/tpl-T_res-{res}[_label-…][_desc-…]_<suffix>.nii.gz`` (BIDS template naming)."""
+    parts = [f"tpl-{TEMPLATE}", f"res-{int(res)}"]
+    for key in ("label", "desc"):
+        if entities.get(key):
+            parts.append(f"{key}-{entities[key]}")
+    return os.path.join(str(root), f"tpl-{TEMPLATE}", "_".join(parts) + f"_{suffix}.nii.gz")
+
+
+def outputs(res, root="resources") -> dict:
+    """Every file :func:`build` writes, by short name."""
+    out = {"T1w": template_path(root, res, "T1w"), "mask": template_path(root, res, "mask", desc="brain"),
+           "head": template_path(root, res, "T1w", desc="head")}
+    for label in ("GM", "WM", "CSF"):
+        out[label] = template_path(root, res, "probseg", label=label)
+    return out
+
+
+def _save(data, affine, path, dtype=np.float32):
+    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
+    img.header.set_xyzt_units("mm")
+    tmp = str(path) + ".part.nii.gz"     # atomic: a half-written file never carries the final name
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+
+
+def build(res, root="resources") -> dict:
+    """Resample nilearn's template, mask and tissue maps to ``res`` mm and write them; returns the paths."""
+    from nilearn import datasets, image
+
+    from .demo import head_model
+
+    res = int(res)
+    if res not in (1, 2, 3, 4):
+        raise ValueError(f"template resolution {res} mm: supported are 1, 2, 3, 4")
+    paths = outputs(res, root)
+    Path(paths["T1w"]).parent.mkdir(parents=True, exist_ok=True)
+    t1 = datasets.load_mni152_template(resolution=res)
+
+    def on_grid(img):
+        img = image.resample_img(img, target_affine=t1.affine, target_shape=t1.shape, interpolation="continuous",
+                                 force_resample=True, copy_header=True)
+        return np.clip(img.get_fdata(dtype=np.float32), 0, 1)
+
+    mask = datasets.load_mni152_brain_mask(resolution=res).get_fdata() > 0.5
+    gm = on_grid(datasets.load_mni152_gm_template(resolution=res)) * mask
+    wm = on_grid(datasets.load_mni152_wm_template(resolution=res)) * mask
+    total = gm + wm
+    over = total > 1                         # keep GM + WM + CSF a partition of the mask
+    gm[over], wm[over] = gm[over] / total[over], wm[over] / total[over]
+    csf = np.clip(mask - gm - wm, 0, 1) * mask
+    t1d = t1.get_fdata(dtype=np.float32)
+    t1d = t1d / np.median(t1d[wm > 0.9])      # white matter = 1, the head target's scale
+    _save(t1d, t1.affine, paths["T1w"])
+    _save(mask, t1.affine, paths["mask"], np.uint8)
+    for label, data in (("GM", gm), ("WM", wm), ("CSF", csf)):
+        _save(data, t1.affine, paths[label])
+    head = head_model(res)
+    _save(head.t1, head.affine, paths["head"])
+    return paths
+
+
+def cli(argv=None):
+    ap = argparse.ArgumentParser(prog="brainfuse templates",
+                                 description=f"Write the {TEMPLATE} template files at one resolution (from nilearn).")
+    ap.add_argument("--res", type=int, required=True, choices=[1, 2, 3, 4], help="voxel size (mm)")
+    ap.add_argument("--out", default="resources", help="root folder (tpl-%s/ is created below it)" % TEMPLATE)
+    args = ap.parse_args(argv)
+    for path in build(args.res, args.out).values():
+        print(path, file=sys.stderr)

@@ -1,0 +1,858 @@
+"""Cached fixed-shape tensors: per-subject arrays on the working MNI grid, a gathered cohort, a fast loader.
+
+Three layers, each usable without Snakemake:
+
+- ``build_subject``: one subject's derivatives of one modality -> ``sub-X_modality-<m>_tensor.npy`` (float16
+  for volumes, float32 for tabular vectors) + a JSON sidecar (shape, grid, template, source files with
+  content hashes, normalisation, code version). Inputs must already be on the working grid: a wrong
+  shape, affine or space entity is refused, never resampled.
+- ``gather``: every subject's caches + participants.tsv (+ any declared feature TSVs) -> ``manifest.tsv``,
+  one stacked memory-mappable ``<m>.npy`` per modality, ``clinical.tsv``, ``cohort.json``.
+- ``load_cohort`` / ``CohortDataset``: what train/evaluate use. ``make_cohort`` builds the same object
+  from in-memory arrays (synthetic data in tests).
+
+Intensity handling (documented in the sidecars; nothing here is fitted across subjects, so nothing can
+leak from test folds — scalers and imputers are fitted per training fold by train.py):
+- T1w brain: arbitrary scanner units, so each subject's image is z-scored with its own mean and SD
+  inside the template brain mask (0 outside). GM probability and log-Jacobian are kept as they are.
+- DTI: FA is unitless; MD/AD/RD are converted from mm^2/s to um^2/ms (x1000), a fixed unit change that
+  keeps them O(1) and well inside float16's normal range.
+- fMRI: ALFF depends on the BOLD intensity scale, so it is divided by its mean in the brain mask
+  (mALFF, as in DPABI); fALFF and ReHo (Kendall's W) are ratios and kept.
+- conn: upper triangle (k=1) of the Fisher-z matrix, parcel pairs named ``a__b``; float32.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .bids import TEMPLATE, bids_path, check_label
+from .provenance import code_version, file_sha256
+
+# ------------------------------------------------------------------------------------------ modalities
+# name -> channels: (channel name, datatype, suffix, extra entities, pattern its file name must contain)
+VOLUME_CHANNELS = {
+    "aMRI": [("T1w", "anat", "T1w", {"desc": "preproc"}),
+             ("GM", "anat", "probseg", {"label": "GM"}),
+             ("logjacobian", "anat", "T1w", {"desc": "logjacobian"})],
+    "DTI": [(p, "dwi", f"param-{p}_dwimap", {"model": "tensor"}) for p in ("fa", "md", "ad", "rd")],
+    "fMRI": [(s, "func", f"stat-{s}_boldmap", {}) for s in ("alff", "falff", "reho")],
+}
+# Which BIDS input a modality's derivatives come from (config `modalities`: T1w, dwi, bold).
+SOURCE_OF = {"aMRI": "T1w", "DTI": "dwi", "fMRI": "bold", "conn": "bold"}
+IMAGE_MODALITIES = ("aMRI", "DTI", "fMRI", "conn")        # built per subject from derivatives
+PARTICIPANT_MODALITIES = ("clinical", "serum")             # columns of participants.tsv
+DIFFUSIVITY_SCALE = 1000.0                                 # mm^2/s -> um^2/ms
+AFFINE_ATOL = 1e-3                                         # mm
+
+
+class TensorError(ValueError):
+    """An input brainfuse will not turn into a tensor; the message names the file and the problem."""
+
+
+def unit_key(sub: str, ses: str | None = None) -> str:
+    return f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+
+
+def tensor_path(tensors_dir, sub: str, modality: str, ses: str | None = None, ext: str = ".npy") -> str:
+    """``<tensors>/sub-X[/ses-Y]/sub-X[_ses-Y]_modality-<m>_tensor.npy`` (ext ".json" for the sidecar)."""
+    return bids_path(tensors_dir, sub, None, f"modality-{modality}_tensor", ext, ses=ses)
+
+
+def derivative_paths(deriv, sub: str, modality: str, res: int, ses: str | None = None,
+                     run_entities: dict | None = None) -> list[str]:
+    """Paths (DEVELOPERS.md Stage contract) of the MNI derivatives a modality is built from, in channel order.
+
+    ``run_entities``: entities of the BOLD run used (task/acq/dir/run) for fMRI and conn.
+    """
+    run = {k: v for k, v in (run_entities or {}).items() if k in ("task", "acq", "ce", "rec", "dir", "run", "echo")}
+    if modality == "conn":
+        return [bids_path(deriv, sub, "func", "relmat", ".tsv", ses=ses, **run, space=TEMPLATE, res=res,
+                          atlas="brainfuse", desc="fisherz")]
+    if modality not in VOLUME_CHANNELS:
+        raise ValueError(f"unknown image modality {modality!r}; known: {IMAGE_MODALITIES}")
+    out = []
+    for _, datatype, suffix, ents in VOLUME_CHANNELS[modality]:
+        extra = run if datatype == "func" else {}
+        out.append(bids_path(deriv, sub, datatype, suffix, ".nii.gz", ses=ses, **extra, space=TEMPLATE, res=res, **ents))
+    return out
+
+
+def template_mask_path(res: int, root="resources") -> str:
+    return os.path.join(str(root), f"tpl-{TEMPLATE}", f"tpl-{TEMPLATE}_res-{res}_desc-brain_mask.nii.gz")
+
+
+# --------------------------------------------------------------------------------------- atomic writes
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _publish(tmp, path) -> None:
+    os.chmod(tmp, 0o666 & ~_UMASK)     # mkstemp files are private (0600); outputs get the usual mode
+    os.replace(tmp, path)
+
+
+def _atomic_save_npy(array: np.ndarray, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        _publish(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _atomic_write_text(text: str, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        _publish(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+# --------------------------------------------------------------------------------------- per subject
+def _grid(mask_path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(mask_path))
+    except FileNotFoundError:
+        raise TensorError(f"{mask_path}: template brain mask not found (rule templates writes it)") from None
+    mask = np.asarray(img.dataobj) > 0
+    if mask.ndim != 3 or not mask.any():
+        raise TensorError(f"{mask_path}: the template brain mask must be a non-empty 3D image")
+    return mask, img.affine
+
+
+def _check_name(path: str, modality: str, pattern: str, res: int):
+    name = os.path.basename(path)
+    if f"_space-{TEMPLATE}_" not in name or f"_res-{res}_" not in name:
+        raise TensorError(f"{path}: not a derivative in space-{TEMPLATE} res-{res} (file name); tensors are built "
+                          f"only from images already on the working MNI grid")
+    if pattern not in name:
+        raise TensorError(f"{path}: expected the {modality} channel '{pattern}' here (inputs out of order?)")
+
+
+def _load_on_grid(path: str, mask: np.ndarray, affine: np.ndarray, res: int) -> np.ndarray:
+    """The image's data as float64, refusing any other shape or affine (no resampling here, ever)."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+    except FileNotFoundError:
+        raise TensorError(f"{path}: no such file") from None
+    except Exception as e:  # nibabel raises several types for corrupt files
+        raise TensorError(f"{path}: cannot be read as NIfTI ({e})") from None
+    shape = img.shape[:3] if img.ndim == 4 and img.shape[3] == 1 else img.shape
+    if tuple(shape) != mask.shape:
+        raise TensorError(f"{path}: shape {tuple(img.shape)} does not match the {TEMPLATE} {res} mm grid "
+                          f"{mask.shape}; tensors never resample — rerun the stage that wrote this file")
+    if not np.allclose(img.affine, affine, atol=AFFINE_ATOL):
+        raise TensorError(f"{path}: affine {np.round(img.affine, 3).tolist()} does not match the {TEMPLATE} "
+                          f"{res} mm grid {np.round(affine, 3).tolist()}; tensors never resample")
+    return np.asarray(img.dataobj, dtype=np.float64).reshape(mask.shape)
+
+
+def _normalise(modality: str, channel: str, data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Per-subject, per-channel fixed transforms (module docstring); returns data and a sidecar note."""
+    if modality == "aMRI" and channel == "T1w":
+        vals = data[mask]
+        sd = float(vals.std())
+        if not np.isfinite(sd) or sd == 0:
+            raise TensorError(f"T1w brain image is constant inside the brain mask; cannot z-score it")
+        out = np.where(mask, (data - vals.mean()) / sd, 0.0)
+        return out, {"method": "zscore_in_template_brain_mask", "mean": float(vals.mean()), "sd": sd}
+    if modality == "DTI" and channel in ("md", "ad", "rd"):
+        return data * DIFFUSIVITY_SCALE, {"method": "scale", "factor": DIFFUSIVITY_SCALE,
+                                          "units": "um^2/ms (1e-3 mm^2/s)"}
+    if modality == "fMRI" and channel == "alff":
+        m = float(data[mask].mean())
+        if not np.isfinite(m) or m <= 0:
+            raise TensorError("ALFF map has no positive mean inside the brain mask; cannot compute mALFF")
+        return data / m, {"method": "divide_by_mean_in_template_brain_mask (mALFF)", "mean": m}
+    return data, {"method": "none"}
+
+
+def conn_vector(relmat_path: str) -> tuple[np.ndarray, list[str]]:
+    """Upper triangle (k=1, row-major) of a square Fisher-z matrix TSV; feature names 'a__b'."""
+    try:
+        table = pd.read_csv(relmat_path, sep="\t")
+    except FileNotFoundError:
+        raise TensorError(f"{relmat_path}: no such file") from None
+    names = [str(c) for c in table.columns]
+    if table.shape != (len(names), len(names)) or len(names) < 2:
+        raise TensorError(f"{relmat_path}: expected a square matrix with a header of parcel names, got shape "
+                          f"{table.shape} with {len(names)} names")
+    try:
+        mat = table.to_numpy(dtype=np.float64)
+    except ValueError as e:
+        raise TensorError(f"{relmat_path}: non-numeric entries ({e})") from None
+    off = ~np.eye(len(names), dtype=bool)
+    if not np.allclose(np.where(off, mat, 0), np.where(off, mat.T, 0), atol=1e-5, equal_nan=True):
+        raise TensorError(f"{relmat_path}: connectivity matrix is not symmetric")
+    iu = np.triu_indices(len(names), k=1)
+    vec = mat[iu]
+    if np.isinf(vec).any():
+        raise TensorError(f"{relmat_path}: infinite off-diagonal Fisher z (a correlation of exactly ±1)")
+    return vec.astype(np.float32), [f"{names[i]}__{names[j]}" for i, j in zip(*iu)]
+
+
+def build_subject(modality: str, sources: list[str], mask_path: str, out: str, res: int,
+                  subject: str | None = None, session: str | None = None) -> dict:
+    """Write one subject's tensor for one modality and its sidecar; returns the sidecar."""
+    sources = [str(s) for s in sources]
+    info = {"modality": modality, "template": TEMPLATE, "resolution_mm": res, "code_version": code_version("tensors"),
+            "participant_id": f"sub-{subject}" if subject else None, "session": session}
+    if modality == "conn":
+        if len(sources) != 1:
+            raise TensorError(f"conn takes one Fisher-z relmat TSV, got {len(sources)} inputs")
+        _check_name(sources[0], modality, "_desc-fisherz_relmat", res)
+        arr, names = conn_vector(sources[0])
+        info.update(kind="tabular", shape=list(arr.shape), dtype="float32", feature_names=names,
+                    sources=[{"channel": "fisherz", "path": sources[0], "sha256": file_sha256(sources[0])}],
+                    normalisation={"method": "none", "note": "upper triangle k=1 of the Fisher-z matrix"})
+    else:
+        if modality not in VOLUME_CHANNELS:
+            raise TensorError(f"unknown modality {modality!r}; known: {IMAGE_MODALITIES}")
+        channels = VOLUME_CHANNELS[modality]
+        if len(sources) != len(channels):
+            raise TensorError(f"{modality} takes {len(channels)} images ({', '.join(c[0] for c in channels)}), "
+                              f"got {len(sources)}")
+        mask, affine = _grid(mask_path)
+        arr = np.zeros((len(channels), *mask.shape), dtype=np.float16)
+        norms, srcs = {}, []
+        for c, ((name, _, suffix, ents), path) in enumerate(zip(channels, sources)):
+            pattern = "_".join([f"{k}-{v}" for k, v in ents.items()] + [suffix])
+            _check_name(path, modality, pattern, res)
+            data = _load_on_grid(path, mask, affine, res)
+            bad = ~np.isfinite(data)
+            data[bad] = 0.0          # NaN outside a fit mask would poison every batch; counted in the sidecar
+            try:
+                data, norms[name] = _normalise(modality, name, data, mask)
+            except TensorError as e:
+                raise TensorError(f"{path}: {e}") from None
+            norms[name]["n_nonfinite_set_to_0"] = int(bad.sum())
+            if np.abs(data).max() > np.finfo(np.float16).max:
+                raise TensorError(f"{path}: values up to {np.abs(data).max():.3g} overflow float16 after "
+                                  f"normalisation ({norms[name]['method']})")
+            arr[c] = data
+            srcs.append({"channel": name, "path": path, "sha256": file_sha256(path)})
+        info.update(kind="volume", shape=list(arr.shape), dtype="float16", channels=[c[0] for c in channels],
+                    spacing=[float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(0))], affine=affine.tolist(),
+                    mask={"path": str(mask_path), "sha256": file_sha256(mask_path)},
+                    sources=srcs, normalisation=norms)
+    _atomic_save_npy(arr, out)
+    _atomic_write_text(_json(info), re.sub(r"\.npy$", ".json", str(out)))
+    return info
+
+
+# ------------------------------------------------------------------------------------------- settings
+DEFAULTS = {
+    "modalities": ["aMRI", "DTI", "fMRI", "conn", "clinical", "serum"],
+    "task": "classification",
+    "label": "diagnosis",
+    "classes": None,
+    "group": "participant_id",
+    "site": "site",
+    "clinical": ["age", "sex", "updrs_iii", "rbdsq"],
+    "serum": ["nfl_pg_ml"],
+    "covariates": ["age", "sex"],
+    "levels": {},
+    "tables": {},
+}
+
+
+def settings(cfg: dict | None) -> dict:
+    out = json.loads(json.dumps(DEFAULTS))
+    out.update(cfg or {})
+    return out
+
+
+def _read_tsv(path, what: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise TensorError(f"{path}: {what} not found") from None
+
+
+def _missing(values: pd.Series) -> pd.Series:
+    return values.str.strip().isin(["", "n/a", "NA", "NaN", "nan"])
+
+
+def _levels_from_json(tsv_path) -> dict:
+    side = re.sub(r"\.tsv$", ".json", str(tsv_path))
+    if not os.path.exists(side):
+        return {}
+    with open(side) as f:
+        meta = json.load(f)
+    return {k: list(v["Levels"]) for k, v in meta.items() if isinstance(v, dict) and isinstance(v.get("Levels"), dict)}
+
+
+def encode_columns(table: pd.DataFrame, columns: list[str], levels: dict, source: str) -> tuple[np.ndarray, list[str]]:
+    """Numeric columns as float (n/a -> NaN); categorical ones (declared levels) as indicators.
+
+    A two-level column becomes one 0/1 column ``col[level2]``; more levels become one indicator per level.
+    A value that is neither a number (numeric column) nor a declared level is refused, naming the row.
+    No imputation: missing stays NaN.
+    """
+    blocks, names = [], []
+    for col in columns:
+        if col not in table.columns:
+            raise TensorError(f"{source}: column {col!r} (declared in config tensors) is missing; "
+                              f"columns are {list(table.columns)}")
+        raw = table[col].astype(str)
+        miss = _missing(raw)
+        if col in levels:
+            lv = [str(x) for x in levels[col]]
+            bad = ~miss & ~raw.isin(lv)
+            if bad.any():
+                i = int(np.flatnonzero(bad.to_numpy())[0])
+                raise TensorError(f"{source}: column {col!r} row {i + 1} ({table.iloc[i, 0]}) has value "
+                                  f"{raw.iloc[i]!r}, not one of the declared levels {lv}")
+            use = lv[1:] if len(lv) == 2 else lv
+            for level in use:
+                v = (raw == level).astype(np.float64).to_numpy()
+                v[miss.to_numpy()] = np.nan
+                blocks.append(v)
+                names.append(f"{col}[{level}]")
+        else:
+            num = pd.to_numeric(raw.where(~miss, None), errors="coerce")
+            bad = num.isna() & ~miss
+            if bad.any():
+                i = int(np.flatnonzero(bad.to_numpy())[0])
+                raise TensorError(f"{source}: column {col!r} row {i + 1} ({table.iloc[i, 0]}) has non-numeric "
+                                  f"value {raw.iloc[i]!r}; declare its levels in config tensors.levels "
+                                  f"(or BIDS 'Levels' in the .json sidecar) if it is categorical")
+            blocks.append(num.to_numpy(dtype=np.float64))
+            names.append(col)
+    arr = np.stack(blocks, axis=1) if blocks else np.zeros((len(table), 0))
+    return arr.astype(np.float32), names
+
+
+def _index_rows(table: pd.DataFrame, source: str, id_column: str = "participant_id") -> dict:
+    if id_column not in table.columns:
+        raise TensorError(f"{source}: no {id_column!r} column")
+    ids = ["sub-" + check_label(v, f"participant_id in {source}") for v in table[id_column]]
+    has_ses = "session" in table.columns or "session_id" in table.columns
+    ses_col = "session" if "session" in table.columns else "session_id"
+    keys = []
+    for i, pid in enumerate(ids):
+        ses = table[ses_col].iloc[i] if has_ses else ""
+        ses = "" if ses in ("", "n/a") else check_label(ses, f"session in {source}")
+        keys.append((pid, ses))
+    dup = pd.Series(keys).duplicated()
+    if dup.any():
+        raise TensorError(f"{source}: duplicate row for {keys[int(np.flatnonzero(dup)[0])]}")
+    return {k: i for i, k in enumerate(keys)}
+
+
+def _lookup(index: dict, pid: str, ses: str) -> int | None:
+    """Row of (participant, session), else of the participant's session-less row."""
+    return index.get((pid, ses), index.get((pid, "")))
+
+
+# ----------------------------------------------------------------------------------------------- gather
+def parse_tensor_name(path: str) -> tuple[str, str, str]:
+    m = re.match(r"^sub-([A-Za-z0-9]+)(?:_ses-([A-Za-z0-9]+))?_modality-([A-Za-z0-9]+)_tensor\.npy$",
+                 os.path.basename(str(path)))
+    if not m:
+        raise TensorError(f"{path}: not a brainfuse tensor file name (sub-X[_ses-Y]_modality-M_tensor.npy)")
+    return m[1], m[2] or "", m[3]
+
+
+def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | None = None,
+           units: list | None = None) -> dict:
+    """Stack the per-subject caches and participant tables into ``out_dir`` (see module docstring).
+
+    ``tensors``: per-subject tensor files (their availability defines the has_<m> flags).
+    ``units``: rows of the cohort ("sub-X" or "sub-X_ses-Y"); default: the participants.tsv rows, which is
+    how a dataset without images (tabular modalities only) is gathered.
+    """
+    cfg = settings(cfg)
+    out_dir = Path(out_dir)
+    task = cfg["task"]
+    if task not in ("classification", "regression"):
+        raise TensorError(f"config tensors.task must be classification or regression, not {task!r}")
+    part = _read_tsv(participants_tsv, "participants table")
+    part_index = _index_rows(part, str(participants_tsv))
+    levels = {**_levels_from_json(participants_tsv), **cfg["levels"]}
+
+    # rows of the cohort
+    found = {}
+    for p in tensors or []:
+        sub, ses, mod = parse_tensor_name(p)
+        found[(f"sub-{sub}", ses, mod)] = str(p)
+    if units:
+        rows = []
+        for u in units:
+            m = re.match(r"^sub-([A-Za-z0-9]+)(?:_ses-([A-Za-z0-9]+))?$", u)
+            if not m:
+                raise TensorError(f"unit {u!r} is not sub-X or sub-X_ses-Y")
+            rows.append((f"sub-{m[1]}", m[2] or ""))
+    else:
+        rows = list(part_index)
+    rows = sorted(set(rows))
+    n = len(rows)
+    if n == 0:
+        raise TensorError(f"{participants_tsv}: no participants to gather")
+
+    # which modalities
+    tables = cfg["tables"]
+    for name in tables:
+        if name in IMAGE_MODALITIES + PARTICIPANT_MODALITIES + ("covariates",) or not re.fullmatch(r"[A-Za-z0-9]+", name):
+            raise TensorError(f"config tensors.tables: {name!r} must be letters/digits and not a built-in name "
+                              f"({', '.join(IMAGE_MODALITIES + PARTICIPANT_MODALITIES)}, covariates)")
+    modalities = list(cfg["modalities"]) + [t for t in tables if t not in cfg["modalities"]]
+    for m in modalities:
+        if m not in IMAGE_MODALITIES + PARTICIPANT_MODALITIES and m not in tables:
+            raise TensorError(f"config tensors.modalities: {m!r} is neither a built-in modality "
+                              f"{IMAGE_MODALITIES + PARTICIPANT_MODALITIES} nor declared in tensors.tables")
+    manifest = pd.DataFrame({"participant_id": [r[0] for r in rows], "session": [r[1] or "n/a" for r in rows]})
+    part_rows = [_lookup(part_index, pid, ses) for pid, ses in rows]
+    not_in_table = [unit_key(pid[4:], ses or None) for (pid, ses), r in zip(rows, part_rows) if r is None]
+    if not_in_table:   # kept (they still get predictions), but say so: usually an ID typo
+        print(f"[tensors] warning: {len(not_in_table)} rows are not in {participants_tsv} (no label, no "
+              f"clinical/serum): {', '.join(not_in_table[:5])}{' …' if len(not_in_table) > 5 else ''}")
+
+    def participant_column(col):
+        if col not in part.columns:
+            raise TensorError(f"{participants_tsv}: column {col!r} (declared in config tensors) is missing; "
+                              f"columns are {list(part.columns)}")
+        return [part[col].iloc[r] if r is not None else "n/a" for r in part_rows]
+
+    # label and target
+    label = pd.Series(participant_column(cfg["label"]), dtype=str)
+    missing_label = _missing(label).to_numpy()
+    classes = None
+    if task == "classification":
+        classes = [str(c) for c in (cfg["classes"] or levels.get(cfg["label"]) or sorted(set(label[~missing_label])))]
+        unknown = sorted(set(label[~missing_label]) - set(classes))
+        if unknown:
+            raise TensorError(f"{participants_tsv}: labels {unknown} in column {cfg['label']!r} are not among the "
+                              f"classes {classes} (config tensors.classes)")
+        target = np.array([classes.index(v) if not m else -1 for v, m in zip(label, missing_label)], dtype=np.int64)
+    else:
+        num = pd.to_numeric(label.where(~pd.Series(missing_label), None), errors="coerce")
+        if (num.isna() & ~missing_label).any():
+            i = int(np.flatnonzero((num.isna() & ~missing_label).to_numpy())[0])
+            raise TensorError(f"{participants_tsv}: regression target {cfg['label']!r} of {rows[i][0]} is "
+                              f"{label.iloc[i]!r}, not a number")
+        target = num.to_numpy(dtype=np.float64)
+    manifest["label"] = label.where(~pd.Series(missing_label), "n/a").to_numpy()
+    manifest["target"] = target
+    group_col = cfg["group"]
+    manifest["group"] = (manifest["participant_id"] if group_col == "participant_id"
+                         else pd.Series(participant_column(group_col)))
+    if cfg["site"] and cfg["site"] not in part.columns:
+        # optional: many tables have no site column (the default names the demo's)
+        print(f"[tensors] note: {participants_tsv} has no site column {cfg['site']!r}; manifest without site")
+        cfg["site"] = None
+    if cfg["site"]:
+        manifest["site"] = participant_column(cfg["site"])
+
+    # clinical.tsv: the role columns, as validated raw values
+    role_cols = [c for c in dict.fromkeys([cfg["label"]] + ([cfg["site"]] if cfg["site"] else [])
+                                          + list(cfg["clinical"]) + list(cfg["serum"]) + list(cfg["covariates"]))]
+    clinical = manifest[["participant_id", "session"]].copy()
+    for c in role_cols:
+        clinical[c] = participant_column(c)
+
+    specs, feature_names, channels, written = [], {}, {}, {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_paths = []
+    try:
+        for m in modalities:
+            if m in PARTICIPANT_MODALITIES or m in tables:
+                if m in PARTICIPANT_MODALITIES:
+                    cols = list(cfg[m])
+                    arr, names = encode_columns(part, cols, levels, str(participants_tsv))
+                    idx, src = part_rows, str(participants_tsv)
+                else:
+                    t = tables[m]
+                    tab = _read_tsv(t["path"], f"table of tabular modality {m!r}")
+                    id_col = t.get("id_column", "participant_id")
+                    tindex = _index_rows(tab, t["path"], id_col)
+                    cols = t.get("columns") or [c for c in tab.columns if c not in (id_col, "session", "session_id")]
+                    arr, names = encode_columns(tab, cols, {**levels, **t.get("levels", {})}, t["path"])
+                    idx, src = [_lookup(tindex, pid, ses) for pid, ses in rows], t["path"]
+                if not names:
+                    raise TensorError(f"tabular modality {m!r} has no columns")
+                stacked = np.full((n, len(names)), np.nan, dtype=np.float32)
+                for i, r in enumerate(idx):
+                    if r is not None:
+                        stacked[i] = arr[r]
+                present = ~np.isnan(stacked).all(axis=1)
+                manifest[f"has_{m}"] = present
+                manifest[f"path_{m}"] = np.where(present, src, "n/a")
+                tmp = out_dir / f".{m}.tmp.npy"
+                tmp_paths.append(tmp)
+                np.save(tmp, stacked)
+                written[m] = tmp
+                specs.append({"name": m, "kind": "tabular", "shape": [len(names)]})
+                feature_names[m] = names
+                continue
+            # per-subject caches: shapes from the first sidecar, every other one must agree
+            paths = [found.get((pid, ses, m)) for pid, ses in rows]
+            have = [p for p in paths if p]
+            manifest[f"has_{m}"] = [p is not None for p in paths]
+            manifest[f"path_{m}"] = [p or "n/a" for p in paths]
+            if not have:
+                # No subject has it: keep the modality out (a model cannot learn from an all-absent input).
+                manifest.drop(columns=[f"has_{m}", f"path_{m}"], inplace=True)
+                continue
+            ref = _read_sidecar(have[0])
+            shape, dtype = tuple(ref["shape"]), np.dtype(ref["dtype"])
+            tmp = out_dir / f".{m}.tmp.npy"
+            tmp_paths.append(tmp)
+            fill = 0 if ref["kind"] == "volume" else np.nan
+            stacked = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, *shape))
+            for i, p in enumerate(paths):
+                if p is None:
+                    stacked[i] = fill
+                    continue
+                side = _read_sidecar(p)
+                a = np.load(p, mmap_mode="r")
+                for key in ("shape", "dtype", "template", "resolution_mm", "affine", "channels", "feature_names"):
+                    if side.get(key) != ref.get(key):
+                        raise TensorError(f"{p}: {key} {_short(side.get(key))} differs from {have[0]} "
+                                          f"({_short(ref.get(key))}); rebuild the caches on one grid")
+                if a.shape != shape or a.dtype != dtype:
+                    raise TensorError(f"{p}: array {a.shape} {a.dtype} does not match its sidecar {shape} {dtype}")
+                stacked[i] = a
+            stacked.flush()
+            del stacked
+            written[m] = tmp
+            specs.append({"name": m, "kind": ref["kind"], "shape": list(shape)})
+            if ref["kind"] == "tabular":
+                feature_names[m] = ref["feature_names"]
+            else:
+                channels[m] = ref["channels"]
+                grid = {"affine": ref["affine"], "spacing": ref["spacing"], "template": ref["template"],
+                        "resolution_mm": ref["resolution_mm"]}
+        cov, cov_names = encode_columns(pd.DataFrame({c: clinical[c] for c in ["participant_id"] + list(cfg["covariates"])}),
+                                        list(cfg["covariates"]), levels, str(participants_tsv))
+        tmp = out_dir / ".covariates.tmp.npy"
+        tmp_paths.append(tmp)
+        np.save(tmp, cov.astype(np.float32))
+        written["covariates"] = tmp
+        if not specs:
+            raise TensorError("no modality to gather: no subject has any of " + ", ".join(modalities))
+        info = {"task": task, "classes": classes, "label": cfg["label"], "group": group_col, "site": cfg["site"],
+                "modalities": specs, "feature_names": feature_names, "channels": channels,
+                "covariates": cov_names, "n": n, "settings": cfg, "code_version": code_version("tensors"),
+                "participants_tsv": {"path": str(participants_tsv), "sha256": file_sha256(participants_tsv)}}
+        if channels:
+            info["grid"] = grid
+        # rename all at the end, cohort.json last: a failed gather never leaves a cohort.json over a mix
+        for old in ("cohort.json", "manifest.tsv"):
+            (out_dir / old).unlink(missing_ok=True)
+        for m, tmp in written.items():
+            os.replace(tmp, out_dir / f"{m}.npy")
+        _atomic_write_text(clinical.to_csv(sep="\t", index=False, na_rep="n/a"), out_dir / "clinical.tsv")
+        _atomic_write_text(manifest.to_csv(sep="\t", index=False, na_rep="n/a"), out_dir / "manifest.tsv")
+        _atomic_write_text(_json(info), out_dir / "cohort.json")
+    finally:
+        for tmp in tmp_paths:
+            if tmp.exists():
+                tmp.unlink()
+    return info
+
+
+def _short(v):
+    s = repr(v)
+    return s if len(s) < 80 else s[:77] + "..."
+
+
+def _read_sidecar(npy_path) -> dict:
+    side = re.sub(r"\.npy$", ".json", str(npy_path))
+    try:
+        with open(side) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise TensorError(f"{side}: sidecar of {npy_path} is missing") from None
+
+
+# -------------------------------------------------------------------------------------------- loading
+@dataclass
+class Cohort:
+    """Everything train/evaluate need, row i = one participant(-session)."""
+    manifest: pd.DataFrame
+    modalities: list                 # list[brainfuse.moe.ModalitySpec]
+    arrays: dict                     # name -> (N, *shape); volumes float16, tabular float32 (NaN allowed)
+    present: np.ndarray              # (N, M) bool, column order = modalities
+    target: np.ndarray               # (N,) int class ids (-1: no label) or float (NaN: no label)
+    classes: list | None
+    task: str
+    groups: np.ndarray               # (N,) ids for grouped splits (participant, or site)
+    feature_names: dict              # tabular modality -> column names
+    covariates: np.ndarray | None = None       # (N, K) float32, NaN allowed (config tensors.covariates)
+    covariate_names: list = field(default_factory=list)
+    channels: dict = field(default_factory=dict)   # volume modality -> channel names
+    info: dict = field(default_factory=dict)       # cohort.json
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.modalities]
+
+    @property
+    def labelled(self) -> np.ndarray:
+        """Rows with a target (unlabelled participants are kept: they still get predictions)."""
+        return self.target >= 0 if self.task == "classification" else np.isfinite(self.target)
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+
+def _specs(items):
+    # Imported by name so that provenance.code_version("tensors") does not follow it: the cache and gather
+    # jobs never use the model code, and editing moe.py must not rerun them.
+    ModalitySpec = importlib.import_module("brainfuse.moe").ModalitySpec
+
+    return [m if isinstance(m, ModalitySpec) else ModalitySpec(name=m["name"], kind=m["kind"], shape=tuple(m["shape"]))
+            for m in items]
+
+
+def load_cohort(tensors_dir, mmap: bool = True) -> Cohort:
+    """The gathered cohort in ``tensors_dir``; stacked arrays are memory-mapped (read on access)."""
+    d = Path(tensors_dir)
+    try:
+        with open(d / "cohort.json") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise TensorError(f"{d}: no cohort.json (run the tensors stage: snakemake tensors)") from None
+    manifest = pd.read_csv(d / "manifest.tsv", sep="\t", dtype={"participant_id": str, "session": str,
+                                                                 "label": str, "group": str, "site": str},
+                           keep_default_na=False)
+    for col in manifest.columns:
+        if col.startswith("has_"):
+            manifest[col] = manifest[col].astype(str).str.lower().eq("true")
+    manifest["target"] = pd.to_numeric(manifest["target"].replace("n/a", np.nan))
+    specs = _specs(info["modalities"])
+    arrays = {}
+    for s in specs:
+        a = np.load(d / f"{s.name}.npy", mmap_mode="r" if mmap else None)
+        if a.shape != (len(manifest), *s.shape):
+            raise TensorError(f"{d / (s.name + '.npy')}: shape {a.shape} does not match cohort.json "
+                              f"({len(manifest)}, {s.shape}); rerun the gather")
+        arrays[s.name] = a
+    present = np.stack([manifest[f"has_{s.name}"].to_numpy(dtype=bool) for s in specs], 1)
+    if info["task"] == "classification":
+        target = manifest["target"].to_numpy(dtype=np.int64)
+    else:
+        target = manifest["target"].to_numpy(dtype=np.float64)
+    cov = np.load(d / "covariates.npy") if (d / "covariates.npy").exists() else None
+    return Cohort(manifest=manifest, modalities=specs, arrays=arrays, present=present, target=target,
+                  classes=info["classes"], task=info["task"], groups=manifest["group"].astype(str).to_numpy(),
+                  feature_names=info["feature_names"], covariates=cov, covariate_names=info.get("covariates", []),
+                  channels=info.get("channels", {}), info=info)
+
+
+def make_cohort(arrays: dict, target, *, task: str = "classification", classes=None, present=None, groups=None,
+                participant_ids=None, feature_names=None, kinds=None, covariates=None, covariate_names=None) -> Cohort:
+    """A Cohort from in-memory arrays: ``arrays`` name -> (N, C, X, Y, Z) volume or (N, F) tabular.
+
+    ``present`` (N, M) bool in ``arrays`` order, or a dict name -> (N,) bool; default: volumes present
+    where not all zero, tabular where not all NaN. ``groups`` default: one group per row.
+    """
+    names = list(arrays)
+    n = len(target)
+    kinds = kinds or {}
+    specs = []
+    for name in names:
+        a = arrays[name]
+        if a.shape[0] != n:
+            raise ValueError(f"arrays[{name!r}] has {a.shape[0]} rows, target has {n}")
+        kind = kinds.get(name, "volume" if a.ndim == 5 else "tabular")
+        if kind == "volume" and not np.isfinite(a).all():
+            raise ValueError(f"arrays[{name!r}]: volumes must be finite (absent rows: zeros + present False)")
+        specs.append({"name": name, "kind": kind, "shape": a.shape[1:]})
+    specs = _specs(specs)
+    if present is None:
+        present = np.stack([~np.isnan(arrays[s.name]).all(1) if s.kind == "tabular"
+                            else np.asarray(arrays[s.name]).reshape(n, -1).any(1) for s in specs], 1)
+    elif isinstance(present, dict):
+        present = np.stack([np.asarray(present[nm], dtype=bool) for nm in names], 1)
+    present = np.asarray(present, dtype=bool)
+    if present.shape != (n, len(names)):
+        raise ValueError(f"present has shape {present.shape}, expected {(n, len(names))}")
+    target = np.asarray(target)
+    if task == "classification":
+        target = target.astype(np.int64)
+        if classes is None:
+            classes = [str(c) for c in range(int(target.max()) + 1)]
+    else:
+        target = target.astype(np.float64)
+        classes = None
+    pids = list(participant_ids) if participant_ids is not None else [f"sub-{i + 1:04d}" for i in range(n)]
+    groups = np.asarray(groups if groups is not None else pids).astype(str)
+    manifest = pd.DataFrame({"participant_id": pids, "session": "n/a", "target": target, "group": groups})
+    if classes is not None:
+        manifest["label"] = [classes[t] if t >= 0 else "n/a" for t in target]
+    for j, nm in enumerate(names):
+        manifest[f"has_{nm}"] = present[:, j]
+    fn = {s.name: list((feature_names or {}).get(s.name) or [f"{s.name}_{k}" for k in range(s.shape[0])])
+          for s in specs if s.kind == "tabular"}
+    return Cohort(manifest=manifest, modalities=specs, arrays=dict(arrays), present=present, target=target,
+                  classes=classes, task=task, groups=groups, feature_names=fn,
+                  covariates=None if covariates is None else np.asarray(covariates, np.float32),
+                  covariate_names=list(covariate_names or []))
+
+
+def _dataset_class():
+    import torch
+    from torch.utils.data import Dataset
+
+    class CohortDataset(Dataset):
+        """Rows ``indices`` of a Cohort as torch items.
+
+        item: {"inputs": {name: float32 tensor}, "present": bool (M,), "target": long/float tensor, "index": int}.
+        Works with the default DataLoader; ``ds.loader(batch_size, shuffle=True)`` builds whole batches at
+        once instead (several times faster for volumes: no per-item tensors to stack). An absent modality is zeros of its shape with present False. ``transforms``: modality -> callable on
+        the (F,) float32 array of a present row (scalers/imputers fitted on the training fold by train.py);
+        any NaN left afterwards becomes 0 so that a missing value never reaches the model as NaN.
+        """
+
+        def __init__(self, cohort: Cohort, indices=None, transforms: dict | None = None,
+                     volume_dtype=torch.float32):
+            self.cohort = cohort
+            self.indices = np.arange(len(cohort.target)) if indices is None else np.asarray(indices, dtype=np.int64)
+            self.transforms = transforms or {}
+            self.volume_dtype = volume_dtype   # torch.float16 halves host memory traffic; cast on the device
+            unknown = set(self.transforms) - set(cohort.names)
+            if unknown:
+                raise ValueError(f"transforms for unknown modalities {sorted(unknown)}; known: {cohort.names}")
+
+        def __len__(self) -> int:
+            return len(self.indices)
+
+        def __getitem__(self, k):
+            if not np.isscalar(k) and not (isinstance(k, torch.Tensor) and k.ndim == 0):
+                return self.get_batch(k)
+            i = int(self.indices[k])
+            c = self.cohort
+            inputs = {}
+            for j, spec in enumerate(c.modalities):
+                if spec.kind == "volume" and spec.name not in self.transforms:
+                    # Cached volumes are finite by construction (build_subject, make_cohort): no NaN pass.
+                    # One read of the float16 row, then torch's vectorised cast (faster than numpy's).
+                    if c.present[i, j]:
+                        x = torch.from_numpy(np.array(c.arrays[spec.name][i])).to(self.volume_dtype)
+                    else:
+                        x = torch.zeros(spec.shape, dtype=self.volume_dtype)
+                    inputs[spec.name] = x
+                    continue
+                inputs[spec.name] = torch.from_numpy(self._tabular(spec, i, j))
+            dtype = torch.long if c.task == "classification" else torch.float32
+            return {"inputs": inputs, "present": torch.from_numpy(c.present[i].copy()),
+                    "target": torch.tensor(c.target[i], dtype=dtype), "index": i}
+
+        def _tabular(self, spec, i, j) -> np.ndarray:
+            c = self.cohort
+            if not c.present[i, j]:
+                return np.zeros(spec.shape, dtype=np.float32)
+            x = np.asarray(c.arrays[spec.name][i], dtype=np.float32)
+            if spec.name in self.transforms:
+                x = np.asarray(self.transforms[spec.name](x), dtype=np.float32)
+            return np.ascontiguousarray(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
+
+        def get_batch(self, ks) -> dict:
+            """Items ``ks`` already collated (the same tensors default_collate would give, with "index" a
+            tensor): volumes are cast straight into one batch tensor, with no per-item copies to stack."""
+            ks = np.asarray(ks, dtype=np.int64).reshape(-1)
+            rows = self.indices[ks]
+            c = self.cohort
+            inputs = {}
+            for j, spec in enumerate(c.modalities):
+                if spec.kind == "volume" and spec.name not in self.transforms:
+                    out = torch.empty((len(rows), *spec.shape), dtype=self.volume_dtype)
+                    for b, i in enumerate(rows):
+                        if c.present[i, j]:
+                            out[b].copy_(torch.from_numpy(np.array(c.arrays[spec.name][i])))
+                        else:
+                            out[b].zero_()
+                    inputs[spec.name] = out
+                elif spec.kind == "volume":
+                    inputs[spec.name] = torch.stack([self[int(k)]["inputs"][spec.name] for k in ks])
+                else:
+                    inputs[spec.name] = torch.from_numpy(np.stack([self._tabular(spec, i, j) for i in rows]))
+            dtype = torch.long if c.task == "classification" else torch.float32
+            return {"inputs": inputs, "present": torch.from_numpy(c.present[rows].copy()),
+                    "target": torch.as_tensor(c.target[rows], dtype=dtype), "index": torch.from_numpy(rows.copy())}
+
+        def loader(self, batch_size: int, shuffle: bool = False, seed: int | None = None, drop_last: bool = False,
+                   **kwargs):
+            """A DataLoader yielding :meth:`get_batch` batches (torch's batched-loading pattern:
+            ``sampler=BatchSampler(...)``, ``batch_size=None``); ``kwargs`` go to DataLoader (num_workers…)."""
+            from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            base = RandomSampler(range(len(self)), generator=gen) if shuffle else SequentialSampler(range(len(self)))
+            return DataLoader(self, sampler=BatchSampler(base, batch_size, drop_last), batch_size=None, **kwargs)
+
+    CohortDataset.__module__ = __name__
+    CohortDataset.__qualname__ = "CohortDataset"
+    return CohortDataset
+
+
+def __getattr__(name):
+    # CohortDataset subclasses torch's Dataset; built on first use so that the cache and gather jobs
+    # (which never need it) do not pay for importing torch (seconds per job).
+    if name == "CohortDataset":
+        globals()[name] = _dataset_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def cli(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="brainfuse tensors", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("subject", help="cache one subject's modality as a fixed-shape tensor")
+    s.add_argument("--modality", required=True, choices=IMAGE_MODALITIES)
+    s.add_argument("--sources", nargs="+", required=True, help="derivatives in channel order")
+    s.add_argument("--mask", required=True, help="template brain mask defining the working grid")
+    s.add_argument("--resolution", type=int, required=True)
+    s.add_argument("--subject", required=True)
+    s.add_argument("--session", default=None)
+    s.add_argument("--out", required=True)
+    g = sub.add_parser("gather", help="stack every subject's caches into the cohort")
+    g.add_argument("--out-dir", required=True)
+    g.add_argument("--participants", required=True, help="participants.tsv")
+    g.add_argument("--settings", default="{}", help="config tensors section (JSON)")
+    g.add_argument("--tensors", nargs="*", default=[], help="per-subject tensor files")
+    g.add_argument("--units", nargs="*", default=[], help="cohort rows (sub-X[_ses-Y]); default participants.tsv")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "subject":
+            sub_label = check_label(args.subject, "subject")
+            info = build_subject(args.modality, args.sources, args.mask, args.out, args.resolution,
+                                 subject=sub_label, session=args.session)
+            print(f"[tensors] {unit_key(sub_label, args.session)} {args.modality}: {info['shape']} -> {args.out}")
+        else:
+            info = gather(args.out_dir, args.participants, json.loads(args.settings), args.tensors, args.units)
+            print(f"[tensors] gathered {info['n']} rows, modalities "
+                  + ", ".join(f"{m['name']}{tuple(m['shape'])}" for m in info["modalities"]) + f" -> {args.out_dir}")
+    except TensorError as e:
+        ap.exit(1, f"brainfuse tensors: error: {e}\n")
+    return 0

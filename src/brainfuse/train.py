@@ -1,0 +1,480 @@
+"""Train one preset on one cross-validation fold: fold-fitted preprocessing, AdamW with warm-up and
+cosine decay, early stopping on the inner validation set, resumable single-dict checkpoints.
+
+``brainfuse train splits --tensors T --settings JSON --out splits.tsv``
+``brainfuse train fold --tensors T --splits splits.tsv --fold k --preset P --settings JSON --out DIR``
+
+Outputs per fold x preset (``DIR``): ``checkpoint.pt`` (best weights, fold-fitted preprocessing, model
+config, history; loads with ``torch.load(..., weights_only=True)``) and ``predictions.tsv`` (test rows:
+class probabilities and per-expert routing weights). ``DIR/resume.pt`` holds the state after the last
+finished epoch (model, optimiser, RNG streams); a rerun after a kill continues from it and ends with the
+same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.impute import SimpleImputer
+from sklearn.preprocessing import StandardScaler
+
+from . import splits as bf_splits
+from .moe import ModalitySpec, MultimodalMoE, MoEConfig, preset_config
+from .provenance import code_version
+
+CHECKPOINT_FORMAT = "brainfuse-moe-1"
+
+
+# ------------------------------------------------------------------------------------------- settings
+def settings_from_json(text: str | dict) -> dict:
+    """The config's ``model`` and ``cv`` sections with schema defaults filled in."""
+    from .config import validate
+
+    given = json.loads(text) if isinstance(text, str) else dict(text)
+    full = validate({"model": given.get("model", {}), "cv": given.get("cv", {})})
+    return {"model": full["model"], "cv": full["cv"]}
+
+
+def model_overrides(settings: dict, preset: str, cohort_modalities: list) -> dict:
+    """MoEConfig overrides: preset defaults < ``model.common`` < ``model.overrides[preset]``."""
+    m = settings["model"]
+    out = {**m["common"], **m["overrides"].get(preset, {})}
+    if preset == "single" and "single_modality" not in out:
+        names = [s.name for s in cohort_modalities]
+        if m["single_modality"] in names:
+            out["single_modality"] = m["single_modality"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------- cohort
+def load(tensors_dir):
+    from .tensors import load_cohort
+
+    return load_cohort(tensors_dir)
+
+
+def row_keys(cohort) -> list:
+    """(participant_id, session) per cohort row; session '' when the dataset has none."""
+    man = cohort.manifest
+    ses = man["session"].fillna("").astype(str) if "session" in man.columns else [""] * len(man)
+    return list(zip(man["participant_id"].astype(str), ses))
+
+
+def targets(cohort, cv: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(target, labelled mask). Class indices (classification) or values (regression); with
+    ``cv.permute_labels`` the labelled targets are shuffled (the leakage canary: every model must fall
+    to chance)."""
+    y = np.asarray(cohort.target, dtype=float)
+    labelled = np.isfinite(y)
+    if cohort.task == "classification":
+        labelled &= y >= 0
+    if cv.get("permute_labels"):
+        rng = np.random.default_rng([cv["seed"], 7])
+        y = y.copy()
+        y[labelled] = rng.permutation(y[labelled])
+    return y, labelled
+
+
+def modality_names(cohort) -> list:
+    return [m.name for m in cohort.modalities]
+
+
+# --------------------------------------------------------------------------------- preprocessing
+def pooled_shape(shape: tuple, pool: int) -> tuple:
+    return (shape[0], *(math.ceil(s / pool) for s in shape[1:]))
+
+
+def _volume_batch(array, rows, pool: int) -> torch.Tensor:
+    x = torch.from_numpy(np.nan_to_num(np.asarray(array[rows], dtype=np.float32)))
+    return F.avg_pool3d(x, pool, ceil_mode=True) if pool > 1 else x
+
+
+def fit_preprocessing(cohort, rows: np.ndarray, pool: int) -> dict:
+    """Per-modality statistics fitted on ``rows`` (the training fold) only, as tensors (checkpoint-safe).
+    Tabular: median imputation + standard scaling (sklearn). Volumes: per-channel mean and SD after pooling."""
+    stats = {}
+    for m, spec in enumerate(cohort.modalities):
+        have = rows[np.asarray(cohort.present)[rows, m]]
+        if spec.kind == "tabular":
+            F_ = spec.shape[0]
+            if len(have) == 0:
+                fill, mean, scale = np.zeros(F_), np.zeros(F_), np.ones(F_)
+            else:
+                X = np.asarray(cohort.arrays[spec.name][have], dtype=np.float64)
+                imputer = SimpleImputer(strategy="median", keep_empty_features=True).fit(X)
+                scaler = StandardScaler().fit(imputer.transform(X))
+                fill, mean, scale = imputer.statistics_, scaler.mean_, scaler.scale_
+            stats[spec.name] = {"fill": torch.tensor(fill, dtype=torch.float32),
+                                "mean": torch.tensor(mean, dtype=torch.float32),
+                                "scale": torch.tensor(scale, dtype=torch.float32)}
+        else:
+            C = spec.shape[0]
+            s1, s2, n = torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64), 0
+            for start in range(0, len(have), 32):
+                x = _volume_batch(cohort.arrays[spec.name], have[start:start + 32], pool).double()
+                s1 += x.sum((0, 2, 3, 4))
+                s2 += x.pow(2).sum((0, 2, 3, 4))
+                n += x[:, 0].numel()
+            mean = s1 / max(n, 1)
+            sd = (s2 / max(n, 1) - mean ** 2).clamp_min(0).sqrt()
+            stats[spec.name] = {"mean": mean.float(), "scale": torch.where(sd > 0, sd, 1.0).float()}
+    return stats
+
+
+def materialise(cohort, rows: np.ndarray, stats: dict, pool: int, specs: list | None = None) -> dict:
+    """Preprocessed float32 tensors of ``rows``: {"inputs": {name: (n, ...)}, "present": (n, M) bool}."""
+    specs = specs or cohort.modalities
+    present = torch.from_numpy(np.asarray(cohort.present)[rows].astype(bool))
+    inputs = {}
+    for spec in specs:
+        st = stats[spec.name]
+        if spec.kind == "tabular":
+            x = torch.from_numpy(np.asarray(cohort.arrays[spec.name][rows], dtype=np.float32))
+            x = torch.where(torch.isnan(x), st["fill"], x)
+            inputs[spec.name] = (x - st["mean"]) / st["scale"]
+        else:
+            parts = [_volume_batch(cohort.arrays[spec.name], rows[i:i + 32], pool) for i in range(0, len(rows), 32)]
+            x = torch.cat(parts) if parts else torch.zeros(0, *pooled_shape(spec.shape, pool))
+            inputs[spec.name] = (x - st["mean"].view(-1, 1, 1, 1)) / st["scale"].view(-1, 1, 1, 1)
+    return {"inputs": inputs, "present": present}
+
+
+def model_specs(cohort, pool: int) -> list:
+    return [ModalitySpec(s.name, s.kind, pooled_shape(s.shape, pool) if s.kind == "volume" else s.shape, s.encoder)
+            for s in cohort.modalities]
+
+
+# ------------------------------------------------------------------------------------------ training
+def set_determinism(seed: int, threads: int | None = None):
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> list:
+    """Inverse-frequency ('balanced') weights from the training fold; absent classes get weight 1."""
+    counts = np.bincount(y.astype(int), minlength=n_classes).astype(float)
+    w = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 1.0)
+    return w.tolist()
+
+
+def batch(data: dict, idx: torch.Tensor, device) -> tuple:
+    return ({k: v[idx].to(device, non_blocking=True) for k, v in data["inputs"].items()},
+            data["present"][idx].to(device))
+
+
+def drop_modalities(present: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Modality dropout: hide each present modality with probability p, keeping at least one per sample."""
+    if p <= 0:
+        return present
+    keep = torch.rand(present.shape, generator=generator) >= p
+    out = present & keep.to(present.device)
+    empty = ~out.any(1)
+    out[empty] = present[empty]
+    return out
+
+
+def _autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def run_model(model, data: dict, device, batch_size: int = 64, present=None) -> dict:
+    """Eval-mode predictions over every row of ``data``: {"prediction": (n, K), "weights": {router: (n, E)}}."""
+    model.eval()
+    device = torch.device(device)
+    n = data["present"].shape[0]
+    present = data["present"] if present is None else present
+    preds, weights = [], {}
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(n, start + batch_size))
+        inputs = {k: v[idx].to(device) for k, v in data["inputs"].items()}
+        with _autocast(device):
+            out = model(inputs, present[idx].to(device))
+        preds.append(out.prediction.float().cpu())
+        for name, w in out.routing_weights.items():
+            weights.setdefault(name, []).append(w.float().cpu())
+    return {"prediction": torch.cat(preds) if preds else torch.zeros(0),
+            "weights": {k: torch.cat(v) for k, v in weights.items()}}
+
+
+def fingerprint(settings: dict, preset: str, fold: int, fold_rows: dict, n_rows: int) -> str:
+    """Identity of a training run: a resume file from another run (settings, split, code) is ignored."""
+    h = hashlib.sha256(json.dumps([settings, preset, fold, {k: v.tolist() for k, v in fold_rows.items()},
+                                   n_rows, code_version("train")], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def save_atomic(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settings: dict, out_dir,
+               device: str = "auto", threads: int | None = None, log=print) -> dict:
+    """Train ``preset`` on ``fold``; write checkpoint.pt and predictions.tsv in ``out_dir``; return the checkpoint."""
+    m_cfg, cv = settings["model"], settings["cv"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    y, labelled = targets(cohort, cv)
+    keys = row_keys(cohort)
+    keys_l = [k if ok else None for k, ok in zip(keys, labelled)]
+    rows = bf_splits.fold_indices(split_table, fold, keys_l)
+    seed = int(cv["seed"]) * 1000 + fold
+    set_determinism(seed, threads)
+    dev = pick_device(device)
+    pool = int(m_cfg["pool"])
+
+    stats = fit_preprocessing(cohort, rows["train"], pool)
+    specs = model_specs(cohort, pool)
+    data = {s: materialise(cohort, rows[s], stats, pool) for s in ("train", "val", "test")}
+    # regression: the model sees the target standardised with training-fold statistics
+    y_fit = y[rows["train"]]
+    t_mean, t_scale = ((float(y_fit.mean()), float(y_fit.std()) or 1.0) if cohort.task == "regression"
+                       else (0.0, 1.0))
+    targets_t = {s: torch.tensor((y[rows[s]] - t_mean) / t_scale, dtype=torch.float32) for s in data}
+    n_classes = len(cohort.classes) if cohort.task == "classification" else 1
+    overrides = model_overrides(settings, preset, specs)
+    if cohort.task == "classification" and m_cfg["class_weighted"]:
+        overrides["class_weights"] = class_weights(y[rows["train"]], n_classes)
+    cfg = preset_config(preset, specs, n_classes, cohort.task, **overrides)
+    model = MultimodalMoE(cfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=m_cfg["lr"], weight_decay=m_cfg["weight_decay"])
+    gen = torch.Generator().manual_seed(seed + 1)     # batch order and modality dropout
+    n_train, bs = len(rows["train"]), int(m_cfg["batch_size"])
+    steps_per_epoch = max(1, math.ceil(n_train / bs))
+    total = steps_per_epoch * int(m_cfg["epochs"])
+    warmup = steps_per_epoch * int(m_cfg["warmup_epochs"])
+
+    state = {"epoch": 0, "step": 0, "best_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0,
+             "best_state": copy.deepcopy(model.state_dict()), "history": []}
+    fp = fingerprint(settings, preset, fold, rows, len(keys))
+    resume_path = out_dir / "resume.pt"
+    if resume_path.exists():
+        saved = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if saved.get("fingerprint") == fp:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            gen.set_state(saved["rng"]["batches"])
+            torch.set_rng_state(saved["rng"]["torch"])
+            if dev.type == "cuda" and saved["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(saved["rng"]["cuda"])
+            state = saved["state"]
+            log(f"[train] resuming {preset} fold {fold} after epoch {state['epoch']}")
+        else:
+            log(f"[train] {resume_path} is from another run (settings, split or code changed): starting afresh")
+
+    log(f"[train] {preset} fold {fold}: {n_train} train / {len(rows['val'])} val / {len(rows['test'])} test, "
+        f"device {dev}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    t0 = time.time()
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=int(m_cfg["epochs"]), initial=state["epoch"], desc=f"{preset} fold {fold}",
+                   disable=None, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        bar = None
+    while state["epoch"] < int(m_cfg["epochs"]) and state["bad_epochs"] < int(m_cfg["patience"]):
+        model.train()
+        order = torch.randperm(n_train, generator=gen)
+        losses = []
+        for start in range(0, n_train, bs):
+            idx = order[start:start + bs]
+            if len(idx) < 2 and n_train >= 2:     # a batch of one adds noise, not signal
+                continue
+            inputs, present = batch(data["train"], idx, dev)
+            present = drop_modalities(present.cpu(), float(m_cfg["modality_dropout"]), gen).to(dev)
+            for g in opt.param_groups:
+                g["lr"] = m_cfg["lr"] * lr_factor(state["step"], warmup, total)
+            with _autocast(dev):
+                out = model(inputs, present, targets_t["train"][idx].to(dev))
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), m_cfg["grad_clip"])
+            opt.step()
+            state["step"] += 1
+            losses.append(float(out.loss.detach()))
+        val_loss = evaluate_loss(model, data["val"], targets_t["val"], dev, cohort.task)
+        state["epoch"] += 1
+        state["history"].append({"epoch": state["epoch"], "train_loss": float(np.mean(losses)) if losses else None,
+                                 "val_loss": val_loss})
+        if val_loss < state["best_loss"] - 1e-4:
+            state.update(best_loss=val_loss, best_epoch=state["epoch"], bad_epochs=0,
+                         best_state=copy.deepcopy(model.state_dict()))
+        else:
+            state["bad_epochs"] += 1
+        save_atomic({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state(),
+                             "cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None},
+                     "state": state}, resume_path)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(train=f"{state['history'][-1]['train_loss'] or 0:.3f}", val=f"{val_loss:.3f}")
+        if bar is None or bar.disable:
+            if state["epoch"] % 10 == 0 or state["epoch"] == 1:
+                log(f"[train] epoch {state['epoch']}: train loss {state['history'][-1]['train_loss'] or 0:.4f}, "
+                    f"val loss {val_loss:.4f} (best {state['best_loss']:.4f} @ {state['best_epoch']}), "
+                    f"{time.time() - t0:.1f} s")
+    if bar is not None:
+        bar.close()
+    model.load_state_dict(state["best_state"])
+    log(f"[train] stopped after epoch {state['epoch']}; best val loss {state['best_loss']:.4f} at epoch "
+        f"{state['best_epoch']}; {time.time() - t0:.1f} s")
+
+    ckpt = {"format": CHECKPOINT_FORMAT, "preset": preset, "fold": fold, "task": cohort.task,
+            "classes": list(map(str, cohort.classes)) if cohort.task == "classification" else [],
+            "config": cfg.to_dict(), "pool": pool, "target_scale": [t_mean, t_scale],
+            "modalities": [{"name": s.name, "kind": s.kind, "shape": list(s.shape)} for s in cohort.modalities],
+            "preprocessing": stats, "model": {k: v.cpu() for k, v in model.state_dict().items()},
+            "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "history": state["history"],
+            "settings": json.loads(json.dumps(settings)), "fingerprint": fp, "code_version": code_version("train")}
+    preds = prediction_table(model, ckpt, data["test"], [keys[i] for i in rows["test"]], dev)
+    preds.insert(2, "fold", fold)
+    preds.insert(3, "preset", preset)
+    preds.insert(4, "target", y[rows["test"]])
+    bf_splits.write_tsv(preds, out_dir / "predictions.tsv")
+    save_atomic(ckpt, out_dir / "checkpoint.pt")
+    resume_path.unlink(missing_ok=True)
+    return ckpt
+
+
+@torch.no_grad()
+def evaluate_loss(model, data: dict, target: torch.Tensor, device, task: str) -> float:
+    """Task loss on a held-out set (no auxiliary terms): the early-stopping criterion."""
+    if len(target) == 0:
+        return 0.0
+    pred = run_model(model, data, device)["prediction"]
+    if task == "classification":
+        return float(F.cross_entropy(pred, target.long(), weight=model.class_weights.cpu()
+                                     if model.class_weights is not None else None))
+    return float(F.mse_loss(pred.view(-1), target))
+
+
+# ------------------------------------------------------------------------------------- inference
+def load_checkpoint(path, device="cpu") -> tuple[dict, MultimodalMoE]:
+    """A checkpoint (plain tensors and data only: ``weights_only=True``) and its model in eval mode."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable brainfuse checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a brainfuse checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    model = MultimodalMoE(MoEConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return ckpt, model.to(device).eval()
+
+
+def check_compatible(ckpt: dict, cohort, source="") -> None:
+    """The cohort must have the modalities (names, kinds, shapes) the model was trained on."""
+    have = {s.name: (s.kind, list(s.shape)) for s in cohort.modalities}
+    for m in ckpt["modalities"]:
+        if m["name"] not in have:
+            raise ValueError(f"{source}: modality {m['name']!r} the model was trained on is not in the cohort "
+                             f"(it has {sorted(have)})")
+        if have[m["name"]] != (m["kind"], m["shape"]):
+            raise ValueError(f"{source}: modality {m['name']!r} is {have[m['name']]} in the cohort but "
+                             f"{(m['kind'], m['shape'])} in the model")
+
+
+def cohort_data(ckpt: dict, cohort, rows: np.ndarray) -> dict:
+    specs = [s for s in cohort.modalities]
+    order = [m["name"] for m in ckpt["modalities"]]
+    specs = sorted(specs, key=lambda s: order.index(s.name)) if set(order) == {s.name for s in specs} else specs
+    data = materialise(cohort, rows, ckpt["preprocessing"], int(ckpt["pool"]), specs)
+    idx = [modality_names(cohort).index(n) for n in order]
+    data["present"] = data["present"][:, idx]
+    return data
+
+
+def prediction_table(model, ckpt: dict, data: dict, keys: list, device, present=None) -> pd.DataFrame:
+    """participant_id, session, prediction (class + probabilities, or value), presence and routing weights."""
+    out = run_model(model, data, device, present=present)
+    df = pd.DataFrame({"participant_id": [k[0] for k in keys], "session": [k[1] for k in keys]})
+    pred = out["prediction"]
+    if ckpt["task"] == "classification":
+        prob = pred.softmax(-1).numpy() if len(pred) else np.zeros((0, len(ckpt["classes"])))
+        df["predicted"] = prob.argmax(1) if len(prob) else []
+        for c, name in enumerate(ckpt["classes"]):
+            df[f"prob_{name}"] = prob[:, c]
+    else:
+        mean, scale = ckpt.get("target_scale", (0.0, 1.0))
+        df["predicted"] = pred.view(-1).numpy() * scale + mean
+    mask = data["present"] if present is None else present
+    for j, m in enumerate(ckpt["modalities"]):
+        df[f"present_{m['name']}"] = mask[:, j].numpy().astype(int) if len(mask) else []
+    expert_names = model.expert_names
+    for router, w in out["weights"].items():
+        for e in range(w.shape[1]):
+            name = expert_names[e] if e < len(expert_names) else f"e{e}"
+            df[f"weight_{router}_{name}"] = w[:, e].numpy()
+    return df
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def cli(argv=None):
+    ap = argparse.ArgumentParser(prog="brainfuse train", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("splits", help="write participant-grouped CV splits")
+    s.add_argument("--tensors", required=True, help="tensors folder (manifest.tsv)")
+    s.add_argument("--settings", default="{}", help="JSON {model: ..., cv: ...} (config sections)")
+    s.add_argument("--out", required=True, help="splits TSV")
+    f = sub.add_parser("fold", help="train one preset on one fold")
+    f.add_argument("--tensors", required=True)
+    f.add_argument("--splits", required=True)
+    f.add_argument("--fold", type=int, required=True)
+    f.add_argument("--preset", required=True)
+    f.add_argument("--settings", default="{}")
+    f.add_argument("--out", required=True, help="output folder (checkpoint.pt, predictions.tsv)")
+    f.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    f.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    settings = settings_from_json(args.settings)
+    cohort = load(args.tensors)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.what == "splits":
+        cv = settings["cv"]
+        y, labelled = targets(cohort, cv)
+        keys = [k for k, ok in zip(row_keys(cohort), labelled) if ok]
+        groups = None
+        if cv["group_by"] != "participant_id":
+            if cv["group_by"] not in cohort.manifest.columns:
+                raise SystemExit(f"cv.group_by={cv['group_by']!r}: no such column in {args.tensors}/manifest.tsv "
+                                 f"(columns: {list(cohort.manifest.columns)})")
+            groups = cohort.manifest[cv["group_by"]].astype(str).to_numpy()[labelled]
+        table = bf_splits.make_splits([k[0] for k in keys], y[labelled], cohort.task, cv["n_folds"],
+                                      cv["val_fraction"], cv["seed"], groups, [k[1] for k in keys])
+        bf_splits.write_tsv(table, args.out)
+        log(f"[splits] {len(keys)} labelled rows ({int((~labelled).sum())} unlabelled left out), "
+            f"{cv['n_folds']} folds -> {args.out}")
+        return 0
+    table = bf_splits.read_splits(args.splits)
+    train_fold(cohort, table, args.fold, args.preset, settings, args.out, args.device, args.threads, log)
+    return 0

@@ -1,0 +1,212 @@
+"""Training per fold x preset: planted signal learnt, permuted labels at chance, fold-only preprocessing,
+same seed -> same model, kill + resume -> same model, checkpoints that load with weights_only=True."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score
+
+from brainfuse import splits as bf_splits
+from brainfuse import train as bf_train
+from brainfuse.tensors import make_cohort
+from conftest import REPO
+
+FAST = {"model": {"epochs": 30, "patience": 10, "pool": 1, "batch_size": 8, "warmup_epochs": 2},
+        "cv": {"n_folds": 3, "bootstrap": 50}}
+
+
+def synthetic_cohort(n=90, seed=0, permute=False):
+    """Three classes; a volume modality 'mri' and a tabular 'clinical' carry the label (planted), a
+    tabular 'noise' modality does not; mri and noise are missing for about 20 % of the rows each."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.arange(n) % 3)
+    mri = rng.normal(size=(n, 2, 8, 8, 8)).astype(np.float16)
+    mri[:, 0, 1:5, 1:5, 1:5] += (2.0 * (y == 1))[:, None, None, None].astype(np.float16)
+    mri[:, 1, 4:8, 4:8, 4:8] += (2.0 * (y == 2))[:, None, None, None].astype(np.float16)
+    clinical = rng.normal(size=(n, 5)).astype(np.float32)
+    clinical[:, 0] += 2.0 * (y == 1)
+    clinical[:, 1] += 2.0 * (y == 2)
+    clinical[rng.random((n, 5)) < 0.1] = np.nan       # scattered missing values: imputed per fold
+    noise = rng.normal(size=(n, 3)).astype(np.float32)
+    present = {"mri": rng.random(n) >= 0.2, "clinical": np.ones(n, bool), "noise": rng.random(n) >= 0.2}
+    mri[~present["mri"]] = 0
+    noise[~present["noise"]] = np.nan
+    return make_cohort({"mri": mri, "clinical": clinical, "noise": noise}, rng.permutation(y) if permute else y,
+                       classes=["control", "PD", "iRBD"], present=present)
+
+
+def settings(**cv):
+    s = bf_train.settings_from_json(FAST)
+    s["cv"].update(cv)
+    return s
+
+
+def splits_for(cohort, s):
+    y, labelled = bf_train.targets(cohort, s["cv"])
+    keys = bf_train.row_keys(cohort)
+    return bf_splits.make_splits([k[0] for k in keys], y, cohort.task, s["cv"]["n_folds"], s["cv"]["val_fraction"],
+                                 s["cv"]["seed"], sessions=[k[1] for k in keys])
+
+
+def cross_validate(cohort, preset, s, root):
+    table = splits_for(cohort, s)
+    preds = []
+    for fold in range(s["cv"]["n_folds"]):
+        bf_train.train_fold(cohort, table, fold, preset, s, root / preset / f"fold-{fold}", log=lambda m: None)
+        preds.append(pd.read_csv(root / preset / f"fold-{fold}" / "predictions.tsv", sep="\t"))
+    return pd.concat(preds, ignore_index=True)
+
+
+@pytest.mark.parametrize("preset", ["late", "neuromoe"])
+def test_planted_signal_is_learnt_and_permuted_labels_fall_to_chance(tmp_path, preset):
+    s = settings()
+    p = cross_validate(synthetic_cohort(), preset, s, tmp_path / "real")
+    assert balanced_accuracy_score(p.target, p.predicted) > 0.6          # chance 0.33
+    probs = p[["prob_control", "prob_PD", "prob_iRBD"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    if preset != "late":
+        assert p.filter(like="weight_").notna().all().all() and p.filter(like="weight_").shape[1] > 0
+    # the leakage canary: labels shuffled -> chance
+    s_perm = settings(permute_labels=True)
+    q = cross_validate(synthetic_cohort(), preset, s_perm, tmp_path / "perm")
+    assert balanced_accuracy_score(q.target, q.predicted) < 0.5
+
+
+def test_tabular_only_regression_learns_the_score(tmp_path):
+    """No images at all (a features TSV as the only modalities) and a continuous target."""
+    rng = np.random.default_rng(1)
+    n = 90
+    feats = rng.normal(size=(n, 6)).astype(np.float32)
+    score = feats[:, 0] - feats[:, 1] + 0.3 * rng.normal(size=n)
+    feats[rng.random((n, 6)) < 0.05] = np.nan
+    other = rng.normal(size=(n, 2)).astype(np.float32)
+    cohort = make_cohort({"freesurfer": feats, "serum": other}, score, task="regression")
+    p = cross_validate(cohort, "fusemoe", settings(), tmp_path)
+    assert np.corrcoef(p.target, p.predicted)[0, 1] > 0.8
+    assert abs(p.predicted.mean() - score.mean()) < 0.5       # predictions back on the target's scale
+
+
+def test_preprocessing_is_fitted_on_the_training_fold_only(tmp_path):
+    """Changing every test-fold value (even to absurd ones) changes nothing the model learnt."""
+    s = settings()
+    cohort = synthetic_cohort()
+    table = splits_for(cohort, s)
+    a = bf_train.train_fold(cohort, table, 0, "fusemoe", s, tmp_path / "a", log=lambda m: None)
+    test = bf_splits.fold_indices(table, 0, bf_train.row_keys(cohort))["test"]
+    poisoned = synthetic_cohort()
+    poisoned.arrays["clinical"][test] = 1e6
+    poisoned.arrays["mri"][test] = np.float16(300)
+    b = bf_train.train_fold(poisoned, table, 0, "fusemoe", s, tmp_path / "b", log=lambda m: None)
+    for name in a["preprocessing"]:
+        for k, v in a["preprocessing"][name].items():
+            assert torch.equal(v, b["preprocessing"][name][k]), (name, k)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    # and the statistics are those of the training rows (median imputation, then standardisation)
+    train_rows = bf_splits.fold_indices(table, 0, bf_train.row_keys(cohort))["train"]
+    x = cohort.arrays["clinical"][train_rows].astype(float)
+    med = np.nanmedian(x, 0)
+    filled = np.where(np.isnan(x), med, x)
+    np.testing.assert_allclose(a["preprocessing"]["clinical"]["fill"], med, rtol=1e-5)
+    np.testing.assert_allclose(a["preprocessing"]["clinical"]["mean"], filled.mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_same_seed_same_model_and_checkpoint_loads_with_weights_only(tmp_path):
+    s = settings()
+    cohort = synthetic_cohort()
+    table = splits_for(cohort, s)
+    for d in ("a", "b"):
+        bf_train.train_fold(cohort, table, 1, "permmoe", s, tmp_path / d, log=lambda m: None)
+    pa, pb = (pd.read_csv(tmp_path / d / "predictions.tsv", sep="\t") for d in ("a", "b"))
+    pd.testing.assert_frame_equal(pa, pb)
+    ckpt, model = bf_train.load_checkpoint(tmp_path / "a" / "checkpoint.pt")   # weights_only=True inside
+    assert ckpt["preset"] == "permmoe" and ckpt["fold"] == 1 and not model.training
+    assert not (tmp_path / "a" / "resume.pt").exists()
+    raw = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert isinstance(raw, dict) and {"model", "config", "preprocessing", "history"} <= set(raw)
+
+
+RESUME_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_train import synthetic_cohort, settings, splits_for
+from brainfuse import train
+s = settings()
+s["model"].update(epochs=int(sys.argv[2]), patience=1000)
+cohort = synthetic_cohort()
+train.train_fold(cohort, splits_for(cohort, s), 0, "flexmoe", s, sys.argv[1], log=lambda m: print(m, flush=True))
+"""
+
+
+def test_killed_training_resumes_and_ends_with_the_same_model(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT.format(tests=str(REPO / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    epochs = "25"
+    # uninterrupted reference
+    subprocess.run([sys.executable, str(script), str(tmp_path / "ref"), epochs], check=True, env=env,
+                   capture_output=True)
+    # killed (SIGKILL, no clean-up) once a few epochs are saved, then rerun
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(out), epochs], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "resume.pt").exists() and torch.load(out / "resume.pt", weights_only=True)["state"]["epoch"] >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(out / "resume.pt", weights_only=True)["state"]["epoch"]
+    assert 3 <= killed_at < int(epochs) and not (out / "checkpoint.pt").exists()
+    rerun = subprocess.run([sys.executable, str(script), str(out), epochs], check=True, env=env,
+                           capture_output=True, text=True)
+    assert f"resuming flexmoe fold 0 after epoch {killed_at}" in rerun.stdout
+    ref = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
+    got = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert got["epochs_run"] == ref["epochs_run"] == int(epochs)
+    for k, v in ref["model"].items():
+        assert torch.equal(v, got["model"][k]), k
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ref" / "predictions.tsv", sep="\t"),
+                                  pd.read_csv(out / "predictions.tsv", sep="\t"))
+
+
+def test_stale_resume_file_from_other_settings_is_ignored(tmp_path):
+    s = settings()
+    cohort = synthetic_cohort()
+    table = splits_for(cohort, s)
+    bf_train.train_fold(cohort, table, 0, "late", s, tmp_path / "ref", log=lambda m: None)
+    torch.save({"fingerprint": "other run", "state": {}}, tmp_path / "x.pt")
+    (tmp_path / "run").mkdir()
+    os.replace(tmp_path / "x.pt", tmp_path / "run" / "resume.pt")
+    messages = []
+    bf_train.train_fold(cohort, table, 0, "late", s, tmp_path / "run", log=messages.append)
+    assert any("from another run" in m for m in messages)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ref" / "predictions.tsv", sep="\t"),
+                                  pd.read_csv(tmp_path / "run" / "predictions.tsv", sep="\t"))
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    f = [bf_train.lr_factor(s, 10, 100) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.01
+
+
+def test_incompatible_cohort_is_refused(tmp_path):
+    s = settings()
+    cohort = synthetic_cohort()
+    bf_train.train_fold(cohort, splits_for(cohort, s), 0, "late", s, tmp_path, log=lambda m: None)
+    ckpt, _ = bf_train.load_checkpoint(tmp_path / "checkpoint.pt")
+    other = make_cohort({"mri": np.zeros((4, 2, 6, 8, 8), np.float16), "clinical": np.zeros((4, 5), np.float32),
+                         "noise": np.zeros((4, 3), np.float32)}, [0, 1, 2, 0])
+    with pytest.raises(ValueError, match="'mri'"):
+        bf_train.check_compatible(ckpt, other, "new cohort")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        bf_train.load_checkpoint(tmp_path / "junk.pt")
