@@ -2,6 +2,7 @@
 67x79x64) and at 2 mm MNI (99x117x95), batch 4, all six modalities present (the most expensive case).
 
     python benchmarks/bench_moe.py                       # CPU, all presets, both sizes, no input pooling
+                                                         # (neuromoe's ViT at 2 mm alone: ~150 CPU-s, 2.4 GB)
     python benchmarks/bench_moe.py --input-pool 1 2      # also with volumes average-pooled 2x per axis
     python benchmarks/bench_moe.py --device cuda         # bf16 autocast, torch.cuda.max_memory_allocated
     python benchmarks/bench_moe.py --presets neuromoe late --sizes demo --iters 5

@@ -118,6 +118,20 @@ def test_other_topologies_train_every_parameter_and_ignore_absent_inputs(router,
         assert torch.equal(m(inputs, present).prediction, m(changed, present).prediction)
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_bf16_autocast_routes_in_float32_with_finite_gradients(preset):
+    """The GPU path (bf16 autocast), exercised on CPU: routers stay float32 (bf16 distances and top-k
+    misroute), the loss and every gradient are finite, routing weights still sum to 1."""
+    m = model(preset).train()
+    present = every_combination(len(MODS))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(batch(MODS, present), present, torch.arange(present.shape[0]) % 2)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in m.parameters())
+    for w in out.routing_weights.values():
+        assert w.dtype == torch.float32 and torch.allclose(w.sum(-1), torch.ones(len(w)), atol=1e-6)
+
+
 def test_modality_absent_from_whole_batch_may_be_left_out_of_inputs():
     m = model("fusemoe").eval()
     present = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]], dtype=torch.bool)
