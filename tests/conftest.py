@@ -29,7 +29,7 @@ TINY_DEMO = {"n_subjects": 3, "n_b0": 1, "n_directions": 12, "n_bold_volumes": 3
 
 
 @pytest.fixture(scope="session")
-def tiny_demo(tmp_path_factory, worker_id):
+def tiny_demo(tmp_path_factory, request):
     """A 3-subject phantom dataset (all modalities, one DICOM export), generated once per test run.
 
     Shared between pytest-xdist workers through a lock in the run's common temporary folder.
@@ -41,7 +41,8 @@ def tiny_demo(tmp_path_factory, worker_id):
 
     cfg = demo.demo_config(TINY_DEMO)
     base = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
+    worker = getattr(request.config, "workerinput", {}).get("workerid", "master")   # also without xdist
+    if worker != "master":
         base = base.parent
     root = base / "tiny_demo"
     with FileLock(str(base / "tiny_demo.lock")):

@@ -1,5 +1,6 @@
 """The phantom's ground truth is consistent with its images, and the dataset is valid BIDS."""
 import json
+from pathlib import Path
 
 import ants
 import nibabel as nib
@@ -136,6 +137,8 @@ def test_bold_is_the_stored_networks_under_the_stored_motion(tiny_demo):
     assert abs(residual.mean()) < 0.1 * sigma
     assert residual.std() < 1.2 * sigma
     assert nib.load(path).header.get_zooms()[3] == cfg["repetition_time"]
+    timing = json.loads(Path(str(path).replace(".nii.gz", ".json")).read_text())["SliceTiming"]
+    assert len(timing) == data.shape[2] and max(timing) < cfg["repetition_time"]
 
 
 def test_atrophy_truth_follows_the_score(tiny_demo):

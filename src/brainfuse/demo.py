@@ -523,15 +523,15 @@ def _motion_table(motion: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(motion, columns=["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"])
 
 
-def _sidecar(kind: str, cfg: dict) -> dict:
+def _sidecar(kind: str, cfg: dict, n_slices: int = 0) -> dict:
     common = {"Manufacturer": PHANTOM_MANUFACTURER, "MagneticFieldStrength": 3.0}
     if kind == "T1w":
         return {**common, "RepetitionTime": 2.3, "EchoTime": 0.00296, "InversionTime": 0.9, "FlipAngle": 9}
     if kind == "dwi":
         return {**common, "RepetitionTime": 8.0, "EchoTime": 0.08, "PhaseEncodingDirection": "j-", "TotalReadoutTime": 0.05}
     tr = cfg["repetition_time"]
-    order = list(range(0, 36, 2)) + list(range(1, 36, 2))      # interleaved, for 36 slices nominally
-    slice_timing = [round(tr * order.index(i) / 36, 4) for i in range(36)]
+    order = list(range(0, n_slices, 2)) + list(range(1, n_slices, 2))      # interleaved, along k
+    slice_timing = [round(tr * order.index(i) / n_slices, 4) for i in range(n_slices)]
     return {**common, "RepetitionTime": tr, "EchoTime": 0.03, "TaskName": "rest", "PhaseEncodingDirection": "j-",
             "TotalReadoutTime": 0.04, "SliceTiming": slice_timing}
 
@@ -584,7 +584,7 @@ def write_subject(cfg: dict, subject: SubjectPlan, root: Path, modalities=("T1w"
             tdir / "func" / f"sub-{sub}_task-rest_desc-truth_timeseries.tsv", sep="\t", index=False)
         save_json({"coupling_somatomotor_striatal": coupling, "networks": NETWORKS, "node_sigma_mm": NODE_SIGMA,
                    "amplitude": BOLD_AMPLITUDE}, tdir / "func" / f"sub-{sub}_task-rest_desc-truth_networks.json")
-        save_json(_sidecar("bold", cfg), str(out).replace(".nii.gz", ".json"))
+        save_json(_sidecar("bold", cfg, n_slices=data.shape[2]), str(out).replace(".nii.gz", ".json"))
         save_nifti(data, affine, out, zooms=(*[cfg["bold_voxel_mm"]] * 3, cfg["repetition_time"]))
     save_json({"participant_id": f"sub-{sub}", "diagnosis": subject.diagnosis, "scores": subject.scores,
                "has_dwi": subject.has_dwi, "has_bold": subject.has_bold}, tdir / f"sub-{sub}_truth.json")
