@@ -110,3 +110,14 @@ def test_env_lists_every_third_party_package_the_rule_imports(smk, rule, block):
         missing = {PACKAGE_OF.get(n, n).lower() for n in third_party_imports(module)} - listed
         assert not missing, f"{smk}: rule {rule} runs `brainfuse {command}`, whose code imports {sorted(missing)}, " \
                             f"missing from {conda_path}"
+
+
+def test_envs_agree_on_versions():
+    """One tested set of versions: a package pinned in two environments has the same pin in both."""
+    seen = {}
+    for env in sorted(ENVS.glob("*.yaml")):
+        conda, pip = env_packages(env)
+        for name, version in {**conda, **pip}.items():
+            seen.setdefault(name, {})[env.name] = version
+    clashes = {n: v for n, v in seen.items() if len(set(v.values())) > 1}
+    assert not clashes, f"different pins of the same package: {clashes}"
