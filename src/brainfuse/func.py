@@ -236,7 +236,10 @@ def mni_coordinates(template_img, transformlist, bold_img, workdir=None) -> tupl
     """
     import ants
 
-    shape, A = bold_img.shape[:3], bold_img.affine
+    # coordinate images padded by two voxels: ITK clamps at the last voxel centre, which would bend the
+    # mapping in the outer half voxel; points outside the BOLD grid are flagged later by sample_series
+    shape = tuple(int(n) + 4 for n in bold_img.shape[:3])
+    A = bold_img.affine @ np.c_[np.eye(4)[:, :3], [-2, -2, -2, 1]]
     world = np.indices(shape, dtype=np.float64).reshape(3, -1).T @ A[:3, :3].T + A[:3, 3]
     with tempfile.TemporaryDirectory(dir=workdir) as td:
         fixed = _to_ants(template_img, td, "template")
@@ -276,7 +279,7 @@ def clean_signals(ts, confounds, tr, cfg, sample_mask=None, band=True):
 
     ts = np.asarray(ts, np.float64)
     conf = None if confounds is None else np.asarray(confounds, np.float64)
-    kw = dict(detrend=True, standardize=None, t_r=tr)
+    kw = dict(detrend=True, standardize=None, standardize_confounds=False, t_r=tr)  # scaling: same residuals
     if not band:
         return signal.clean(ts, confounds=conf, filter=False, **kw)
     if cfg["filter"] == "cosine":
@@ -374,6 +377,25 @@ def fisher_z_connectivity(parcel_ts: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------ the run
+def native_confounds(data, affine, cfg=None, workdir=None):
+    """Motion correction and the native-space confounds of a (I, J, K, T) series.
+
+    Returns (confounds DataFrame: dvars, std_dvars, framewise_displacement and the 24 motion columns;
+    the MotionResult; the corrected series). framewise_displacement comes from nipype's
+    FramewiseDisplacement; dvars/std_dvars are nipype's ComputeDVARS numbers (see ``dvars``).
+    """
+    cfg = {**DEFAULTS, **(cfg or {})}
+    mc = motion.register_series(data, affine, dof="rigid", similarity="ssd", device=cfg["motion_device"])
+    corrected = motion.resample_series(data, affine, mc.transforms, device=cfg["motion_device"])
+    conf = motion_24(mc.params)
+    with tempfile.TemporaryDirectory(dir=workdir) as wd:
+        conf.insert(0, "framewise_displacement", nipype_fd(mc.params, wd))
+    dv, sdv = dvars(corrected, _bold_mask(corrected.mean(3)))
+    conf.insert(0, "std_dvars", sdv)
+    conf.insert(0, "dvars", dv)
+    return conf, mc, corrected
+
+
 def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_tsv, deriv, res,
         wm=None, csf=None, t1w_mask=None, cfg=None, bold_to_t1w_mat=None, log=print) -> dict:
     """Process one BOLD run; returns the output paths (see ``outputs``) and a summary.
@@ -392,18 +414,16 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
     data = np.asarray(img.dataobj, np.float32)
     A = img.affine
     with tempfile.TemporaryDirectory(dir=Path(out["confounds"]).parent, prefix=".func-") as wd:
-        # 1. motion
-        mc = motion.register_series(data, A, dof="rigid", similarity="ssd", device=cfg["motion_device"])
-        log(f"[func] motion: {data.shape[3]} volumes in {time.time() - t0:.1f} s, max FD {mc.fd.max():.2f} mm")
-        corrected = motion.resample_series(data, A, mc.transforms, device=cfg["motion_device"])
+        conf, mc, corrected = native_confounds(data, A, cfg, wd)
+        log(f"[func] motion + native confounds: {data.shape[3]} volumes in {time.time() - t0:.1f} s, "
+            f"max FD {np.nanmax(conf['framewise_displacement']):.2f} mm")
+        keep = None
+        if cfg["fd_threshold"] is not None:   # checked before anything is written
+            keep = np.flatnonzero(np.nan_to_num(conf["framewise_displacement"].to_numpy()) <= cfg["fd_threshold"])
+            if len(keep) < cfg["min_volumes"]:
+                raise FuncInputError(f"{bold_path}: only {len(keep)} volumes with FD <= {cfg['fd_threshold']} mm "
+                                     f"remain after scrubbing (need {cfg['min_volumes']}, func.min_volumes)")
         boldref = corrected.mean(3)
-        native_mask = _bold_mask(boldref)
-        # 2. native confounds
-        conf = motion_24(mc.params)
-        conf.insert(0, "framewise_displacement", nipype_fd(mc.params, wd))
-        dv, sdv = dvars(corrected, native_mask)
-        conf.insert(0, "std_dvars", sdv)
-        conf.insert(0, "dvars", dv)
         # 3. BOLD -> T1w
         ref_img = nib.Nifti1Image(boldref, A)
         if bold_to_t1w_mat is None:
@@ -438,7 +458,7 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
         masks = {}
         for name, probseg in (("white_matter", wm), ("csf", csf)):
             prob = np.asarray(nib.load(str(probseg)).dataobj, np.float32).reshape(-1)
-            m = _tissue_mask(prob, covered)
+            m = _tissue_mask(prob, covered, grid)
             masks[name] = m
             conf.insert(1 + len(masks) - 1, name, mni[m].mean(0))
         if cfg["acompcor"]:
@@ -453,13 +473,6 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
 
     cols = [c for c in conf.columns if any(fnmatchcase(c, p) for p in cfg["denoise_confounds"])]
     X = conf[cols].fillna(0.0).to_numpy() if cols else None
-    fd = np.nan_to_num(conf["framewise_displacement"].to_numpy())
-    keep = None
-    if cfg["fd_threshold"] is not None:
-        keep = np.flatnonzero(fd <= cfg["fd_threshold"])
-        if len(keep) < cfg["min_volumes"]:
-            raise FuncInputError(f"{bold_path}: only {len(keep)} volumes with FD <= {cfg['fd_threshold']} mm "
-                                 f"remain after scrubbing (need {cfg['min_volumes']})")
     ts = mni[brain].T.astype(np.float64)  # (T, V)
     psc = ts / np.maximum(ts.mean(0), 1e-6) * 100   # percent signal: ALFF comparable across scanners
     resid = clean_signals(psc, X, tr, cfg, band=False)
@@ -501,12 +514,20 @@ def _bold_mask(ref):
     return ndimage.binary_fill_holes(ndimage.binary_opening(m, iterations=1))
 
 
-def _tissue_mask(prob, covered, thresholds=(0.95, 0.9, 0.8, 0.6)):
-    """Confidently-WM/CSF voxels (fMRIPrep erodes; at 3-4 mm a high threshold does the same job)."""
-    for t in thresholds:
-        m = (prob >= t) & covered
-        if m.sum() >= 10:
-            return m
+def _tissue_mask(prob, covered, grid, thresholds=(0.95, 0.9, 0.8)):
+    """Confidently-WM/CSF voxels: probability >= threshold, eroded by one voxel (as fMRIPrep erodes), so
+    that grey-matter signal partial-volumed into the edge of the ventricles is not regressed out; falls
+    back to lower thresholds, then to no erosion, on coarse grids."""
+    from scipy import ndimage
+
+    for erode in (1, 0):
+        for t in thresholds:
+            m = (prob >= t).reshape(grid)
+            if erode:
+                m = ndimage.binary_erosion(m, iterations=erode)
+            m = m.reshape(-1) & covered
+            if m.sum() >= 10:
+                return m
     raise FuncInputError("no white-matter/CSF voxels inside the BOLD field of view after registration")
 
 

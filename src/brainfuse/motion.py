@@ -29,8 +29,14 @@ Conventions (exact)
 
 Similarity: ``"ssd"`` (same contrast: BOLD, b0s) solves inverse-compositional Gauss-Newton steps on the
 sum of squared differences after a per-volume linear intensity fit (no autograd, a few ms an
-iteration); ``"mi"`` (different contrast: diffusion-weighted volumes against a b0) maximises Parzen
-mutual information with L-BFGS through autograd.
+iteration; each step limited so that no mask point moves more than one voxel of the level); ``"mi"`` (different contrast: diffusion-weighted volumes against a b0) maximises Parzen
+mutual information with L-BFGS through autograd (less precise: about 0.1 mm on the phantom, against
+0.01 mm for ssd).
+
+API used by func and dwi: ``register_series``, ``resample_series`` (corrected series on the same grid),
+``sample_series`` (volume k at T_k of arbitrary world points: motion and normalisation in one
+interpolation), ``framewise_displacement``, ``rotate_bvecs``, ``params_from_matrix`` /
+``matrix_from_params``, ``mean_displacement_error``.
 """
 from __future__ import annotations
 
@@ -148,11 +154,14 @@ def _smooth_decimate(vols: torch.Tensor, sigmas_vox, steps) -> torch.Tensor:
 def _sample(vols, Mvox, pts, mode="bilinear"):
     """Values of each volume n of (N, 1, I, J, K) at voxel coordinates Mvox[n] @ pts; also in-FOV flags."""
     size = torch.tensor(vols.shape[2:], dtype=pts.dtype, device=pts.device)
-    q = torch.einsum("nij,pj->npi", Mvox[:, :3, :3], pts) + Mvox[:, None, :3, 3]
-    g = 2 * q / (size - 1) - 1
-    vals = F.grid_sample(vols, g.flip(-1)[:, None, None], mode=mode, padding_mode="border",
-                         align_corners=True)[:, 0, 0, 0]
-    return vals, (g.abs() <= 1).all(-1).to(vals.dtype)
+    # grid_sample wants (k, j, i) normalised to [-1, 1]: fold the axis flip and the scaling into the
+    # matrix so that one batched matmul gives the grid directly (no copies of the (N, P, 3) array)
+    S = torch.diag(2 / (size - 1)).flip(0)
+    Mg = S @ Mvox[:, :3, :3]
+    tg = (S @ Mvox[:, :3, 3:])[..., 0] - 1
+    g = torch.baddbmm(tg[:, None, :], pts.expand(len(Mvox), -1, -1), Mg.transpose(1, 2))
+    vals = F.grid_sample(vols, g[:, None, None], mode=mode, padding_mode="border", align_corners=True)[:, 0, 0, 0]
+    return vals, (g.abs().amax(-1) <= 1).to(vals.dtype)
 
 
 def _update_matrix(delta: torch.Tensor, center: torch.Tensor, dof: str) -> torch.Tensor:
@@ -225,6 +234,8 @@ def _register(vols, ref, mask, affine, T, center, dof, similarity, levels, max_i
             gv = torch.stack(torch.gradient(rf, dim=(0, 1, 2)), -1)[idx[:, 0], idx[:, 1], idx[:, 2]]
             g = gv.double() @ torch.linalg.inv(A64[:3, :3])
             r = world - c64
+            r_max = float(r.norm(dim=1).max())
+            level_vox = float(np.sqrt((A_l[:3, :3] ** 2).sum(0)).min())
             if dof == "rigid":
                 J = torch.cat([g, torch.linalg.cross(r, g)], 1)
             else:
@@ -245,6 +256,10 @@ def _register(vols, ref, mask, affine, T, center, dof, similarity, levels, max_i
                     H = H - (((1 - v)[..., None] * J).transpose(1, 2) @ J).double()
                 b = (e[:, None, :] @ J).double()[:, 0]
                 delta = torch.linalg.solve(H + 1e-9 * torch.eye(H.shape[-1], dtype=H.dtype, device=dev), b)
+                # trust region: no point of the mask moves more than one voxel of this level per step
+                # (keeps Gauss-Newton from running away on thin slabs / low-contrast volumes)
+                reach = delta[:, :3].norm(dim=1) + r_max * delta[:, 3:].abs().sum(1)
+                delta = delta * (level_vox / reach.clamp(min=level_vox))[:, None]
                 T = T.to(dev) @ torch.linalg.inv(_update_matrix(delta, c64, dof))
                 step = delta[:, :3].norm(dim=1) + 50 * delta[:, 3:].abs().sum(1)
                 if step.max() < tol:
@@ -306,7 +321,7 @@ def register_series(data4d, affine, reference=None, mask=None, dof: str = "rigid
     T = torch.as_tensor(np.eye(4)[None].repeat(n, 0) if init is None else np.asarray(init, float),
                         dtype=torch.float64, device=dev).clone()
 
-    def run(ref_img, T):
+    def run(ref_img, T, levels=levels, max_iter=max_iter):
         ref_img = np.asarray(ref_img, np.float32)
         if ref_img.shape != data.shape[:3]:
             raise ValueError(f"reference shape {ref_img.shape} differs from the series grid {data.shape[:3]}")
@@ -317,7 +332,8 @@ def register_series(data4d, affine, reference=None, mask=None, dof: str = "rigid
                          max_points)
 
     if reference is None:
-        T = run(data[..., n // 2], T)
+        # the first pass only builds the mean reference: the coarse levels are enough for that
+        T = run(data[..., n // 2], T, levels[:-1] or levels, max_iter[:-1] or max_iter)
         reference = resample_series(data, affine, T.cpu().numpy(), device=dev).mean(3)
     elif np.isscalar(reference):
         reference = data[..., int(reference)]

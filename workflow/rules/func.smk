@@ -20,8 +20,8 @@ wildcard_constraints:
 
 def _func_stem(datatype="func"):
     ses = "_ses-{session}" if HAS_SESSIONS else ""
-    folder = f"{DERIV}/sub-{{subject}}" + ("/ses-{session}" if HAS_SESSIONS else "") + f"/{datatype}"
-    return f"{folder}/sub-{{subject}}{ses}_{{bold}}"
+    folders = [DERIV, "sub-{subject}"] + (["ses-{session}"] if HAS_SESSIONS else []) + [datatype]
+    return os.path.join(*folders, "sub-{subject}" + ses + "_{bold}")
 
 
 _MNI = f"space-{TEMPLATE}_res-{FUNC_RES}"
