@@ -136,24 +136,26 @@ def _dice(a, b) -> float:
 def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int, threads: int = 1,
             params: dict | None = None, log=print) -> dict:
     """Run every step for one T1w image; write all outputs atomically; return paths and step timings."""
+    p = {**DEFAULTS, **(params or {})}
+    sub = check_label(sub, "subject label")
+    ses = check_label(ses, "session label") if ses else None
+    res = int(res)
+    img = check_t1w(t1w_path)                     # before `import ants`: bad input fails in a second
+    tpl_files = template_outputs(res, Path(template_dir).parent)
+    missing = [f for f in tpl_files.values() if not os.path.exists(f)]
+    if missing:
+        raise FileNotFoundError(f"template files missing (run `brainfuse templates --res {res}`): {missing}")
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import ants
 
     from . import qc
 
-    p = {**DEFAULTS, **(params or {})}
-    sub = check_label(sub, "subject label")
-    ses = check_label(ses, "session label") if ses else None
-    res = int(res)
-    tpl_files = template_outputs(res, Path(template_dir).parent)
-    missing = [f for f in tpl_files.values() if not os.path.exists(f)]
-    if missing:
-        raise FileNotFoundError(f"template files missing (run `brainfuse templates --res {res}`): {missing}")
-    img = check_t1w(t1w_path)
     final = output_paths(out_dir, sub, ses, res)
     anat_dir = Path(final["preproc"]).parent
     anat_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".anat-", dir=anat_dir))       # ANTs outprefix and staged outputs
+    # antspyx's Atropos writes its priors/posteriors to tempfile.mktemp() and never removes them: keep them here.
+    previous_tempdir, tempfile.tempdir = tempfile.tempdir, str(work)
     timings, t0 = {}, time.perf_counter()
 
     def tick(step):
@@ -176,26 +178,31 @@ def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int
         reg_img = _rescale(reg_img)
         tick("load")
 
-        aff = ants.registration(fixed=head, moving=reg_img, type_of_transform="Affine",
+        # Template brain mask on the head grid, dilated: the SyN metric's domain, so that the neck, face and
+        # shoulders of a real scan (absent from the synthetic head) do not pull the brain edge.
+        head_mask = ants.resample_image_to_target(tpl_mask, head, interp_type="nearestNeighbor")
+        dil_vox = max(1, int(round(p["metric_mask_dilation_mm"] / res)))
+        metric_mask = ants.iMath(head_mask, "MD", dil_vox)
+        init = _head_top_translation(ants, reg_img, head, str(work / "init.mat"))
+        # Unmasked: with the metric on the brain + margin only, the affine inflates the brain into the scalp.
+        aff = ants.registration(fixed=head, moving=reg_img, type_of_transform="Affine", initial_transform=init,
                                 outprefix=str(work / "aff_"), aff_metric="mattes")
         affine_mat = aff["fwdtransforms"][0]
         tick("affine")
 
-        # Template brain mask in native space (dilated): N4 weights and, later, the Atropos domain.
-        head_mask = ants.resample_image_to_target(tpl_mask, head, interp_type="nearestNeighbor")
-        dil_vox = max(1, int(round(p["metric_mask_dilation_mm"] / res)))
-        metric_mask = ants.iMath(head_mask, "MD", dil_vox)
         native_mask0 = ants.apply_transforms(fixed=t1, moving=metric_mask, transformlist=[affine_mat],
                                              whichtoinvert=[True], interpolator="nearestNeighbor")
-        shrink = int(max(1, min(4, round(6.0 / spacing.min()))))
+        shrink = int(max(1, min(8, round(8.0 / spacing.min()))))     # fit the smooth field on a ~8 mm grid
         n4 = ants.n4_bias_field_correction(t1, mask=native_mask0, shrink_factor=shrink,
-                                           spline_param=float(p["n4_spline_mm"]))
+                                           spline_param=float(p["n4_spline_mm"]),
+                                           convergence={"iters": [50, 50, 30], "tol": 1e-6})
         n4_reg = n4 if reg_img is t1 else ants.resample_image_to_target(n4, reg_img, interp_type="linear")
         n4_reg = _rescale(n4_reg)
         tick("n4")
 
         syn = ants.registration(fixed=head, moving=n4_reg, type_of_transform="SyNOnly", initial_transform=affine_mat,
-                                outprefix=str(work / "syn_"), mask=metric_mask, syn_metric="mattes",
+                                outprefix=str(work / "syn_"), syn_metric="mattes",
+                                mask=metric_mask if p["metric_mask_dilation_mm"] > 0 else None,
                                 reg_iterations=tuple(p["syn_iterations"]), grad_step=p["syn_gradient_step"],
                                 flow_sigma=p["syn_flow_sigma"], total_sigma=p["syn_total_sigma"])
         fwd, inv = _split(syn, affine_mat)
@@ -292,8 +299,37 @@ def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int
             os.replace(src, final[key])
         tick("rename")
     finally:
+        tempfile.tempdir = previous_tempdir
         shutil.rmtree(work, ignore_errors=True)
     return {"paths": final, "timings": timings, "metrics": metrics}
+
+
+def _head_top_translation(ants, moving, fixed, path: str) -> str:
+    """ITK translation matching the top 100 mm of the two heads (centroids): a start that ignores the neck.
+
+    Centre-of-mass starts fail on scans that include the neck and shoulders; the vertex is always in the FOV.
+    """
+    def centroid(image):
+        a = image.numpy()
+        head = a > 0.3 * np.percentile(a[a > 0], 90)
+        ijk = np.argwhere(head).astype(float)
+        ras = nib.affines.apply_affine(_ras_affine(image), ijk)
+        top = np.percentile(ras[:, 2], 99.9)
+        return ras[ras[:, 2] > top - 100].mean(0)
+
+    shift = centroid(moving) - centroid(fixed)          # fixed (template) point + shift = moving point
+    tx = ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
+                                    translation=tuple(shift * [-1, -1, 1]))   # ITK works in LPS
+    ants.write_transform(tx, path)
+    return path
+
+
+def _ras_affine(image) -> np.ndarray:
+    """Voxel -> RAS world matrix of an ANTs image (ANTs stores LPS origin and direction)."""
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(image.direction) * np.asarray(image.spacing)[None, :]
+    m[:3, 3] = image.origin
+    return np.diag([-1, -1, 1, 1]) @ m
 
 
 def _rescale(image):

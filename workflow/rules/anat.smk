@@ -1,1 +1,70 @@
-# anat stage: see workflow/rules/common.smk for helpers (bpath, units_with, raw_images, STAGE_TARGETS).
+# anat stage: template files (resources/, from nilearn) and per-subject N4 / skull stripping / MNI / tissues
+# (src/brainfuse/templates.py, src/brainfuse/anat.py). Helpers: workflow/rules/common.smk.
+from brainfuse.anat import output_paths as anat_output_paths
+from brainfuse.templates import outputs as template_outputs
+
+RES = int(config["resolution_mm"])
+TPL_DIR = f"resources/tpl-{TEMPLATE}"
+TEMPLATE_FILES = template_outputs(RES, "resources")  # T1w, mask, head, GM, WM, CSF (other stages read these)
+ANAT = anat_output_paths(DERIV, "{subject}", "{session}" if HAS_SESSIONS else None, RES)
+ANAT_PARAMS = json.dumps(config["anat"], sort_keys=True)
+
+
+rule templates:
+    """MNI152NLin2009aSym T1w, brain mask, GM/WM/CSF and a head registration target at resolution_mm."""
+    output:
+        **TEMPLATE_FILES,
+    params:
+        code=code_version("templates"),
+        res=RES,
+    log:
+        log_path("templates", per_unit=False),
+    conda:
+        "../../envs/anat.yaml"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=10,
+    shell:
+        "{BRAINFUSE} templates --res {params.res} --out resources > {log} 2>&1"
+
+
+rule anat_subject:
+    """N4, brain mask, GM/WM/CSF, affine + SyN to the template, MNI maps, log-Jacobian and QC of one T1w."""
+    input:
+        t1w=lambda w: raw_images(unit_of(w), "T1w")[0],
+        templates=list(TEMPLATE_FILES.values()),
+    output:
+        **{k: v for k, v in ANAT.items() if not k.startswith("qc_")},
+        qc_mask=report(ANAT["qc_mask"], category="anat", subcategory="brain mask"),
+        qc_reg=report(ANAT["qc_reg"], category="anat", subcategory="registration"),
+    params:
+        code=code_version("anat"),
+        anat=ANAT_PARAMS,
+        session=lambda w: f"--session {w.session}" if HAS_SESSIONS else "",
+        deriv=DERIV,
+        tpl_dir=TPL_DIR,
+        res=RES,
+    log:
+        log_path("anat_subject"),
+    conda:
+        "../../envs/anat.yaml"
+    group:
+        "anat"
+    threads: config["threads"]
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    shell:
+        "{BRAINFUSE} anat --t1w {input.t1w} --out-dir {params.deriv} --subject {wildcards.subject} {params.session}"
+        " --template-dir {params.tpl_dir} --res {params.res} --threads {threads} --params '{params.anat}' > {log} 2>&1"
+
+
+STAGE_TARGETS["anat"] = deferred_targets(
+    lambda: [p for pattern in ANAT.values() for p in expand_units(pattern, units_with("T1w"))])
+
+
+rule anat:
+    """Run the anat stage for every subject (session) with a T1w image."""
+    input:
+        STAGE_TARGETS["anat"],
