@@ -273,7 +273,7 @@ def plot_metrics(results: pd.DataFrame, task: str, path, bayes: dict | None, cha
     ax.set_xlabel(f"{metric.replace('_', ' ')} (out-of-fold, 95% bootstrap CI)")
     if chance is not None or bayes:
         ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Cross-validated performance: presets, baselines, permuted-label canary")
+    ax.set_title("Cross-validated performance (blue: presets, grey: baselines, red: canary)", fontsize=10)
     _save(fig, path)
 
 
@@ -330,6 +330,8 @@ def plot_utilisation(preds: pd.DataFrame, preset: str, classes: list, names: lis
                              gridspec_kw={"width_ratios": [1, 2]})
     for ax, (what, key) in zip(axes, by):
         t = p[wcols].groupby(key.to_numpy()).mean().T
+        if what == "class" and classes:
+            t = t[[c for c in classes if c in t.columns]]
         t.index = [c.removeprefix("weight_") for c in t.index]
         counts = key.value_counts()
         im = ax.imshow(t.to_numpy(float), cmap="magma", vmin=0, aspect="auto")

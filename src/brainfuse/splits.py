@@ -53,7 +53,10 @@ def make_splits(participants, target, task: str = "classification", n_folds: int
     rows = []
     for fold, (trainval, test) in enumerate(_group_folds(y, groups, n_folds, seed)):
         n_inner = max(2, round(1 / val_fraction))
-        n_inner = min(n_inner, len(np.unique(groups[trainval])))
+        # small cohorts: no more inner folds than groups of the rarest stratum (sklearn's requirement)
+        _, first = np.unique(groups[trainval], return_index=True)
+        rarest = min(c for c in np.bincount(y[trainval][first]) if c > 0)
+        n_inner = max(2, min(n_inner, rarest))
         inner = _group_folds(y[trainval], groups[trainval], n_inner, seed + 1000 + fold)
         role = np.full(len(participants), "", dtype=object)
         role[test] = "test"

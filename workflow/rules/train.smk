@@ -63,7 +63,8 @@ rule train_fold:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=config["model"]["gpus"],   # SLURM: profiles/slurm set-resources train_fold (gres gpu:1)
+        # SLURM GPU request ('gres', not 'gpu': the slurm plugin refuses both, and profiles/slurm sets gres)
+        gres=f"gpu:{config['model']['gpus']}" if config["model"]["gpus"] else "",
     shell:
         "{BRAINFUSE} train fold --tensors {TENSORS} --splits {input.splits} --fold {wildcards.fold}"
         " --preset {wildcards.preset} --settings {params.settings} --device {params.device}"
@@ -161,7 +162,7 @@ rule predict:
     resources:
         mem_mb=4000,
         runtime=30,
-        gpu=config["model"]["gpus"],
+        gres=f"gpu:{config['model']['gpus']}" if config["model"]["gpus"] else "",
     shell:
         "{BRAINFUSE} predict --tensors {TENSORS} --models {params.models} --preset {params.preset}"
         " {params.summary} --device {params.device} --out {output} > {log} 2>&1"
