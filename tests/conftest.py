@@ -1,5 +1,6 @@
 """Shared fixtures. Real data come from BRAINFUSE_SHARED_DATA (set by .ci/run to ../shared/data)."""
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,16 @@ def tiny_demo(tmp_path_factory, request):
             demo.generate(cfg, root)
             (root / "complete").write_text("ok")
     return root, cfg
+
+
+def job_counts(output: str) -> Counter:
+    """Parse the 'Job stats' table Snakemake prints (dry runs and real runs)."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Job stats"))
+    counts = Counter()
+    for line in lines[start + 3:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts

@@ -20,7 +20,7 @@ from brainfuse import demo
 from brainfuse import tensors as T
 from brainfuse.bids import TEMPLATE, bids_path
 from brainfuse.provenance import code_version, file_sha256
-from conftest import REPO
+from conftest import REPO, job_counts
 
 RES = 3
 PARCELS = ["visual", "somatomotor", "default", "salience", "frontoparietal", "striatalL", "striatalR"]
@@ -340,17 +340,6 @@ def snakemake(workdir, *args):
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout + proc.stderr
 
-
-def job_counts(output: str) -> Counter:
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("Job stats"))
-    counts = Counter()
-    for line in lines[start + 3:]:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
 
 
 def test_workflow_caches_gathers_and_reruns_only_the_changed_subject(tmp_path, grid):

@@ -2,12 +2,11 @@
 import shutil
 import subprocess
 import sys
-from collections import Counter
 
 import pytest
 
 from brainfuse import demo
-from conftest import REPO
+from conftest import REPO, job_counts
 
 
 def snakemake(*args, cwd=REPO, check=True):
@@ -15,19 +14,6 @@ def snakemake(*args, cwd=REPO, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-def job_counts(output: str) -> Counter:
-    """Parse the 'Job stats' table of a dry run."""
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("Job stats"))
-    counts = Counter()
-    for line in lines[start + 3:]:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
 
 
 def test_dry_run_on_demo_plans_every_subject(tmp_path):
