@@ -80,6 +80,27 @@ def test_bvec_rotation_convention():
         np.testing.assert_allclose(out[:, 0], 0)
 
 
+def test_single_high_shell_is_fitted_not_refused(capsys):
+    """A single-shell b=2500 scan (like dcm_qa_xa30) gets its tensor maps from that shell, with a warning."""
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(3, 20))
+    g /= np.linalg.norm(g, axis=0)
+    bvecs = np.concatenate([np.zeros((3, 2)), g], 1)
+    bvals = np.array([0, 0] + [2500 + d for d in rng.integers(-5, 5, 20)], float)
+    evals = np.array([1.2e-3, 0.4e-3, 0.4e-3])                       # FA of this tensor: 0.60
+    D = np.diag(evals)
+    signal = 1000 * np.exp(-bvals * np.einsum("in,ij,jn->n", bvecs, D, bvecs))
+    data = np.broadcast_to(signal, (3, 3, 3, len(bvals))).copy()
+    mask = np.ones((3, 3, 3), bool)
+    maps = dwi.fit_tensor(data, bvals, bvecs, mask)                   # default max_bval 1500
+    fa_true = np.sqrt(1.5) * np.linalg.norm(evals - evals.mean()) / np.linalg.norm(evals)
+    np.testing.assert_allclose(maps["fa"], fa_true, atol=1e-3)
+    np.testing.assert_allclose(maps["md"], evals.mean(), rtol=1e-3)
+    assert "lowest shell" in capsys.readouterr().out
+    with pytest.raises(dwi.InputError, match="no diffusion-weighted volume"):
+        dwi.fit_tensor(data[..., :2], bvals[:2], bvecs[:, :2], mask)
+
+
 # ----------------------------------------------------------------------------------------- phantom
 @pytest.fixture(scope="module")
 def phantom_outputs(tiny_demo, tmp_path_factory):

@@ -331,16 +331,28 @@ def motion_table(T, center) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------- tensors
+def shell_limit(bvals, max_bval=DEFAULTS["max_bval"], b0_threshold=DEFAULTS["b0_threshold"]) -> float:
+    """The b-value limit of the tensor fit: ``max_bval``, or the lowest shell when every diffusion-weighted
+    volume lies above it (a single-shell b=2500 acquisition still gets its DTI maps, with a warning)."""
+    bvals = np.asarray(bvals, dtype=float)
+    dw = bvals[bvals > b0_threshold]
+    if dw.size == 0:
+        raise InputError(f"no diffusion-weighted volume (b-values: {sorted(set(np.round(bvals).astype(int).tolist()))})")
+    if (dw <= max_bval).any():
+        return float(max_bval)
+    limit = float(dw.min()) * 1.05          # one shell's b-values differ by a few s/mm^2 between directions
+    print(f"[dwi] warning: no shell at b <= max_bval={max_bval}; fitting the tensor on the lowest shell "
+          f"(b <= {limit:.0f})", flush=True)
+    return limit
+
+
 def fit_tensor(data, bvals, bvecs, mask, max_bval=DEFAULTS["max_bval"], fit_method="WLS",
                b0_threshold=DEFAULTS["b0_threshold"]) -> dict:
-    """dipy tensor fit on volumes with b <= max_bval: fa, md, ad, rd, colour FA (float32, 0 outside mask)."""
+    """dipy tensor fit on volumes with b <= shell_limit(max_bval): fa, md, ad, rd, colour FA (float32, 0 outside mask)."""
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dti import TensorModel, color_fa
 
-    keep = np.asarray(bvals) <= max_bval
-    if not (np.asarray(bvals)[keep] > b0_threshold).any():
-        raise InputError(f"no diffusion-weighted volume with b <= max_bval={max_bval} (b-values: "
-                         f"{sorted(set(np.round(bvals).astype(int).tolist()))})")
+    keep = np.asarray(bvals) <= shell_limit(bvals, max_bval, b0_threshold)
     gt = gradient_table(np.asarray(bvals)[keep], bvecs=np.asarray(bvecs)[:, keep].T, b0_threshold=b0_threshold)
     fit = TensorModel(gt, fit_method=fit_method).fit(data[..., keep], mask=mask)
     fa = np.clip(np.nan_to_num(fit.fa), 0, 1)
@@ -540,10 +552,11 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
         mean_b0 = data[..., b0].mean(3)
         mask = brain_mask(mean_b0)
         t0 = time.perf_counter()
-        maps = fit_tensor(data, bvals, bvecs, mask, p["max_bval"], p["fit_method"], p["b0_threshold"])
+        limit = shell_limit(bvals, p["max_bval"], p["b0_threshold"])
+        maps = fit_tensor(data, bvals, bvecs, mask, limit, p["fit_method"], p["b0_threshold"])
         timings["tensor_fit_s"] = time.perf_counter() - t0
-        used = int((bvals <= p["max_bval"]).sum())
-        meta = {"Model": "tensor (dipy TensorModel)", "FitMethod": p["fit_method"], "MaxBValue": p["max_bval"],
+        used = int((bvals <= limit).sum())
+        meta = {"Model": "tensor (dipy TensorModel)", "FitMethod": p["fit_method"], "MaxBValue": limit,
                 "VolumesUsed": used, "Sources": [os.path.basename(x) for x in dwi_paths],
                 "GeneratedBy": [{"Name": "brainfuse dwi", "CodeVersion": code}]}
         units = {"fa": "arbitrary", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "cfa": "arbitrary"}
