@@ -29,19 +29,20 @@ b-vectors are plain voxel-frame vectors.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
-from scipy import ndimage
 
 from .bids import TEMPLATE, bids_path
 
@@ -146,18 +147,99 @@ class HeadModel:
 
     def sample(self, volume: np.ndarray, points: np.ndarray, order: int = 1) -> np.ndarray:
         """Values of ``volume`` at world points (N, 3), linear interpolation, 0 outside."""
-        vox = apply_affine(np.linalg.inv(self.affine), points)
-        return ndimage.map_coordinates(volume, vox.T, order=order, mode="constant", cval=0.0)
+        vox = affine_rows(np.linalg.inv(self.affine), np.asarray(points).T)
+        if order == 1:
+            return Linear(volume.shape, vox)(volume)
+        from scipy import ndimage
+
+        return ndimage.map_coordinates(volume, vox, order=order, mode="constant", cval=0.0)
+
+    @cached_property
+    def box(self):
+        """RAS bounding box (lo, hi) of the head (tissue sum > 0.05) in template mm."""
+        idx = np.argwhere(sum(self.tissues.values()) > 0.05)
+        corners = apply_affine(self.affine, np.array([idx.min(0), idx.max(0)], dtype=float))
+        return corners.min(0), corners.max(0)
+
+    @cached_property
+    def stacked(self) -> np.ndarray:
+        """(X, Y, Z, 5) tissue maps in TISSUE_ORDER: one gather samples them all."""
+        return np.stack([self.tissues[k] for k in TISSUE_ORDER], -1)
+
+    def tissues_at(self, z: np.ndarray) -> dict:
+        """Tissue probabilities at template points z (N, 3)."""
+        values = Linear(self.t1.shape, affine_rows(np.linalg.inv(self.affine), np.asarray(z).T))(self.stacked)
+        return {k: np.ascontiguousarray(values[:, i]) for i, k in enumerate(TISSUE_ORDER)}
+
+    def arrays(self) -> dict:
+        return {"affine": self.affine, "t1": self.t1, "brain": self.brain,
+                **{f"tissue_{k}": v for k, v in self.tissues.items()}}
+
+    @classmethod
+    def from_arrays(cls, f) -> "HeadModel":
+        return cls(affine=f["affine"], t1=f["t1"], brain=f["brain"], tissues={k: f[f"tissue_{k}"] for k in TISSUE_ORDER})
 
 
-@lru_cache(maxsize=2)
-def head_model(resolution: int = 2, pad_mm: float = 18.0) -> HeadModel:
-    """nilearn's packaged (brain-only) template with CSF, skull and scalp shells, on a padded grid."""
+TISSUE_ORDER = ("wm", "gm", "csf", "skull", "scalp")
+HEAD_PAD_MM = 18.0
+_HEADS: dict = {}       # (resolution, pad) -> HeadModel, built or loaded once per process
+_FILTERS: dict = {}     # (samples, TR) -> BOLD band-pass operator
+
+
+def head_model(resolution: int = 2, pad_mm: float = HEAD_PAD_MM) -> HeadModel:
+    """nilearn's packaged (brain-only) template with CSF, skull and scalp shells, on a padded grid.
+
+    Built once per process, or taken from the generator cache (:func:`load_generator_cache`).
+    """
+    key = (int(resolution), float(pad_mm))
+    if key not in _HEADS:
+        _HEADS[key] = _build_head_model(*key)
+    return _HEADS[key]
+
+
+def head_resolution(cfg: dict) -> int:
+    return 2 if cfg["t1_voxel_mm"] >= 2 else 1
+
+
+def generator_cache_path(root) -> Path:
+    return Path(root) / "truth" / "generator_cache.npz"
+
+
+def _cache_key(cfg: dict) -> str:
+    """What a generator cache must match: grids, BOLD timing, and this module's source (any edit invalidates it)."""
+    return json.dumps([head_resolution(cfg), HEAD_PAD_MM, cfg["n_bold_volumes"], cfg["repetition_time"],
+                       hashlib.sha1(Path(__file__).read_bytes()).hexdigest()])
+
+
+def write_generator_cache(cfg: dict, root):
+    """The fixed ingredients of every subject (head model, BOLD band-pass operator) in one .npz, so that
+    subject jobs neither rebuild them (seconds) nor import nilearn or scipy.signal. Uncompressed: a read."""
+    path = generator_cache_path(root)
+    tmp = Path(str(path) + ".part.npz")
+    np.savez(tmp, key=np.array(_cache_key(cfg)), bold_filter=bold_filter(cfg),
+             **head_model(head_resolution(cfg)).arrays())
+    os.replace(tmp, path)
+
+
+def load_generator_cache(cfg: dict, root) -> bool:
+    """Use the cache :func:`write_generator_cache` wrote, if it is there and was made for ``cfg`` and this code."""
+    try:
+        with np.load(generator_cache_path(root)) as f:
+            if str(f["key"]) != _cache_key(cfg):
+                return False
+            _HEADS.setdefault((head_resolution(cfg), HEAD_PAD_MM), HeadModel.from_arrays(f))
+            _FILTERS.setdefault((cfg["n_bold_volumes"] + 100, float(cfg["repetition_time"])), f["bold_filter"])
+            return True
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def _build_head_model(resolution: int, pad_mm: float) -> HeadModel:
     from nilearn import datasets, image
+    from scipy import ndimage
 
     t1 = datasets.load_mni152_template(resolution=resolution)
     pad = int(round(pad_mm / resolution))
-    shape = tuple(np.array(t1.shape) + 2 * pad)
     affine = t1.affine.copy()
     affine[:3, 3] -= pad * resolution
 
@@ -190,7 +272,80 @@ def head_model(resolution: int = 2, pad_mm: float = 18.0) -> HeadModel:
 
 # ------------------------------------------------------------------------------------------ geometry
 def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return points @ affine[:3, :3].T + affine[:3, 3]
+    """``affine`` applied to points (N, 3) or one point (3,)."""
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim == 1:
+        return affine[:3, :3] @ points + affine[:3, 3]
+    return affine_rows(affine, points.T).T
+
+
+def affine_rows(affine: np.ndarray, rows: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """``affine`` applied to points given as rows (3, N), returned as rows (3, N).
+
+    Column by column on contiguous rows: ``points @ affine[:3, :3].T`` on (N, 3) arrays is many times
+    slower (no BLAS for a 3-wide product; BLAS threads, where they kick in, fight over busy cores).
+    """
+    a = np.asarray(affine, dtype=dtype)
+    out = np.empty((3, np.shape(rows)[1]), dtype=dtype)
+    for i in range(3):
+        np.multiply(rows[0], a[i, 0], out=out[i], casting="unsafe")
+        out[i] += rows[1] * a[i, 1]
+        out[i] += rows[2] * a[i, 2]
+        out[i] += a[i, 3]
+    return out
+
+
+class Linear:
+    """Linear interpolation weights at fixed voxel coordinates ``vox`` (3, N), reused for every volume
+    sampled there: the values of ``ndimage.map_coordinates(order=1, mode="constant")`` (0 outside
+    [0, n-1] on any axis), or of ``mode="nearest"`` with ``clip=True``, in float32.
+
+    A volume is (X, Y, Z) in C or Fortran order, or (X, Y, Z, C) in C order (C channels gathered at once).
+    """
+
+    def __init__(self, shape, vox, clip: bool = False):
+        self.shape = tuple(int(v) for v in shape[:3])
+        self.frac, self.lo, inside = [], [], None
+        for c, n in zip(vox, self.shape):
+            if clip:
+                c = np.clip(c, 0, n - 1)
+            else:
+                ok = (c >= 0) & (c <= n - 1)
+                inside = ok if inside is None else np.logical_and(inside, ok, out=inside)
+            lo = np.floor(c)
+            np.clip(lo, 0, max(n - 2, 0), out=lo)
+            self.frac.append((c - lo).astype(np.float32, copy=False))
+            self.lo.append(lo.astype(np.intp))
+        self.inside = None if inside is None or inside.all() else inside
+        self._index = {}
+
+    def __call__(self, volume: np.ndarray) -> np.ndarray:
+        nx, ny, nz = self.shape
+        if volume.ndim == 3 and volume.flags.f_contiguous and not volume.flags.c_contiguous:
+            flat, strides = volume.reshape(-1, order="F"), (1, nx, nx * ny)
+        else:
+            volume = np.ascontiguousarray(volume)
+            flat, strides = volume.reshape(nx * ny * nz, -1), (ny * nz, nz, 1)
+            if flat.shape[1] == 1:
+                flat = flat[:, 0]
+        if strides not in self._index:
+            self._index[strides] = self.lo[0] * strides[0] + self.lo[1] * strides[1] + self.lo[2] * strides[2]
+        base = self._index[strides]
+        sx, sy, sz = (s if nd > 1 else 0 for s, nd in zip(strides, self.shape))
+        fx, fy, fz = (f if flat.ndim == 1 else f[:, None] for f in self.frac)
+
+        def along_z(offset):      # np.take: several times faster than fancy indexing
+            a = np.take(flat, base + offset, axis=0)
+            return a + (np.take(flat, base + (offset + sz), axis=0) - a) * fz
+
+        c0 = along_z(0)
+        c0 += (along_z(sy) - c0) * fy
+        c1 = along_z(sx)
+        c1 += (along_z(sx + sy) - c1) * fy
+        c0 += (c1 - c0) * fx
+        if self.inside is not None:
+            c0[~self.inside] = 0
+        return c0
 
 
 def rotation(rx: float, ry: float, rz: float) -> np.ndarray:
@@ -219,8 +374,18 @@ def grid_affine(lo, hi, voxel: float):
 
 
 def grid_points(shape, affine) -> np.ndarray:
-    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1).T
-    return apply_affine(affine, ijk)
+    """World points (N, 3) of every voxel, C order (last axis fastest)."""
+    return affine_rows(affine, np.indices(shape, dtype=np.float32).reshape(3, -1)).T
+
+
+def grid_rows_f(shape, affine) -> np.ndarray:
+    """World points of every voxel as rows (3, N), in Fortran order (first axis fastest), as NIfTI stores voxels."""
+    return affine_rows(affine, np.indices(shape[::-1], dtype=np.float32).reshape(3, -1)[::-1])
+
+
+def as_volume(flat: np.ndarray, shape) -> np.ndarray:
+    """Per-voxel values in Fortran voxel order, (N,) or (K, N), as an (X, Y, Z[, K]) Fortran array (no copy)."""
+    return flat.reshape(*flat.shape[:-1], *shape[::-1]).T
 
 
 def fov_centre(shape, affine) -> np.ndarray:
@@ -244,80 +409,123 @@ class Anatomy:
         self.waves = [(rng.normal(size=3), rng.uniform(80, 140), rng.uniform(0, 2 * np.pi), rng.normal(0, 1.0, 3))
                       for _ in range(4)]
         self.atrophy = ATROPHY_PER_SCORE * subject.scores["atrophy"]
-        lo, hi = self._template_box()
+        lo, hi = self.head.box
         self.warp_shape, warp_affine = grid_affine(lo - 8, hi + 8, self.WARP_SPACING)
         self.warp_affine = warp_affine
         self.warp = self.displacement(grid_points(self.warp_shape, warp_affine)).reshape(*self.warp_shape, 3)
 
-    def _template_box(self):
-        idx = np.argwhere(sum(self.head.tissues.values()) > 0.05)
-        corners = apply_affine(self.head.affine, np.array([idx.min(0), idx.max(0)], dtype=float))
-        return corners.min(0), corners.max(0)
+    def _wavevectors(self):
+        """(k, phase, amplitude) of each plane wave: u += amplitude * sin(k . y + phase)."""
+        for direction, wavelength, phase, amplitude in self.waves:
+            yield direction / np.linalg.norm(direction) * 2 * np.pi / wavelength, phase, amplitude
 
     def displacement(self, y: np.ndarray) -> np.ndarray:
         """u(y): random warp plus the atrophy expansion about each putamen (template mm)."""
-        u = np.zeros_like(y, dtype=np.float64)
-        for direction, wavelength, phase, amplitude in self.waves:
-            k = direction / np.linalg.norm(direction) * 2 * np.pi / wavelength
-            u += np.sin(y @ k + phase)[:, None] * amplitude
+        y = np.asarray(y, dtype=np.float64)
+        u = np.zeros_like(y)
+        for k, phase, amplitude in self._wavevectors():
+            u += np.sin(_dot3(y, k) + phase)[:, None] * amplitude
         for c in PUTAMEN:
             d = y - c
-            u += self.atrophy * d * np.exp(-(d ** 2).sum(1) / (2 * ATROPHY_SIGMA ** 2))[:, None]
+            u += self.atrophy * d * np.exp(-_dot3(d, d) / (2 * ATROPHY_SIGMA ** 2))[:, None]
         return u
 
+    def jacobian(self, y: np.ndarray) -> np.ndarray:
+        """(N, 3, 3) d(y + u(y))/dy, analytic."""
+        return np.stack([np.stack(row, -1) for row in self.jacobian_elements(y)], -2)
+
+    def jacobian_elements(self, y: np.ndarray, dtype=np.float64) -> list:
+        """d(y + u(y))_i/dy_j as a 3 x 3 list of (N,) arrays (no (N, 3, 3) temporaries)."""
+        y = np.asarray(y, dtype=dtype)
+        J = [[np.full(len(y), float(i == j), dtype=dtype) for j in range(3)] for i in range(3)]
+        for k, phase, amplitude in self._wavevectors():
+            c = np.cos(_dot3(y, k.astype(dtype)) + dtype(phase))
+            for i in range(3):
+                for j in range(3):
+                    J[i][j] += dtype(amplitude[i] * k[j]) * c
+        for c in PUTAMEN:
+            d = [y[:, a] - dtype(c[a]) for a in range(3)]
+            e = dtype(self.atrophy) * np.exp((d[0] ** 2 + d[1] ** 2 + d[2] ** 2) * dtype(-0.5 / ATROPHY_SIGMA ** 2))
+            for i in range(3):
+                for j in range(3):
+                    J[i][j] += e * (dtype(i == j) - d[i] * d[j] * dtype(1 / ATROPHY_SIGMA ** 2))
+        return J
+
     def to_template(self, x: np.ndarray) -> np.ndarray:
-        """z = y + u(y), y = A x; u interpolated from the stored grid exactly as ANTs does."""
-        y = apply_affine(self.A, x)
-        vox = apply_affine(np.linalg.inv(self.warp_affine), y).T
-        u = np.stack([ndimage.map_coordinates(self.warp[..., i], vox, order=1, mode="nearest") for i in range(3)], 1)
-        return y + u
+        """z = y + u(y), y = A x; u interpolated from the stored grid exactly as ANTs does. (N, 3) points."""
+        return self.to_template_rows(np.asarray(x).T).T
+
+    def to_template_rows(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`to_template` of points given as rows (3, N)."""
+        y = affine_rows(self.A, x)
+        y += Linear(self.warp_shape, affine_rows(np.linalg.inv(self.warp_affine), y), clip=True)(self.warp).T
+        return y
 
     def subject_box(self, margin: float = 6.0):
         """RAS bounding box of the head in subject coordinates."""
-        lo, hi = self._template_box()
+        lo, hi = self.head.box
         corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
         x = apply_affine(np.linalg.inv(self.A), corners)
         return x.min(0) - margin, x.max(0) + margin
 
     def save(self, folder: Path, label: str):
         """ANTs/ITK transforms (subject T1w -> template), a readable JSON, and the true log-Jacobian map."""
-        import ants  # only here: generation itself needs no ANTs
-
         F = np.diag([-1.0, -1.0, 1.0])   # RAS <-> LPS
-        lps = F @ self.A[:3, :3] @ F
-        tx = ants.create_ants_transform(transform_type="AffineTransform", dimension=3, matrix=lps,
-                                        translation=F @ self.A[:3, 3], center=(0.0, 0.0, 0.0))
         stem = f"sub-{label}_from-T1w_to-{TEMPLATE}"
-        ants.write_transform(tx, str(folder / f"{stem}_desc-affine_xfm.mat"))
-        field = (self.warp @ F).astype(np.float32)[:, :, :, None, :]   # ITK stores LPS components
+        write_itk_affine(F @ self.A[:3, :3] @ F, F @ self.A[:3, 3], folder / f"{stem}_desc-affine_xfm.mat")
+        field = (self.warp * np.diag(F)).astype(np.float32)[:, :, :, None, :]   # ITK stores LPS components
         img = nib.Nifti1Image(field, self.warp_affine)
         img.header.set_intent("vector")
-        nib.save(img, folder / f"{stem}_desc-warp_xfm.nii.gz")
-        json.dump({"affine_ras": self.A.tolist(), "atrophy_expansion": self.atrophy,
+        write_nifti_gz(img, folder / f"{stem}_desc-warp_xfm.nii.gz")
+        save_json({"affine_ras": self.A.tolist(), "atrophy_expansion": self.atrophy,
                    "ants_transformlist": [f"{stem}_desc-affine_xfm.mat", f"{stem}_desc-warp_xfm.nii.gz"],
                    "ants_whichtoinvert": [False, False],
                    "sense": "z = y + u(y), y = A x: subject T1w world points x (fixed) to template points z (moving); "
                             "ants.apply_transforms(fixed=T1w, moving=template, transformlist, whichtoinvert) "
                             "reproduces the noise-free T1w"},
-                  open(folder / f"{stem}_xfm.json", "w"), indent=2)
+                  folder / f"{stem}_xfm.json")
+
+
+def write_itk_affine(matrix: np.ndarray, translation: np.ndarray, path):
+    """An ITK ``AffineTransform_double_3_3`` .mat (MATLAB v4, as ``ants.write_transform`` writes it;
+    centre 0), written directly: importing ANTs costs seconds per job."""
+    def variable(name: str, values: np.ndarray) -> bytes:
+        values = np.asarray(values, dtype="<f8").ravel()
+        # type 0000 = little-endian, double, full matrix; rows, cols, imaginary flag, name length (+NUL)
+        return struct.pack("<5i", 0, len(values), 1, 0, len(name) + 1) + name.encode() + b"\0" + values.tobytes()
+
+    data = variable("AffineTransform_double_3_3", np.r_[np.asarray(matrix).ravel(), translation]) + variable("fixed", np.zeros(3))
+    tmp = Path(str(path) + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _dot3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot product of (N, 3) points with a vector (3,) or with (N, 3), without a matmul."""
+    b = np.asarray(b)
+    if b.ndim == 1:
+        return a[:, 0] * b[0] + a[:, 1] * b[1] + a[:, 2] * b[2]
+    return a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1] + a[:, 2] * b[:, 2]
 
 
 def log_jacobian_truth(anatomy: Anatomy, shape, affine) -> np.ndarray:
     """log det of d(subject)/d(template) of the nonlinear part, on a template grid (atrophy < 0)."""
-    pts = grid_points(shape, affine).astype(np.float64)
-    h = 0.5
-    J = np.zeros((len(pts), 3, 3))
-    for i in range(3):
-        e = np.zeros(3)
-        e[i] = h
-        J[:, :, i] = (anatomy.displacement(pts + e) - anatomy.displacement(pts - e)) / (2 * h)
-    J += np.eye(3)
-    return (-np.log(np.abs(np.linalg.det(J)))).reshape(shape).astype(np.float32)
+    # float32: |J - I| < 0.3, so log det is good to ~1e-6, and the grid is large (every template voxel)
+    (a, b, c), (d, e, f), (g, h, i) = anatomy.jacobian_elements(grid_points(shape, affine), np.float32)
+    det = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    return (-np.log(np.abs(det))).astype(np.float32).reshape(shape)
 
 
 # ------------------------------------------------------------------------------------------- images
+def standard_normal_like(a: np.ndarray, rng) -> np.ndarray:
+    """float32 N(0, 1) noise shaped and laid out (C or Fortran) like ``a``."""
+    order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+    return rng.standard_normal(a.size, dtype=np.float32).reshape(a.shape, order=order)
+
+
 def rician(signal: np.ndarray, sigma: float, rng) -> np.ndarray:
-    return np.hypot(signal + rng.normal(0, sigma, signal.shape), rng.normal(0, sigma, signal.shape))
+    real = signal + np.float32(sigma) * standard_normal_like(signal, rng)
+    return np.hypot(real, np.float32(sigma) * standard_normal_like(signal, rng), out=real)
 
 
 def bias_field(points: np.ndarray, centre: np.ndarray, rng) -> np.ndarray:
@@ -338,13 +546,23 @@ def motion_params(n: int, scale_mm: float, rng) -> np.ndarray:
 
 
 def save_nifti(data, affine, path, dtype=np.int16, **header):
-    """Atomic write: a half-written image never carries the final name."""
+    """Atomic write: a half-written image never carries the final name. Fortran-ordered data are
+    written without a transposing copy (the order NIfTI stores voxels in)."""
     img = nib.Nifti1Image(np.asarray(np.round(data) if np.issubdtype(dtype, np.integer) else data).astype(dtype), affine)
     img.header.set_xyzt_units("mm", "sec")
     if "zooms" in header:
         img.header.set_zooms(header["zooms"])
+    write_nifti_gz(img, path)
+
+
+def write_nifti_gz(img, path):
+    """Atomic .nii.gz write; deflate with the run-length strategy: as small as level 1 on noisy images
+    and ~1.7x faster (compression is the largest cost of a phantom subject). Any gzip reader reads it."""
+    packer = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)     # wbits 31: gzip container
     tmp = Path(str(path) + ".part.nii.gz")
-    nib.save(img, tmp)
+    with open(tmp, "wb") as f:
+        f.write(packer.compress(img.to_bytes()))
+        f.write(packer.flush())
     os.replace(tmp, path)
 
 
@@ -354,8 +572,16 @@ def save_json(obj, path):
     os.replace(tmp, path)
 
 
+def save_tsv(columns, rows: np.ndarray, path):
+    """A table of floats as pandas writes it (shortest round-trip repr), without importing pandas."""
+    lines = ["\t".join(columns)] + ["\t".join(repr(float(v)) for v in row) for row in np.asarray(rows)]
+    tmp = Path(str(path) + ".part")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
 def tissue_at(head: HeadModel, z: np.ndarray) -> dict:
-    return {k: head.sample(v, z) for k, v in head.tissues.items()}
+    return head.tissues_at(z)
 
 
 def _direction_field(z: np.ndarray) -> np.ndarray:
@@ -375,19 +601,25 @@ def tract_mask(z: np.ndarray) -> np.ndarray:
     return (x < -14) & (x > -36) & (y > -34) & (y < 8) & (zz > -20) & (zz < 50) & ~((np.abs(x) < 16) & (zz > 6) & (zz < 30))
 
 
+ISO_DIFFUSIVITY = {"gm": 0.8e-3, "csf": 3.0e-3, "skull": 1.0e-3, "scalp": 1.0e-3}
+
+
 def tensors_at(anatomy: Anatomy, x: np.ndarray, fa_score: float):
     """S0 and diffusion tensors (subject RAS frame, mm^2/s) at subject points ``x``."""
     z = anatomy.to_template(x)
     p = tissue_at(anatomy.head, z)
     delta = 0.12e-3 * fa_score * tract_mask(z)
     l1, l2 = 1.7e-3 - delta, 0.3e-3 + delta / 2
-    v = _direction_field(z) @ np.linalg.inv(anatomy.A[:3, :3]).T     # template direction -> subject frame
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    d_wm = l2[:, None, None] * np.eye(3) + (l1 - l2)[:, None, None] * v[:, :, None] * v[:, None, :]
-    iso = {"gm": 0.8e-3, "csf": 3.0e-3, "skull": 1.0e-3, "scalp": 1.0e-3}
-    w = {k: p[k] * B0_SIGNAL[k] for k in p}
+    # Template directions (LR, AP, SI) in the subject frame, unit length; each point takes one of them.
+    axes = np.linalg.inv(anatomy.A[:3, :3]).T
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    v = np.take(axes, np.argmax(_direction_field(z), axis=1), axis=0)
+    w = {k: p[k].astype(np.float64) * B0_SIGNAL[k] for k in p}
     s0 = sum(w.values())
-    D = w["wm"][:, None, None] * d_wm + sum(w[k][:, None, None] * iso[k] * np.eye(3) for k in iso)
+    # Signal-weighted mix: white matter l2 I + (l1 - l2) v v', the other tissues isotropic.
+    isotropic = w["wm"] * l2 + sum(w[k] * ISO_DIFFUSIVITY[k] for k in ISO_DIFFUSIVITY)
+    D = (w["wm"] * (l1 - l2))[:, None, None] * v[:, :, None] * v[:, None, :]
+    D += isotropic[:, None, None] * np.eye(3)
     D /= np.maximum(s0, 1e-6)[:, None, None]
     D[s0 < 1e-6] = 0
     return s0, D
@@ -408,23 +640,37 @@ def gradient_table(n_b0: int, n_dirs: int, bvalue: float, rng):
     return np.array(bvals), np.array(bvecs)
 
 
-def network_weights(anatomy: Anatomy, z: np.ndarray) -> np.ndarray:
+def network_weights(anatomy: Anatomy, z: np.ndarray, gm: np.ndarray | None = None) -> np.ndarray:
     """(N, networks) node weights in grey matter at template points z."""
-    gm = anatomy.head.sample(anatomy.head.tissues["gm"], z)
+    if gm is None:
+        gm = anatomy.head.sample(anatomy.head.tissues["gm"], z)
     out = np.zeros((len(z), len(NETWORKS)), dtype=np.float32)
     for j, nodes in enumerate(NETWORKS.values()):
         for c in nodes:
-            out[:, j] += np.exp(-((z - np.asarray(c)) ** 2).sum(1) / (2 * NODE_SIGMA ** 2))
+            d = np.asarray(z, dtype=np.float32) - np.asarray(c, dtype=np.float32)
+            out[:, j] += np.exp(-_dot3(d, d) / np.float32(2 * NODE_SIGMA ** 2))
     return np.clip(out, 0, 1) * gm[:, None]
+
+
+def bold_filter(cfg: dict) -> np.ndarray:
+    """(M, M) matrix F with F @ x = zero-phase Butterworth band-pass (0.01-0.1 Hz) of x, M = volumes + 100.
+
+    ``sosfiltfilt`` is linear in its input (odd padding, initial state scaled by the first sample), so
+    filtering the identity gives its matrix: exactly the same filter, without scipy.signal in subject jobs.
+    """
+    m, tr = cfg["n_bold_volumes"] + 100, float(cfg["repetition_time"])
+    if (m, tr) not in _FILTERS:
+        from scipy.signal import butter, sosfiltfilt
+
+        sos = butter(2, [0.01, min(0.1, 0.45 / tr)], btype="band", fs=1.0 / tr, output="sos")
+        _FILTERS[(m, tr)] = sosfiltfilt(sos, np.eye(m), axis=0)
+    return _FILTERS[(m, tr)]
 
 
 def network_timecourses(cfg: dict, subject: SubjectPlan, rng) -> tuple[np.ndarray, float]:
     """Unit-variance band-limited (0.01-0.1 Hz) courses; striatal = c * somatomotor + sqrt(1-c^2) * own."""
-    from scipy.signal import butter, sosfiltfilt
-
-    n, tr = cfg["n_bold_volumes"], cfg["repetition_time"]
-    sos = butter(2, [0.01, min(0.1, 0.45 / tr)], btype="band", fs=1.0 / tr, output="sos")
-    raw = sosfiltfilt(sos, rng.normal(size=(len(NETWORKS), n + 100)), axis=1)[:, 50:-50]
+    n = cfg["n_bold_volumes"]
+    raw = (rng.normal(size=(len(NETWORKS), n + 100)) @ bold_filter(cfg).T)[:, 50:-50]
     raw = (raw - raw.mean(1, keepdims=True)) / raw.std(1, keepdims=True)
     names = list(NETWORKS)
     coupling = float(np.tanh(0.9 - 0.45 * subject.scores["connectivity"]))    # monotone in the score
@@ -437,11 +683,15 @@ def network_timecourses(cfg: dict, subject: SubjectPlan, rng) -> tuple[np.ndarra
 
 # ---------------------------------------------------------------------------------- per-modality writers
 class SubjectPhantom:
-    """Everything needed to (re)generate one subject's images; tests use it to check stored truth."""
+    """Everything needed to (re)generate one subject's images; tests use it to check stored truth.
 
-    def __init__(self, cfg: dict, subject: SubjectPlan):
+    Images are computed voxel by voxel in Fortran order (as NIfTI stores them): volumes come back as
+    Fortran-ordered (X, Y, Z[, T]) arrays.
+    """
+
+    def __init__(self, cfg: dict, subject: SubjectPlan, head: HeadModel | None = None):
         self.cfg, self.subject = cfg, subject
-        self.head = head_model(2 if cfg["t1_voxel_mm"] >= 2 else 1)
+        self.head = head or head_model(head_resolution(cfg))
         self.anatomy = Anatomy(cfg, subject, self.head)
         lo, hi = self.anatomy.subject_box()
         self.box = (lo, hi)
@@ -449,16 +699,22 @@ class SubjectPhantom:
     def rng(self, what: int):
         return np.random.default_rng([self.cfg["seed"], self.subject.index, what])
 
+    def template_points(self, shape, affine):
+        """Subject world points (N, 3) of a grid (Fortran voxel order) and where they are in the template."""
+        pts = grid_rows_f(shape, affine)
+        return pts.T, self.anatomy.to_template_rows(pts).T
+
     # T1w -----------------------------------------------------------------------------------------
     def t1w(self):
         shape, affine = grid_affine(*self.box, self.cfg["t1_voxel_mm"])
-        pts = grid_points(shape, affine)
-        clean = self.head.sample(self.head.t1, self.anatomy.to_template(pts))
-        bias = bias_field(pts, fov_centre(shape, affine), self.rng(2))
-        noisy = rician(clean * bias * 1000.0, self.cfg["noise"]["t1"] * 1000.0, self.rng(3))
-        brain = self.head.sample(self.head.brain.astype(np.float32), self.anatomy.to_template(pts)) > 0.5
-        r = lambda a: a.reshape(shape)
-        return r(noisy), affine, {"clean": r(clean * 1000.0), "bias": r(bias), "brain": r(brain)}
+        pts, z = self.template_points(shape, affine)
+        at = Linear(self.head.t1.shape, affine_rows(np.linalg.inv(self.head.affine), z.T))
+        clean = at(self.head.t1)
+        brain = at(self.head.brain.astype(np.float32)) > 0.5
+        bias = bias_field(pts, fov_centre(shape, affine), self.rng(2)).astype(np.float32)
+        noisy = rician(clean * bias * np.float32(1000.0), self.cfg["noise"]["t1"] * 1000.0, self.rng(3))
+        r = lambda a: as_volume(a, shape)
+        return r(noisy), affine, {"clean": r(clean * np.float32(1000.0)), "bias": r(bias), "brain": r(brain)}
 
     # DWI -----------------------------------------------------------------------------------------
     def dwi_geometry(self):
@@ -470,11 +726,17 @@ class SubjectPhantom:
 
     def dwi_motion_free(self, bvals, bvecs, H, shape, affine):
         """Noise-free series in the head frame: volume k as the head sees gradient g' = R_k^T g_k."""
-        s0, D = tensors_at(self.anatomy, grid_points(shape, affine), self.subject.scores["fa"])
-        g_head = np.array([h[:3, :3].T @ g for h, g in zip(H, bvecs)])
-        adc = np.einsum("ki,nij,kj->nk", g_head, D, g_head)
-        series = 1000.0 * s0[:, None] * np.exp(-np.asarray(bvals)[None] * adc)
-        return series.reshape(*shape, -1).astype(np.float32), s0.reshape(shape), D.reshape(*shape, 3, 3)
+        s0, D = tensors_at(self.anatomy, grid_rows_f(shape, affine).T, self.subject.scores["fa"])
+        g = np.array([h[:3, :3].T @ g for h, g in zip(H, bvecs)])
+        # g'Dg for every volume at once: (K, 6) quadratic terms x (6, N) tensor elements
+        quad = np.stack([g[:, 0] ** 2, g[:, 1] ** 2, g[:, 2] ** 2, 2 * g[:, 0] * g[:, 1], 2 * g[:, 0] * g[:, 2],
+                         2 * g[:, 1] * g[:, 2]], 1)
+        elements = np.stack([D[:, 0, 0], D[:, 1, 1], D[:, 2, 2], D[:, 0, 1], D[:, 0, 2], D[:, 1, 2]])
+        series = quad.astype(np.float32) @ elements.astype(np.float32)
+        series *= -np.asarray(bvals, dtype=np.float32)[:, None]
+        np.exp(series, out=series)
+        series *= (1000.0 * s0).astype(np.float32)
+        return as_volume(series, shape), as_volume(s0, shape), D.reshape(*shape[::-1], 3, 3).transpose(2, 1, 0, 3, 4)
 
     def dwi(self):
         shape, affine, bvals, bvecs, motion, H = self.dwi_geometry()
@@ -492,35 +754,56 @@ class SubjectPhantom:
 
     def bold_motion_free(self, shape, affine, tcs, drift):
         """Noise-free series in the head frame: tissue baseline x (1 + drift + network signal)."""
-        z = self.anatomy.to_template(grid_points(shape, affine))
+        _, z = self.template_points(shape, affine)
         p = tissue_at(self.head, z)
-        base = sum(p[k] * BOLD_SIGNAL[k] for k in p)
-        weights = network_weights(self.anatomy, z)
-        series = 1000.0 * base[:, None] * (1 + drift[None] + BOLD_AMPLITUDE * weights @ tcs.T)
-        return series.reshape(*shape, -1).astype(np.float32)
+        base = sum(p[k] * np.float32(BOLD_SIGNAL[k]) for k in p)
+        weights = network_weights(self.anatomy, z, gm=p["gm"])
+        series = np.asarray(tcs, dtype=np.float32) @ (np.float32(BOLD_AMPLITUDE) * weights.T)   # (T, N)
+        series += (1 + np.asarray(drift, dtype=np.float32))[:, None]
+        series *= np.float32(1000.0) * base
+        return as_volume(series, shape)
 
     def bold(self):
         shape, affine, motion, H = self.bold_geometry()
         tcs, coupling = network_timecourses(self.cfg, self.subject, self.rng(8))
         drift = np.linspace(-0.01, 0.01, len(H))
-        moved = move_series(self.bold_motion_free(shape, affine, tcs, drift), H, affine)
-        data = moved + self.rng(9).normal(0, self.cfg["noise"]["bold"] * 1000.0, moved.shape)
+        data = move_series(self.bold_motion_free(shape, affine, tcs, drift), H, affine)
+        data += np.float32(self.cfg["noise"]["bold"] * 1000.0) * standard_normal_like(data, self.rng(9))
         return data, affine, motion, H, tcs, coupling
 
 
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Dilation by a (2r+1)^3 cube (separable: one axis at a time)."""
+    for axis in range(3):
+        out = mask.copy()
+        m, o = np.moveaxis(mask, axis, 0), np.moveaxis(out, axis, 0)
+        for s in range(1, r + 1):
+            o[s:] |= m[:-s]
+            o[:-s] |= m[s:]
+        mask = out
+    return mask
+
+
 def move_series(series: np.ndarray, H, affine) -> np.ndarray:
-    """Volume k seen after the head moved by H_k: out_k(x) = series_k(H_k^-1 x), linear interpolation."""
-    ijk = np.indices(series.shape[:3], dtype=np.float64).reshape(3, -1)
-    out = np.empty(series.shape, dtype=np.float32)
-    for k, h in enumerate(H):
-        vox = np.linalg.inv(affine) @ np.linalg.inv(h) @ affine
-        coords = vox[:3, :3] @ ijk + vox[:3, 3:]
-        out[..., k] = ndimage.map_coordinates(series[..., k], coords, order=1, mode="constant").reshape(series.shape[:3])
-    return out
+    """Volume k seen after the head moved by H_k: out_k(x) = series_k(H_k^-1 x), linear interpolation.
+
+    Only voxels that motion can bring within reach of a non-zero voxel are interpolated (the rest stay 0,
+    as they would: all their neighbours are 0); the result is a Fortran-ordered (X, Y, Z, K) array.
+    """
+    shape = series.shape[:3]
+    vox = [np.linalg.inv(affine) @ np.linalg.inv(h) @ affine for h in H]
+    corners = np.array(np.meshgrid(*[(0, s - 1) for s in shape], indexing="ij")).reshape(3, -1).astype(float)
+    reach = max(np.abs(affine_rows(v, corners) - corners).max() for v in vox)   # an affine map moves corners most
+    support = _dilate(np.any(series != 0, axis=-1), int(np.ceil(reach)) + 1)
+    at = np.flatnonzero(support.reshape(-1, order="F"))
+    ijk = np.array(np.unravel_index(at, shape, order="F"), dtype=np.float32)
+    out = np.zeros((len(H), int(np.prod(shape))), dtype=np.float32)       # (K, N): Fortran (X, Y, Z, K) memory
+    for k, v in enumerate(vox):
+        out[k, at] = Linear(shape, affine_rows(v, ijk, dtype=np.float32))(series[..., k])
+    return as_volume(out, shape)
 
 
-def _motion_table(motion: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame(motion, columns=["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"])
+MOTION_COLUMNS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
 
 
 def _sidecar(kind: str, cfg: dict, n_slices: int = 0) -> dict:
@@ -536,10 +819,20 @@ def _sidecar(kind: str, cfg: dict, n_slices: int = 0) -> dict:
             "TotalReadoutTime": 0.04, "SliceTiming": slice_timing}
 
 
-def write_subject(cfg: dict, subject: SubjectPlan, root: Path, modalities=("T1w", "dwi", "bold")):
-    """Write one subject's BIDS images and ground truth under ``root/bids`` and ``root/truth``."""
+def write_subject(cfg: dict, subject: SubjectPlan, root: Path, modalities=("T1w", "dwi", "bold"),
+                  head: HeadModel | None = None, stage=None):
+    """Write one subject's BIDS images and ground truth under ``root/bids`` and ``root/truth``.
+
+    All modalities in one call share the head model, the subject's anatomy and the imports. The head
+    model comes from ``head``, else this process's, else the cache :func:`write_dataset` wrote. With
+    ``stage`` (a folder), the DWI and BOLD images go there instead of ``root/bids``, under the same
+    BIDS names (the workflow links them into place: it cannot declare outputs a subject may lack).
+    """
     bids, truth = Path(root) / "bids", Path(root) / "truth"
-    ph = SubjectPhantom(cfg, subject)
+    if head is None:
+        load_generator_cache(cfg, root)
+        head = head_model(head_resolution(cfg))
+    ph = SubjectPhantom(cfg, subject, head)
     sub = subject.label
     tdir = truth / f"sub-{sub}"
     for d in ("anat", "dwi", "func"):
@@ -552,21 +845,21 @@ def write_subject(cfg: dict, subject: SubjectPlan, root: Path, modalities=("T1w"
         save_nifti(extra["bias"], affine, tdir / "anat" / f"sub-{sub}_desc-bias_T1w.nii.gz", np.float32)
         save_nifti(extra["brain"], affine, tdir / "anat" / f"sub-{sub}_desc-brain_mask.nii.gz", np.uint8)
         ph.anatomy.save(tdir / "anat", sub)
-        head = ph.head
         logjac = log_jacobian_truth(ph.anatomy, head.t1.shape, head.affine)
         save_nifti(logjac, head.affine, tdir / "anat" / f"sub-{sub}_space-{TEMPLATE}_desc-truth_logjacobian.nii.gz", np.float32)
         save_json(_sidecar("T1w", cfg), out.with_name(out.name.replace(".nii.gz", ".json")))
         save_nifti(data, affine, out)
     if "dwi" in modalities and subject.has_dwi:
-        out = Path(bids_path(bids, sub, "dwi", "dwi", dir="AP"))
+        out = Path(bids_path(stage or bids, sub, "dwi", "dwi", dir="AP"))
         out.parent.mkdir(parents=True, exist_ok=True)
         data, affine, bvals, bvecs, motion, H, (s0, D) = ph.dwi()
-        voxel_frame = np.diag(np.sign(np.diag(affine[:3, :3])))    # LAS: flip x to get voxel-frame vectors
-        d6 = voxel_frame @ D @ voxel_frame
-        lower = np.stack([d6[..., 0, 0], d6[..., 0, 1], d6[..., 1, 1], d6[..., 0, 2], d6[..., 1, 2], d6[..., 2, 2]], -1)
+        flip = np.sign(np.diag(affine[:3, :3]))    # LAS: flip x to get voxel-frame vectors
+        voxel_frame = np.diag(flip)
+        pairs = [(0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 2)]
+        lower = np.stack([D[..., i, j] * (flip[i] * flip[j]) for i, j in pairs], -1)
         save_nifti(lower, affine, tdir / "dwi" / f"sub-{sub}_dir-AP_desc-truth_tensor.nii.gz", np.float32)
         save_nifti(s0 * 1000.0, affine, tdir / "dwi" / f"sub-{sub}_dir-AP_desc-truth_S0.nii.gz", np.float32)
-        _motion_table(motion).to_csv(tdir / "dwi" / f"sub-{sub}_dir-AP_desc-truth_motion.tsv", sep="\t", index=False)
+        save_tsv(MOTION_COLUMNS, motion, tdir / "dwi" / f"sub-{sub}_dir-AP_desc-truth_motion.tsv")
         np.save(tdir / "dwi" / f"sub-{sub}_dir-AP_desc-truth_xfm.npy", np.array(H))
         true_bvecs = np.array([h[:3, :3].T @ g for h, g in zip(H, bvecs)]) @ voxel_frame
         np.savetxt(tdir / "dwi" / f"sub-{sub}_dir-AP_desc-truthrotated_dwi.bvec", true_bvecs.T, fmt="%.6f")
@@ -575,13 +868,12 @@ def write_subject(cfg: dict, subject: SubjectPlan, root: Path, modalities=("T1w"
         save_json(_sidecar("dwi", cfg), str(out).replace(".nii.gz", ".json"))
         save_nifti(data, affine, out)
     if "bold" in modalities and subject.has_bold:
-        out = Path(bids_path(bids, sub, "func", "bold", task="rest"))
+        out = Path(bids_path(stage or bids, sub, "func", "bold", task="rest"))
         out.parent.mkdir(parents=True, exist_ok=True)
         data, affine, motion, H, tcs, coupling = ph.bold()
-        _motion_table(motion).to_csv(tdir / "func" / f"sub-{sub}_task-rest_desc-truth_motion.tsv", sep="\t", index=False)
+        save_tsv(MOTION_COLUMNS, motion, tdir / "func" / f"sub-{sub}_task-rest_desc-truth_motion.tsv")
         np.save(tdir / "func" / f"sub-{sub}_task-rest_desc-truth_xfm.npy", np.array(H))
-        pd.DataFrame(tcs, columns=list(NETWORKS)).to_csv(
-            tdir / "func" / f"sub-{sub}_task-rest_desc-truth_timeseries.tsv", sep="\t", index=False)
+        save_tsv(list(NETWORKS), tcs, tdir / "func" / f"sub-{sub}_task-rest_desc-truth_timeseries.tsv")
         save_json({"coupling_somatomotor_striatal": coupling, "networks": NETWORKS, "node_sigma_mm": NODE_SIGMA,
                    "amplitude": BOLD_AMPLITUDE}, tdir / "func" / f"sub-{sub}_task-rest_desc-truth_networks.json")
         save_json(_sidecar("bold", cfg, n_slices=data.shape[2]), str(out).replace(".nii.gz", ".json"))
@@ -590,8 +882,10 @@ def write_subject(cfg: dict, subject: SubjectPlan, root: Path, modalities=("T1w"
                "has_dwi": subject.has_dwi, "has_bold": subject.has_bold}, tdir / f"sub-{sub}_truth.json")
 
 
-def clinical_table(cfg: dict, subjects: list[SubjectPlan]) -> pd.DataFrame:
-    """participants.tsv: diagnosis, demographics, clinical scores and serum values from the latent scores."""
+def clinical_table(cfg: dict, subjects: list[SubjectPlan]):
+    """participants.tsv (a DataFrame): diagnosis, demographics, clinical scores and serum values from the latent scores."""
+    import pandas as pd   # here only: the subject jobs need no pandas
+
     softplus = lambda v: np.log1p(np.exp(v))
     rows = []
     for s in subjects:
@@ -617,7 +911,8 @@ PARTICIPANTS_JSON = {
 
 
 def write_dataset(cfg: dict, root: Path):
-    """Dataset-level files: dataset_description.json, README, participants.tsv/json, truth/bayes.json."""
+    """Dataset-level files: dataset_description.json, README, participants.tsv/json, truth/bayes.json,
+    and what every subject is made from (truth/generator_cache.npz, read by the subject jobs)."""
     bids, truth = Path(root) / "bids", Path(root) / "truth"
     bids.mkdir(parents=True, exist_ok=True)
     truth.mkdir(parents=True, exist_ok=True)
@@ -629,6 +924,7 @@ def write_dataset(cfg: dict, root: Path):
     table = clinical_table(cfg, subjects)
     table.to_csv(bids / "participants.tsv", sep="\t", index=False)
     save_json(PARTICIPANTS_JSON, bids / "participants.json")
+    write_generator_cache(cfg, root)
     save_json({**bayes_accuracy(cfg), "config": cfg,
                "subjects": [{"label": s.label, "diagnosis": s.diagnosis, "has_dwi": s.has_dwi, "has_bold": s.has_bold,
                              "dicom": s.dicom, "scores": s.scores} for s in subjects]}, truth / "bayes.json")
@@ -686,6 +982,17 @@ def demo_config(overrides: dict | None = None) -> dict:
     return validate({"demo": overrides or {}})["demo"]
 
 
+def _cli_config(params: dict, root: Path) -> dict:
+    """``params`` validated, or as they are when the dataset job already wrote them, complete, into
+    truth/bayes.json (what the workflow's subject jobs get: spares each of them importing jsonschema)."""
+    try:
+        if json.loads((Path(root) / "truth" / "bayes.json").read_text())["config"] == params:
+            return params
+    except (OSError, ValueError, KeyError):
+        pass
+    return demo_config(params)
+
+
 def cli(argv=None):
     ap = argparse.ArgumentParser(prog="brainfuse demo", description="Generate the phantom dataset (BIDS + truth + DICOM).")
     ap.add_argument("--out", required=True, help="output folder (bids/, truth/, dicom/ are written below it)")
@@ -693,8 +1000,9 @@ def cli(argv=None):
     ap.add_argument("--subject", action="append", help="only these subject labels (repeatable)")
     ap.add_argument("--modality", action="append", choices=["T1w", "dwi", "bold"], help="only these modalities")
     ap.add_argument("--what", choices=["all", "dataset", "subject", "dicom"], default="all")
+    ap.add_argument("--stage", help="with --what subject: write DWI and BOLD images below this folder (BIDS names)")
     args = ap.parse_args(argv)
-    cfg = demo_config(json.loads(args.params))
+    cfg = _cli_config(json.loads(args.params), Path(args.out)) if args.what != "dataset" else demo_config(json.loads(args.params))
     modalities = tuple(args.modality or ("T1w", "dwi", "bold"))
     cohort = {s.label: s for s in plan(cfg)}
     unknown = set(args.subject or ()) - set(cohort)
@@ -706,7 +1014,7 @@ def cli(argv=None):
         write_dataset(cfg, Path(args.out))
     elif args.what == "subject":
         for label in args.subject or cohort:
-            write_subject(cfg, cohort[label], Path(args.out), modalities)
+            write_subject(cfg, cohort[label], Path(args.out), modalities, stage=args.stage)
     else:
         for label in args.subject or [s for s in cohort if cohort[s].dicom]:
             write_dicom(cfg, cohort[label], Path(args.out))

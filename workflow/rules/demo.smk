@@ -10,6 +10,8 @@ rule demo_dataset:
         description=f"{DEMO}/bids/dataset_description.json",
         participants=f"{DEMO}/bids/participants.tsv",
         bayes=f"{DEMO}/truth/bayes.json",
+        # head model + BOLD band-pass operator, built once here instead of in every subject job
+        cache=f"{DEMO}/truth/generator_cache.npz",
     params:
         demo=DEMO_PARAMS,
         code=code_version("demo"),
@@ -25,10 +27,32 @@ rule demo_dataset:
         "{BRAINFUSE} demo --out {DEMO} --what dataset --params '{params.demo}' > {log} 2>&1"
 
 
+# One process per subject (rule demo_T1w) generates all its modalities: the head model, the subject's
+# anatomy and the imports are shared. T1w goes straight into BIDS; DWI and BOLD, which some subjects lack
+# (a rule cannot declare outputs that may not exist), go to a staging folder, from where demo_dwi and
+# demo_bold hard-link them into BIDS for the subjects that have them.
+DEMO_STAGE = f"{DEMO}/staging"
+
+
+def _link(staged, bids, extensions):
+    """Params function: shell that hard-links the staged files to their BIDS names (copies across file
+    systems), then touches them so that they are newer than the staging folder's timestamp."""
+    def command(wildcards):
+        pairs = [(staged.format(subject=wildcards.subject).replace(".nii.gz", e),
+                  bids.format(subject=wildcards.subject).replace(".nii.gz", e)) for e in extensions]
+        return " && ".join(f"(ln -f {src} {dst} 2>/dev/null || cp -f {src} {dst}) && touch {dst}" for src, dst in pairs)
+
+    return command
+
+
 rule demo_T1w:
+    input:
+        rules.demo_dataset.output.bayes,
+        rules.demo_dataset.output.cache,
     output:
         image=demo_t1w,
         sidecar=demo_t1w.replace(".nii.gz", ".json"),
+        stage=directory(f"{DEMO_STAGE}/sub-{{subject}}"),
     params:
         demo=DEMO_PARAMS,
         code=code_version("demo"),
@@ -43,19 +67,25 @@ rule demo_T1w:
         mem_mb=3000,
         runtime=10,
     shell:
-        "{BRAINFUSE} demo --out {DEMO} --what subject --subject {wildcards.subject} --modality T1w"
-        " --params '{params.demo}' > {log} 2>&1"
+        "mkdir -p {output.stage} && {BRAINFUSE} demo --out {DEMO} --what subject --subject {wildcards.subject}"
+        " --stage {DEMO_STAGE} --params '{params.demo}' > {log} 2>&1"
+
+
+_stage_dwi = bids_path(DEMO_STAGE, "{subject}", "dwi", "dwi", dir="AP")
+_stage_bold = bids_path(DEMO_STAGE, "{subject}", "func", "bold", task="rest")
 
 
 rule demo_dwi:
+    input:
+        rules.demo_T1w.output.stage,
     output:
         image=demo_dwi,
         sidecar=demo_dwi.replace(".nii.gz", ".json"),
         bval=demo_dwi.replace(".nii.gz", ".bval"),
         bvec=demo_dwi.replace(".nii.gz", ".bvec"),
     params:
-        demo=DEMO_PARAMS,
         code=code_version("demo"),
+        link=_link(_stage_dwi, demo_dwi, (".nii.gz", ".json", ".bval", ".bvec")),
     log:
         f"{LOGS}/demo_dwi/sub-{{subject}}.log",
     conda:
@@ -64,20 +94,21 @@ rule demo_dwi:
         "demo"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=10,
+        mem_mb=100,
+        runtime=2,
     shell:
-        "{BRAINFUSE} demo --out {DEMO} --what subject --subject {wildcards.subject} --modality dwi"
-        " --params '{params.demo}' > {log} 2>&1"
+        "({params.link}) > {log} 2>&1"
 
 
 rule demo_bold:
+    input:
+        rules.demo_T1w.output.stage,
     output:
         image=demo_bold,
         sidecar=demo_bold.replace(".nii.gz", ".json"),
     params:
-        demo=DEMO_PARAMS,
         code=code_version("demo"),
+        link=_link(_stage_bold, demo_bold, (".nii.gz", ".json")),
     log:
         f"{LOGS}/demo_bold/sub-{{subject}}.log",
     conda:
@@ -86,11 +117,10 @@ rule demo_bold:
         "demo"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=10,
+        mem_mb=100,
+        runtime=2,
     shell:
-        "{BRAINFUSE} demo --out {DEMO} --what subject --subject {wildcards.subject} --modality bold"
-        " --params '{params.demo}' > {log} 2>&1"
+        "({params.link}) > {log} 2>&1"
 
 
 def _demo_subject_images(wildcards):
