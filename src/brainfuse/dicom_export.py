@@ -31,7 +31,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr, write_data_element
 from pydicom.datadict import keyword_dict
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -287,35 +289,90 @@ def export_series(nifti_path, out_dir, series_number: int, description: str, pat
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Speed (thousands of files per subject): pydicom encodes the series' constant elements once and
+    # each volume's few changing ones once; per file only the slice's UID, number, position and pixels
+    # are encoded (:func:`_element`, explicit VR little endian as pydicom writes them) and spliced in tag
+    # order, giving the same bytes as ``Dataset.save_as`` at a fraction of the cost.
+    if csa:
+        ds.add_new((0x0029, 0x1010), "OB", csa_bytes)
+    charset = ds.SpecificCharacterSet
+    header = _encode(ds, charset)
+    meta = _encode(_file_meta(ds.file_meta), charset)
+    sop_uids = [_uid(series_uid, instance) for instance in range(1, nt * nz + 1)]
+    positions = [LPS @ (affine @ [0, ny - 1, k, 1])[:3] for k in range(nz)]
+    normal = np.cross(geo["row"], geo["col"])
+    slice_elements = [{_IPP: _element(_IPP, "DS", "\\".join(_ds(v) for v in p)),
+                       _SLICE_LOCATION: _element(_SLICE_LOCATION, "DS", _ds(float(p @ normal)))} for p in positions]
     tr_s = float(tr) if tr else 1.0
     written = []
     for t in range(nt):
-        ds.AcquisitionNumber = t + 1
-        ds.TemporalPositionIdentifier = t + 1
-        ds.AcquisitionTime = ds.ContentTime = _time(t0 + t * tr_s)
-        for tag in ((0x0018, 0x9087), (0x0018, 0x9089), (0x0018, 0x9075)):
-            if tag in ds:
-                del ds[tag]
+        volume = Dataset()
+        volume.AcquisitionNumber = t + 1
+        volume.TemporalPositionIdentifier = t + 1
+        volume.AcquisitionTime = volume.ContentTime = _time(t0 + t * tr_s)
         if dwi:
-            ds.add_new((0x0018, 0x9075), "CS", "DIRECTIONAL" if bvals[t] > 0 else "NONE")
-            ds.add_new((0x0018, 0x9087), "FD", float(bvals[t]))
+            volume.add_new((0x0018, 0x9075), "CS", "DIRECTIONAL" if bvals[t] > 0 else "NONE")
+            volume.add_new((0x0018, 0x9087), "FD", float(bvals[t]))
             if bvals[t] > 0:
-                ds.add_new((0x0018, 0x9089), "FD", [float(v) for v in grads[t]])
-            ds.SequenceName = f"*ep_b{int(round(bvals[t]))}" + ("#1" if bvals[t] > 0 else "")
+                volume.add_new((0x0018, 0x9089), "FD", [float(v) for v in grads[t]])
+            volume.SequenceName = f"*ep_b{int(round(bvals[t]))}" + ("#1" if bvals[t] > 0 else "")
+        base = {**header, **_encode(volume, charset)}
+        # DICOM rows run along NIfTI -j (dcm2niix flips rows): slice k = values[:, ::-1, k, t].T
+        pixels = np.ascontiguousarray(values[:, ::-1, :, t].transpose(2, 1, 0), dtype="<i2")
         for k in range(nz):
             instance = t * nz + k + 1
-            ds.InstanceNumber = instance
-            ds.SOPInstanceUID = _uid(series_uid, instance)
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            position = LPS @ (affine @ [0, ny - 1, k, 1])[:3]
-            ds.ImagePositionPatient = [_ds(v) for v in position]
-            ds.SliceLocation = _ds(float(position @ np.cross(geo["row"], geo["col"])))
-            if csa:
-                ds.add_new((0x0029, 0x1010), "OB", csa_bytes)
-            ds.PixelData = np.ascontiguousarray(values[:, ::-1, k, t].T, dtype="<i2").tobytes()
+            uid = sop_uids[instance - 1]
+            elements = {**base, **slice_elements[k],
+                        _SOP_INSTANCE_UID: _element(_SOP_INSTANCE_UID, "UI", uid),
+                        _INSTANCE_NUMBER: _element(_INSTANCE_NUMBER, "IS", str(instance)),
+                        _PIXEL_DATA: _element(_PIXEL_DATA, "OW", pixels[k].tobytes())}
+            file_meta = {**meta, _MEDIA_SOP_INSTANCE_UID: _element(_MEDIA_SOP_INSTANCE_UID, "UI", uid)}
+            meta_bytes = b"".join(file_meta[tag] for tag in sorted(file_meta) if tag != _META_GROUP_LENGTH)
             path = out_dir / f"IM{series_number:03d}_{instance:05d}.dcm"
             tmp = path.with_name(path.name + ".part")
-            ds.save_as(tmp, enforce_file_format=True)
+            with open(tmp, "wb") as f:
+                f.write(b"".join([_PREAMBLE, _element(_META_GROUP_LENGTH, "UL", struct.pack("<I", len(meta_bytes))),
+                                  meta_bytes, *(elements[tag] for tag in sorted(elements))]))
             os.replace(tmp, path)
             written.append(path)
     return written
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_META_GROUP_LENGTH, _MEDIA_SOP_INSTANCE_UID = 0x00020000, 0x00020003
+_SOP_INSTANCE_UID, _INSTANCE_NUMBER, _IPP, _SLICE_LOCATION = 0x00080018, 0x00200013, 0x00200032, 0x00201041
+_PIXEL_DATA = 0x7FE00010
+_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+
+
+def _element(tag: int, vr: str, value) -> bytes:
+    """One explicit VR little endian data element (value: str or bytes), padded to even length as
+    pydicom pads (UI and OB with NUL, text with a space)."""
+    if isinstance(value, str):
+        value = value.encode("ascii")
+    if len(value) % 2:
+        value += b"\x00" if vr in ("UI", "OB") else b" "
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2s2xI", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
+
+
+def _encode(ds: Dataset, charset) -> dict[int, bytes]:
+    """{tag: bytes} of each element of ``ds`` encoded by pydicom (explicit VR little endian)."""
+    correct_ambiguous_vr(ds, True)
+    out = {}
+    for elem in ds:
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_data_element(fp, elem, charset)
+        out[int(elem.tag)] = fp.getvalue()
+    return out
+
+
+def _file_meta(file_meta: FileMetaDataset) -> FileMetaDataset:
+    """The series' file meta information as ``save_as(enforce_file_format=True)`` completes it (version,
+    implementation UID and name); the group length and instance UID are set per file."""
+    meta = FileMetaDataset(file_meta)
+    meta.MediaStorageSOPInstanceUID = _UID_ROOT + "1"        # placeholder, replaced in every file
+    validate_file_meta(meta, enforce_standard=True)
+    return meta
