@@ -183,13 +183,16 @@ def test_phantom_motion_and_bvecs_recovered(phantom_outputs):
         bvec = np.loadtxt(p["runs"][0]["bvec"])
         dw = np.linalg.norm(t["bvec"], axis=0) > 0
         angle = np.degrees(np.arccos(np.clip(np.abs((bvec * t["bvec"]).sum(0)[dw]), 0, 1)))
-        assert angle.max() < 0.5, (label, angle.max())   # 0.11–0.31° seen across runs (ITK threading)
+        assert angle.max() < 0.5, (label, angle.max())   # ANTs MI (default dw_to_b0): 0.11-0.45° across runs
         truth_fd = motion.framewise_displacement(motion.params_from_matrix(t["H"], motion.fov_center(s0.shape, A)))
         assert np.corrcoef(truth_fd, table["framewise_displacement"])[0, 1] > 0.85
     print("mean displacement error per subject (mm):", np.round(errors, 3))
-    # Issue 5 asks for <= 0.1 mm; measured 0.20-0.24 mm (tiny demo) and 0.21 mm (default demo subject). The
-    # residual is the DW-to-b0 frame (one cross-contrast mutual-information step, biased ~0.1-0.17 mm on the
-    # phantom) plus ~0.1 mm scatter along z between DW volumes. Guarded here at the level reached.
+    # Issue 5 asks for <= 0.1 mm; measured 0.20-0.24 mm with the default dw_to_b0 (ANTs mutual information),
+    # 0.153/0.161/0.188 mm with dw_to_b0=mapped_ssd (not the default: see test_xa30_against_scanner_maps). Left: (1) the DW-to-b0 frame
+    # (the one cross-contrast step) is 0.15-0.17 mm off, a bias in one direction (~-0.07 mm y, +0.14 mm z on
+    # every subject, also on noise-free images and with MI either way: partial-volume voxels of three tissues
+    # have no single b0 -> DW intensity map); (2) ~0.1 mm scatter between DW volumes (directional contrast
+    # against their mean; refine_iterations=3 brings it to 0.05-0.09 mm at ~3x the time).
     assert max(errors) <= 0.3, errors
 
 
@@ -260,9 +263,31 @@ def _tensor_residual(data, bvals, bvecs, mask):
     return float(((y - y @ (X @ np.linalg.pinv(X)).T) ** 2).mean())
 
 
+def _pe_shift_slopes(run, tmp_path):
+    """Correct one run; slope (mm per unit gradient component) of each DW volume's shift along y (the phase-
+    encode axis of these runs) against g_x, g_y, g_z; and the corrected series and b-vectors."""
+    T = dwi.correct_runs([run], dict(dwi.DEFAULTS, max_bval=3000), str(tmp_path))[0][0]
+    ty = motion.params_from_matrix(T, motion.fov_center(run.data.shape, run.affine))[:, 1]
+    dw = run.bvals > 50
+    slopes = np.linalg.lstsq(np.c_[run.bvecs[:, dw].T, np.ones(dw.sum())], ty[dw], rcond=None)[0][:3]
+    corr = dwi.resample(run.data, run.affine, T, run.affine, run.data.shape[:3])
+    return T, slopes, corr, dwi.rotate_bvecs(run.bvecs, T, run.affine)
+
+
 def test_xa30_against_scanner_maps(xa30, tmp_path):
-    """The stage's fit agrees with the scanner's FA/ADC on the same (uncorrected) data; correction removes the
-    run's eddy-current shifts (about -3 mm x g_z along the phase-encode axis), which the scanner's maps keep."""
+    """Real data (1 b0 + 20 directions at b=2500, 3 mm). The scanner computed its FA/ADC maps from the same,
+    uncorrected series: the stage's plain fit must reproduce them (issue 5: r >= 0.9 FA, >= 0.98 MD). After
+    correction the maps are compared with honest references instead:
+    * the shifts removed are eddy currents, not a fault of the correction: along the phase-encode axis they are
+      linear in the gradient direction (about -2.8 mm x g_z for AP) and flip sign in the PA run (head motion
+      cannot do that);
+    * the corrected volumes agree better with one tensor (log-fit residual about halved), counted on interior
+      slices only (a shift past the slab's edge would zero voxels and lower the residual spuriously), and
+      the same transforms given to the wrong volumes fit worse than no correction.
+    Not met (issue 5): r of the corrected maps with the scanner's stays about 0.75 (FA) / 0.8 (MD). Part is
+    the eddy shifts the scanner maps keep; part is suspected to be the one cross-contrast step (DW frame onto
+    the b0): at b=2500 mutual information moves the DW frame ~1 mm along z and 0.65 deg (mapped_ssd 2.3 mm,
+    r 0.63), not an eddy-current axis, and skipping the step gives r(FA) 0.78. Guarded at the level reached."""
     out, ref = xa30
     run = dwi.load_run(out / "17_DWI_dir80_AP.nii.gz")
     fa_s = nib.load(ref / "21_DWI_dir80_AP.nii").get_fdata() / 1000.0       # scanner FA x 1000
@@ -272,25 +297,24 @@ def test_xa30_against_scanner_maps(xa30, tmp_path):
     r = lambda m: (np.corrcoef(m["fa"][inside], fa_s[inside])[0, 1], np.corrcoef(m["md"][inside], adc_s[inside])[0, 1])
     plain = dwi.fit_tensor(run.data, run.bvals, run.bvecs, mask, max_bval=3000)   # single shell b=2500
     r_plain = r(plain)
-    transforms, _ = dwi.correct_runs([run], dict(dwi.DEFAULTS, max_bval=3000), str(tmp_path))
-    T = transforms[0]
-    corr = dwi.resample(run.data, run.affine, T, run.affine, run.data.shape[:3])
-    bvecs = dwi.rotate_bvecs(run.bvecs, T, run.affine)
+    T, slopes, corr, bvecs = _pe_shift_slopes(run, tmp_path)
     r_corr = r(dwi.fit_tensor(corr, run.bvals, bvecs, mask, max_bval=3000))
-    res_plain, res_corr = _tensor_residual(run.data, run.bvals, run.bvecs, mask), _tensor_residual(corr, run.bvals, bvecs, mask)
-    # the same transforms given to the wrong volumes must fit worse than no correction at all
+    interior = mask.copy()
+    interior[..., :3] = interior[..., -3:] = False
+    res_plain, res_corr = (_tensor_residual(run.data, run.bvals, run.bvecs, interior),
+                           _tensor_residual(corr, run.bvals, bvecs, interior))
     perm = np.r_[0, np.random.default_rng(0).permutation(np.arange(1, len(T)))]
     res_perm = _tensor_residual(dwi.resample(run.data, run.affine, T[perm], run.affine, run.data.shape[:3]),
-                                run.bvals, dwi.rotate_bvecs(run.bvecs, T[perm], run.affine), mask)
-    ty = motion.params_from_matrix(T, motion.fov_center(run.data.shape, run.affine))[1:, 1]
-    slope = np.polyfit(run.bvecs[2, 1:], ty, 1)[0]
+                                run.bvals, dwi.rotate_bvecs(run.bvecs, T[perm], run.affine), interior)
+    _, slopes_pa, _, _ = _pe_shift_slopes(dwi.load_run(out / "10_DWI_dir80_PA.nii.gz"), tmp_path)
     print(f"XA30 AP: r(FA, MD) with the scanner maps: plain {np.round(r_plain, 3)}, corrected {np.round(r_corr, 3)}; "
-          f"tensor residual plain {res_plain:.4f}, corrected {res_corr:.4f}, permuted {res_perm:.4f}; "
-          f"phase-encode shift vs g_z slope {slope:.2f} mm")
+          f"tensor residual (interior) plain {res_plain:.4f}, corrected {res_corr:.4f}, permuted {res_perm:.4f}; "
+          f"phase-encode shift vs (g_x, g_y, g_z): AP {np.round(slopes, 2)} mm, PA {np.round(slopes_pa, 2)} mm")
     assert r_plain[0] >= 0.9 and r_plain[1] >= 0.98
     assert res_corr < 0.6 * res_plain < 0.6 * res_perm
-    assert slope < -1.5
-    assert r_corr[0] >= 0.65 and r_corr[1] >= 0.7      # lower than plain: the scanner's maps are uncorrected
+    assert slopes[2] < -2 and slopes_pa[2] > 2                  # measured -2.8 / +2.7
+    assert np.all(np.sign(slopes) == -np.sign(slopes_pa))       # every component flips with the PE direction
+    assert r_corr[0] >= 0.65 and r_corr[1] >= 0.7              # measured 0.75 / 0.8 (mapped_ssd: 0.63 / 0.71)
 
 
 @pytest.mark.slow

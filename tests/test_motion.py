@@ -105,6 +105,30 @@ def test_resample_series_undoes_motion():
     np.testing.assert_allclose(res.params[:, 3:], params[:, 3:], atol=1e-3)   # rad
 
 
+def test_one_reference_per_volume():
+    """A 4D reference gives each volume its own target (dwi: each volume against its tensor prediction): volumes
+    of different contrast, each moved, come back onto their own unmoved image."""
+    shape, A = (32, 36, 30), np.diag([-3.0, 3.0, 3.0, 1.0])
+    world = np.indices(shape).reshape(3, -1).T.astype(float) @ A[:3, :3].T
+    c = motion.fov_center(shape, A)
+    g = lambda x, m, s: np.exp(-(((x - c - m) / s) ** 2).sum(-1) / 2)
+    # contrast k: a bright blob, an off-centre blob whose sign and size change with k
+    img = lambda x, k: g(x, [0, 0, 0], [20, 25, 15]) + (0.6 - 0.4 * k) * g(x, [10, -5, 5], [6 + 2 * k, 6, 8])
+    params = np.array([[0.8, -0.5, 0.3, 0.02, -0.01, 0.03], [-1.2, 0.4, 0.9, -0.03, 0.02, 0.0],
+                       [0.3, 1.0, -0.6, 0.01, 0.03, -0.02]])
+    T = motion.matrix_from_params(params, c)
+    move = lambda t: world @ np.linalg.inv(t)[:3, :3].T + np.linalg.inv(t)[:3, 3]
+    vols = np.stack([img(move(t), k).reshape(shape) for k, t in enumerate(T)], 3)
+    refs = np.stack([img(world, k).reshape(shape) for k in range(3)], 3)
+    res = motion.register_series(vols, A, reference=refs, mask=refs.mean(3) > 0.05)
+    np.testing.assert_allclose(res.params[:, :3], params[:, :3], atol=0.05)   # mm
+    np.testing.assert_allclose(res.params[:, 3:], params[:, 3:], atol=1e-3)   # rad
+    with pytest.raises(ValueError, match="one reference per volume"):
+        motion.register_series(vols, A, reference=refs[..., :2])
+    with pytest.raises(ValueError, match="needs similarity='ssd'"):
+        motion.register_series(vols, A, reference=refs, similarity="mi")
+
+
 def test_affine_and_mi_modes_on_phantom(tiny_demo):
     """dof="affine" (12 parameters) and similarity="mi" (used for diffusion-weighted volumes) also recover
     the phantom's motion; MI is less precise, within a fifth of a voxel."""

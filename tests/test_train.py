@@ -115,6 +115,11 @@ def test_preprocessing_is_fitted_on_the_training_fold_only(tmp_path):
     filled = np.where(np.isnan(x), med, x)
     np.testing.assert_allclose(a["preprocessing"]["clinical"]["fill"], med, rtol=1e-5)
     np.testing.assert_allclose(a["preprocessing"]["clinical"]["mean"], filled.mean(0), rtol=1e-4, atol=1e-6)
+    # volumes: each voxel standardised against the training rows that have the scan (voxel-wise default)
+    have = train_rows[cohort.present[train_rows, [m.name for m in cohort.modalities].index("mri")]]
+    vol = cohort.arrays["mri"][have].astype(np.float64)
+    np.testing.assert_allclose(a["preprocessing"]["mri"]["mean"], vol.mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a["preprocessing"]["mri"]["scale"], vol.std(0), rtol=1e-3, atol=1e-4)
 
 
 def test_same_seed_same_model_and_checkpoint_loads_with_weights_only(tmp_path):

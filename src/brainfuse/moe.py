@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 AUX_NAMES = ("balance", "cv2", "switch", "z", "entropy", "specialization")
-ENCODERS = {"volume": ("vit", "cnn"), "tabular": ("mlp",)}
+ENCODERS = {"volume": ("vit", "cnn", "mlp"), "tabular": ("mlp",)}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -73,7 +73,7 @@ class MoEConfig:
     single_modality: str | None = None   # for fusion="single"; default the first modality
     # encoders
     d_model: int = 64
-    volume_encoder: str = "cnn"          # vit | cnn, for volume modalities whose spec says encoder=None
+    volume_encoder: str = "cnn"          # vit | cnn | mlp, for volume modalities whose spec says encoder=None
     vit_patch: int = 4
     vit_depth: int = 2
     vit_heads: int = 4
@@ -232,12 +232,17 @@ class AvgPool3d(nn.Module):
 
 def make_encoder(spec: ModalitySpec, cfg: MoEConfig) -> nn.Module:
     kind = spec.encoder or ("mlp" if spec.kind == "tabular" else cfg.volume_encoder)
-    if kind == "mlp":
+    if kind == "mlp" and spec.kind == "tabular":
         return mlp(spec.shape[0], cfg.mlp_hidden, cfg.d_model, cfg.encoder_dropout)
     channels, spatial = spec.shape[0], spec.shape[1:]
     pool = AvgPool3d(spatial, cfg.input_pool) if cfg.input_pool > 1 else None
     spatial = pool.out_shape if pool else spatial
-    if kind == "vit":
+    if kind == "mlp":
+        # Location-aware (each voxel its own weight), unlike the CNN's global average pool: for small cohorts,
+        # where an effect sits in one region (atrophy, a tract), on voxel-standardised inputs.
+        enc = nn.Sequential(nn.Flatten(), nn.Dropout(cfg.encoder_dropout),
+                            mlp(channels * math.prod(spatial), cfg.mlp_hidden, cfg.d_model, cfg.encoder_dropout))
+    elif kind == "vit":
         enc = ViT3D(channels, spatial, cfg.d_model, cfg.vit_patch, cfg.vit_depth, cfg.vit_heads, cfg.grad_checkpoint)
     else:
         enc = CNN3D(channels, cfg.d_model, tuple(cfg.cnn_channels))

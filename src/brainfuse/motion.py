@@ -218,30 +218,30 @@ def _register(vols, ref, mask, affine, T, center, dof, similarity, levels, max_i
         f, A_l = _level_grid(affine, vols.shape[2:], shrink, vmin)
         sig = sigma * vmin / vox  # isotropic in mm
         mv = _smooth_decimate(vols, sig, f)
-        rf = _smooth_decimate(ref, sig, f)[0, 0]
+        rf = _smooth_decimate(ref, sig, f)[:, 0]   # (R, i, j, k): R = 1, or one reference per volume
         m = torch.as_tensor(mask, device=dev)[None, None].to(dt)
         m = F.max_pool3d(m, tuple(int(x) for x in f), ceil_mode=True)[0, 0] > 0
         pts = torch.nonzero(m).to(dt)
         if similarity == "mi" and len(pts) > max_points:  # fixed random subset, as ANTs' sampling
             pts = pts[torch.randperm(len(pts), generator=torch.Generator().manual_seed(0))[:max_points].to(dev)]
         idx = pts.long()
-        fixed = rf[idx[:, 0], idx[:, 1], idx[:, 2]]
+        fixed = rf[:, idx[:, 0], idx[:, 1], idx[:, 2]]                    # (R, P)
         A64 = torch.tensor(A_l, dtype=torch.float64, device=dev)
         Ainv = torch.linalg.inv(A64)
         world = pts.double() @ A64[:3, :3].T + A64[:3, 3]
         if similarity == "ssd":
             # reference gradient (world mm) at the points -> Jacobian of W(x; p) at p = 0
-            gv = torch.stack(torch.gradient(rf, dim=(0, 1, 2)), -1)[idx[:, 0], idx[:, 1], idx[:, 2]]
-            g = gv.double() @ torch.linalg.inv(A64[:3, :3])
+            gv = torch.stack(torch.gradient(rf, dim=(1, 2, 3)), -1)[:, idx[:, 0], idx[:, 1], idx[:, 2]]
+            g = gv.double() @ torch.linalg.inv(A64[:3, :3])                  # (R, P, 3)
             r = world - c64
             r_max = float(r.norm(dim=1).max())
             level_vox = float(np.sqrt((A_l[:3, :3] ** 2).sum(0)).min())
             if dof == "rigid":
-                J = torch.cat([g, torch.linalg.cross(r, g)], 1)
+                J = torch.cat([g, torch.linalg.cross(r.expand_as(g), g, dim=-1)], -1)
             else:
-                J = torch.cat([g, (g[:, :, None] * r[:, None, :]).reshape(-1, 9)], 1)
-            J = J.to(dt)
-            H0 = (J.T @ J).double()
+                J = torch.cat([g, (g[..., :, None] * r[:, None, :]).flatten(-2)], -1)
+            J = J.to(dt)                                                      # (R, P, 6|12)
+            H0 = (J.transpose(1, 2) @ J).double()
             for _ in range(iters):
                 M = (Ainv @ T.to(dev) @ A64).to(dt)
                 w, v = _sample(mv, M, pts)
@@ -269,7 +269,7 @@ def _register(vols, ref, mask, affine, T, center, dof, similarity, levels, max_i
             gen = torch.Generator().manual_seed(0)
             pts = pts + (torch.rand(pts.shape, generator=gen) - 0.5).to(dev, dt)
             eye = torch.eye(4, dtype=dt, device=dev)[None]
-            fixed = _sample(rf[None, None], eye, pts)[0][0]
+            fixed = _sample(rf[:1, None], eye, pts)[0][0]
             lo, hi = torch.quantile(fixed, 0.001), torch.quantile(fixed, 0.999)
             fixed_bin = (((fixed - lo) / (hi - lo)).clamp(0, 1) * (bins - 1)).round().long()
             flat = mv.flatten(1)[:, :: max(1, mv[0].numel() // 100000)]
@@ -300,7 +300,8 @@ def register_series(data4d, affine, reference=None, mask=None, dof: str = "rigid
     """Register every volume of ``data4d`` (I, J, K, N) to a reference at once; see the module docstring.
 
     reference: a 3D image on the series grid, an int (that volume), or None: a first pass against the
-    middle volume, then the mean of that corrected series (the frame of the middle volume).
+    middle volume, then the mean of that corrected series (the frame of the middle volume); or, with
+    ssd, a 4D (I, J, K, N) array: one reference per volume (e.g. each volume's model prediction).
     mask: reference-grid brain mask (default: reference > 25% of its 98th percentile); dilated by two
     voxels so that the brain's edges, which carry most of the signal, are used.
     dof: "rigid" (6) or "affine" (12). similarity: "ssd" (Gauss-Newton) or "mi" (L-BFGS).
@@ -323,11 +324,17 @@ def register_series(data4d, affine, reference=None, mask=None, dof: str = "rigid
 
     def run(ref_img, T, levels=levels, max_iter=max_iter):
         ref_img = np.asarray(ref_img, np.float32)
-        if ref_img.shape != data.shape[:3]:
-            raise ValueError(f"reference shape {ref_img.shape} differs from the series grid {data.shape[:3]}")
-        m = mask if mask is not None else ref_img > 0.25 * np.percentile(ref_img, 98)
+        if ref_img.shape[:3] != data.shape[:3] or ref_img.ndim not in (3, 4) \
+                or (ref_img.ndim == 4 and ref_img.shape[3] != n):
+            raise ValueError(f"reference shape {ref_img.shape} differs from the series grid {data.shape[:3]} "
+                             f"(3D, or 4D with one reference per volume)")
+        if ref_img.ndim == 4 and similarity != "ssd":
+            raise ValueError("one reference per volume needs similarity='ssd'")
+        m = mask if mask is not None else (lambda r: r > 0.25 * np.percentile(r, 98))(
+            ref_img if ref_img.ndim == 3 else ref_img.mean(3))
         m = ndimage.binary_dilation(np.asarray(m, bool), iterations=2)
-        ref_t = torch.as_tensor(ref_img, device=dev)[None, None]
+        ref_t = torch.as_tensor(ref_img if ref_img.ndim == 3 else np.moveaxis(ref_img, 3, 0), device=dev)
+        ref_t = ref_t[None, None] if ref_img.ndim == 3 else ref_t[:, None]
         return _register(vols, ref_t, m, affine, T, center, dof, similarity, levels, max_iter, tol, bins,
                          max_points)
 

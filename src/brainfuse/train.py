@@ -100,9 +100,12 @@ def _volume_batch(array, rows, pool: int) -> torch.Tensor:
     return F.avg_pool3d(x, pool, ceil_mode=True) if pool > 1 else x
 
 
-def fit_preprocessing(cohort, rows: np.ndarray, pool: int) -> dict:
+def fit_preprocessing(cohort, rows: np.ndarray, pool: int, volume_norm: str = "voxel") -> dict:
     """Per-modality statistics fitted on ``rows`` (the training fold) only, as tensors (checkpoint-safe).
-    Tabular: median imputation + standard scaling (sklearn). Volumes: per-channel mean and SD after pooling."""
+    Tabular: median imputation + standard scaling (sklearn). Volumes, after pooling: ``voxel`` z-scores each
+    voxel against the training fold (as voxel-based morphometry does: the model sees how a subject differs
+    from the fold, not the template's anatomy, which no classifier of ~30 subjects can learn to subtract);
+    ``channel`` uses one mean and SD per channel."""
     stats = {}
     for m, spec in enumerate(cohort.modalities):
         have = rows[np.asarray(cohort.present)[rows, m]]
@@ -119,17 +122,28 @@ def fit_preprocessing(cohort, rows: np.ndarray, pool: int) -> dict:
                                 "mean": torch.tensor(mean, dtype=torch.float32),
                                 "scale": torch.tensor(scale, dtype=torch.float32)}
         else:
-            C = spec.shape[0]
-            s1, s2, n = torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64), 0
+            shape = pooled_shape(spec.shape, pool)
+            s1, s2, n = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64), 0
             for start in range(0, len(have), 32):
                 x = _volume_batch(cohort.arrays[spec.name], have[start:start + 32], pool).double()
-                s1 += x.sum((0, 2, 3, 4))
-                s2 += x.pow(2).sum((0, 2, 3, 4))
-                n += x[:, 0].numel()
+                s1 += x.sum(0)
+                s2 += x.pow(2).sum(0)
+                n += x.shape[0]
+            if volume_norm == "channel":
+                n, s1, s2 = n * math.prod(shape[1:]), s1.sum((1, 2, 3), keepdim=True), s2.sum((1, 2, 3), keepdim=True)
+            elif volume_norm != "voxel":
+                raise ValueError(f"volume_norm={volume_norm!r}: choose voxel or channel")
             mean = s1 / max(n, 1)
             sd = (s2 / max(n, 1) - mean ** 2).clamp_min(0).sqrt()
-            stats[spec.name] = {"mean": mean.float(), "scale": torch.where(sd > 0, sd, 1.0).float()}
+            # a voxel (near) constant across the fold (background) is centred, not blown up by a tiny SD
+            floor = 1e-3 * float(sd.max()) if sd.numel() else 0.0
+            stats[spec.name] = {"mean": mean.float(), "scale": torch.where(sd > floor, sd, 1.0).float()}
     return stats
+
+
+def _volume_stat(t: torch.Tensor) -> torch.Tensor:
+    """(C,) per-channel statistics of older checkpoints broadcast like (C, 1, 1, 1); (C, X, Y, Z) as is."""
+    return t.view(-1, 1, 1, 1) if t.dim() == 1 else t
 
 
 def materialise(cohort, rows: np.ndarray, stats: dict, pool: int, specs: list | None = None) -> dict:
@@ -146,7 +160,7 @@ def materialise(cohort, rows: np.ndarray, stats: dict, pool: int, specs: list | 
         else:
             parts = [_volume_batch(cohort.arrays[spec.name], rows[i:i + 32], pool) for i in range(0, len(rows), 32)]
             x = torch.cat(parts) if parts else torch.zeros(0, *pooled_shape(spec.shape, pool))
-            inputs[spec.name] = (x - st["mean"].view(-1, 1, 1, 1)) / st["scale"].view(-1, 1, 1, 1)
+            inputs[spec.name] = (x - _volume_stat(st["mean"])) / _volume_stat(st["scale"])
     return {"inputs": inputs, "present": present}
 
 
@@ -254,7 +268,7 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
     dev = pick_device(device)
     pool = int(m_cfg["pool"])
 
-    stats = fit_preprocessing(cohort, rows["train"], pool)
+    stats = fit_preprocessing(cohort, rows["train"], pool, m_cfg["volume_norm"])
     specs = model_specs(cohort, pool)
     data = {s: materialise(cohort, rows[s], stats, pool) for s in ("train", "val", "test")}
     # regression: the model sees the target standardised with training-fold statistics
