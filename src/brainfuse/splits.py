@@ -34,11 +34,10 @@ def _group_folds(y, groups, n_splits, seed):
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
         raise ValueError(f"{n_splits} folds need at least {n_splits} groups, the cohort has {n_groups}")
-    _, first = np.unique(groups, return_index=True)
-    counts = np.bincount(np.asarray(y)[first])
-    if counts[counts > 0].max() < n_splits:
-        raise ValueError(f"{n_splits} folds need at least {n_splits} participants (groups) in some class or "
-                         f"stratum; the largest has {counts.max()} (per class: {counts.tolist()}): lower cv.n_folds")
+    counts = np.bincount(np.asarray(y))     # sklearn's condition: rows per class (stratum)
+    if counts.max() < n_splits:
+        raise ValueError(f"{n_splits} folds need at least {n_splits} rows in some class or stratum; the largest "
+                         f"has {counts.max()} (per class: {counts.tolist()}): lower cv.n_folds")
     return list(StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(y, y, groups))
 
 
