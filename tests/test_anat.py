@@ -138,7 +138,7 @@ def test_phantom_atrophy_shows_in_the_log_jacobian(tiny_demo, resources, tmp_pat
     recovered, true, corr = {}, {}, {}
     for sub in ("001", "003"):
         out = anat.process(bids_path(root / "bids", sub, "anat", "T1w"), tmp_path, sub, None,
-                           resources / f"tpl-{TEMPLATE}", 3, threads=2)
+                           resources / f"tpl-{TEMPLATE}", 3, threads=1)
         lj = nib.load(out["paths"]["logjacobian"])
         t = nib.load(root / "truth" / f"sub-{sub}" / "anat" / f"sub-{sub}_space-{TEMPLATE}_desc-truth_logjacobian.nii.gz")
         t_on_grid = ants.resample_image_to_target(ants.image_read(str(t.get_filename())),
@@ -163,11 +163,11 @@ def test_real_siemens_t1w(shared_data, resources, tmp_path):
     subprocess.run([str(dcm2niix if dcm2niix.exists() else "dcm2niix"), "-z", "y", "-f", "%s_%d", "-o", str(conv),
                     str(series)], check=True, capture_output=True)
     t1w = next(conv.glob("*.nii.gz"))
-    out = anat.process(t1w, tmp_path / "deriv", "xa30", None, resources / f"tpl-{TEMPLATE}", 3, threads=2)
+    out = anat.process(t1w, tmp_path / "deriv", "xa30", None, resources / f"tpl-{TEMPLATE}", 3, threads=1)
     m = out["metrics"]
     print(f"real T1w: {m}, timings {out['timings']}")
     assert m["mni_mask_dice"] > 0.95          # the native mask warped to MNI covers the template brain mask
-    assert m["mni_correlation"] > 0.5         # measured 0.58 (failed registrations measured 0.12-0.34)
+    assert m["mni_correlation"] > 0.5         # measured 0.545 (1 thread, seeded: reproducible); failed runs 0.12-0.34
     assert 1200 < m["mask_volume_ml"] < 2100   # the template mask (1.9 l, generous) on an adult head
     for key in ("qc_mask", "qc_reg"):
         assert open(out["paths"][key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
