@@ -121,3 +121,15 @@ def test_envs_agree_on_versions():
             seen.setdefault(name, {})[env.name] = version
     clashes = {n: v for n, v in seen.items() if len(set(v.values())) > 1}
     assert not clashes, f"different pins of the same package: {clashes}"
+
+
+def test_slurm_profile_groups_name_real_rules():
+    """Per-subject cluster batching lives in profiles/slurm (groups + group-components), not in the rules: every
+    grouped rule must exist (a renamed rule would silently fall out of its group) and every group be batched."""
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    rules = {m.group(1) for smk in RULES.glob("*.smk")
+             for m in re.finditer(r"^\s*(?:rule|checkpoint) (\w+):", smk.read_text(), re.M)}
+    assert set(profile["groups"]) <= rules, set(profile["groups"]) - rules
+    assert set(profile["groups"].values()) == set(profile["group-components"])
+    for smk in RULES.glob("*.smk"):
+        assert not re.search(r"^\s+group:", smk.read_text(), re.M), f"{smk.name}: group: belongs in profiles/slurm"

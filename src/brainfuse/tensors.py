@@ -68,6 +68,11 @@ def tensor_path(tensors_dir, sub: str, modality: str, ses: str | None = None, ex
     return bids_path(tensors_dir, sub, None, f"modality-{modality}_tensor", ext, ses=ses)
 
 
+def unit_dir(tensors_dir, sub: str, ses: str | None = None) -> str:
+    """``<tensors>/sub-X[/ses-Y]``: the folder of one subject's (session's) caches, one workflow job."""
+    return os.path.dirname(tensor_path(tensors_dir, sub, "x", ses=ses))
+
+
 def derivative_paths(deriv, sub: str, modality: str, res: int, ses: str | None = None,
                      run_entities: dict | None = None) -> list[str]:
     """Paths (DEVELOPERS.md Stage contract) of the MNI derivatives a modality is built from, in channel order.
@@ -381,11 +386,23 @@ def parse_tensor_name(path: str) -> tuple[str, str, str]:
     return m[1], m[2] or "", m[3]
 
 
+def expand_tensor_inputs(items) -> list[str]:
+    """Tensor files, with each folder (a unit's caches, as the workflow's tensors_subject writes) replaced by
+    the ``*_tensor.npy`` files directly inside it."""
+    out = []
+    for p in items or []:
+        if os.path.isdir(p):
+            out += sorted(str(f) for f in Path(p).glob("*_modality-*_tensor.npy"))
+        else:
+            out.append(str(p))
+    return out
+
+
 def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | None = None,
            units: list | None = None) -> dict:
     """Stack the per-subject caches and participant tables into ``out_dir`` (see module docstring).
 
-    ``tensors``: per-subject tensor files (their availability defines the has_<m> flags).
+    ``tensors``: per-subject tensor files or unit folders of them (their availability defines the has_<m> flags).
     ``units``: rows of the cohort ("sub-X" or "sub-X_ses-Y"); default: the participants.tsv rows, which is
     how a dataset without images (tabular modalities only) is gathered.
     """
@@ -400,7 +417,7 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
 
     # rows of the cohort
     found = {}
-    for p in tensors or []:
+    for p in expand_tensor_inputs(tensors):
         sub, ses, mod = parse_tensor_name(p)
         found[(f"sub-{sub}", ses, mod)] = str(p)
     if units:
@@ -828,27 +845,34 @@ def __getattr__(name):
 def cli(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="brainfuse tensors", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("subject", help="cache one subject's modality as a fixed-shape tensor")
-    s.add_argument("--modality", required=True, choices=IMAGE_MODALITIES)
-    s.add_argument("--sources", nargs="+", required=True, help="derivatives in channel order")
+    s = sub.add_parser("subject", help="cache one subject's modalities as fixed-shape tensors")
+    s.add_argument("--modality", nargs="+", action="append", required=True, metavar=("NAME", "SOURCE"),
+                   help="a modality and its derivatives in channel order; repeat for each modality")
     s.add_argument("--mask", required=True, help="template brain mask defining the working grid")
     s.add_argument("--resolution", type=int, required=True)
     s.add_argument("--subject", required=True)
     s.add_argument("--session", default=None)
-    s.add_argument("--out", required=True)
+    s.add_argument("--out-dir", required=True, help="tensors folder (files go to <out-dir>/sub-X[/ses-Y]/)")
     g = sub.add_parser("gather", help="stack every subject's caches into the cohort")
     g.add_argument("--out-dir", required=True)
     g.add_argument("--participants", required=True, help="participants.tsv")
     g.add_argument("--settings", default="{}", help="config tensors section (JSON)")
-    g.add_argument("--tensors", nargs="*", default=[], help="per-subject tensor files")
+    g.add_argument("--tensors", nargs="*", default=[], help="per-subject tensor files or unit folders")
     g.add_argument("--units", nargs="*", default=[], help="cohort rows (sub-X[_ses-Y]); default participants.tsv")
     args = ap.parse_args(argv)
     try:
         if args.command == "subject":
             sub_label = check_label(args.subject, "subject")
-            info = build_subject(args.modality, args.sources, args.mask, args.out, args.resolution,
-                                 subject=sub_label, session=args.session)
-            print(f"[tensors] {unit_key(sub_label, args.session)} {args.modality}: {info['shape']} -> {args.out}")
+            ses = check_label(args.session, "session") if args.session else None
+            for modality, *sources in args.modality:
+                if modality not in IMAGE_MODALITIES:
+                    raise TensorError(f"--modality {modality}: not an image modality ({', '.join(IMAGE_MODALITIES)})")
+                if not sources:
+                    raise TensorError(f"--modality {modality}: no source files given")
+                out = tensor_path(args.out_dir, sub_label, modality, ses=ses)
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                info = build_subject(modality, sources, args.mask, out, args.resolution, subject=sub_label, session=ses)
+                print(f"[tensors] {unit_key(sub_label, ses)} {modality}: {info['shape']} -> {out}")
         else:
             info = gather(args.out_dir, args.participants, json.loads(args.settings), args.tensors, args.units)
             print(f"[tensors] gathered {info['n']} rows, modalities "

@@ -49,8 +49,6 @@ rule anat_subject:
         log_path("anat_subject"),
     conda:
         "../../envs/anat.yaml"
-    group:
-        "anat"
     threads: config["threads"]
     resources:
         mem_mb=3000,
@@ -61,7 +59,7 @@ rule anat_subject:
 
 
 STAGE_TARGETS["anat"] = deferred_targets(
-    lambda: [p for pattern in ANAT.values() for p in expand_units(pattern, units_with("T1w"))])
+    lambda: [p for key in ("qc_mask", "qc_reg") for p in expand_units(ANAT[key], units_with("T1w"))])
 
 
 rule anat:

@@ -48,8 +48,6 @@ if MODE == "dicom":
             log_path("convert_subject"),
         conda:
             "../../envs/convert.yaml"
-        group:
-            "convert"
         threads: 1
         resources:
             mem_mb=4000,
@@ -101,8 +99,6 @@ elif MODE == "demo":
             log_path("convert_demo_subject"),
         conda:
             "../../envs/convert.yaml"
-        group:
-            "convert"
         threads: 1
         resources:
             mem_mb=4000,

@@ -40,8 +40,6 @@ rule dwi_subject:
         log_path("dwi_subject"),
     conda:
         "../../envs/dwi.yaml"
-    group:
-        "dwi"
     threads: config["threads"]
     resources:
         mem_mb=4000,
@@ -54,7 +52,7 @@ rule dwi_subject:
 
 
 STAGE_TARGETS["dwi"] = deferred_targets(
-    lambda: [p for pattern in DWI_MNI + DWI_QC for p in expand_units(pattern, units_with("dwi"))]
+    lambda: [p for pattern in DWI_QC for p in expand_units(pattern, units_with("dwi"))]
 )
 
 

@@ -103,8 +103,6 @@ rule func_run:
         f"{LOGS}/func_run/sub-{{subject}}" + ("_ses-{session}" if HAS_SESSIONS else "") + "_{bold}.log",
     conda:
         "../../envs/func.yaml"
-    group:
-        "func"
     threads: config["threads"]
     resources:
         mem_mb=4000,
@@ -121,7 +119,7 @@ def _func_targets():
     for unit in units_with("bold"):
         sub, ses = unit
         for key in sorted(bold_runs(unit)):
-            out += [p.format(subject=sub, session=ses, bold=key) for p in FUNC_OUT.values()]
+            out += [FUNC_OUT[k].format(subject=sub, session=ses, bold=key) for k in ("qc_motion", "qc_carpet")]
     return out
 
 

@@ -17,10 +17,6 @@ PARTICIPANTS_TSV = (f"{BIDS_DIR}/participants.tsv" if MODE == "dicom"
                     else config["participants_tsv"] or f"{BIDS_DIR}/participants.tsv")
 IMAGE_TENSORS = [m for m in TENSOR_SETTINGS["modalities"] if m in bf_tensors.IMAGE_MODALITIES]
 
-wildcard_constraints:
-    modality="|".join(bf_tensors.IMAGE_MODALITIES),
-
-
 def bold_run_entities(unit):
     """Entities of the BOLD run the tensors use: the first task-rest run (sorted), else the first run."""
     runs = sorted(raw_images(unit, "bold"), key=lambda p: Path(p).name)
@@ -29,50 +25,61 @@ def bold_run_entities(unit):
     return {k: ents[k] for k in ("task", "acq", "ce", "rec", "dir", "run", "echo") if k in ents}
 
 
+def unit_modalities(unit):
+    """The image modalities a unit gets a cache of: those whose source scan it has (none is never an error)."""
+    return [m for m in IMAGE_TENSORS if has(unit, bf_tensors.SOURCE_OF[m])]
+
+
+def unit_sources(unit):
+    """{modality: derivative paths in channel order} of one unit."""
+    out = {}
+    for m in unit_modalities(unit):
+        run = bold_run_entities(unit) if bf_tensors.SOURCE_OF[m] == "bold" else None
+        out[m] = bf_tensors.derivative_paths(DERIV, unit[0], m, TENSOR_RES, ses=unit[1], run_entities=run)
+    return out
+
+
 def tensor_sources(wildcards):
-    unit = unit_of(wildcards)
-    run = bold_run_entities(unit) if bf_tensors.SOURCE_OF[wildcards.modality] == "bold" else None
-    return bf_tensors.derivative_paths(DERIV, unit[0], wildcards.modality, TENSOR_RES, ses=unit[1], run_entities=run)
+    return [p for paths in unit_sources(unit_of(wildcards)).values() for p in paths]
 
 
-def unit_tensors(unit):
-    """The caches a unit gets: one per image modality whose source scan it has (none is never an error)."""
-    return [bf_tensors.tensor_path(TENSORS, unit[0], m, ses=unit[1])
-            for m in IMAGE_TENSORS if has(unit, bf_tensors.SOURCE_OF[m])]
+def tensor_args(wildcards):
+    return " ".join(f"--modality {m} " + " ".join(paths) for m, paths in unit_sources(unit_of(wildcards)).items())
 
 
 def all_unit_tensors(wildcards):
-    return [p for u in UNITS for p in unit_tensors(u)]
+    """One cache folder per unit with at least one image modality."""
+    return [bf_tensors.unit_dir(TENSORS, *u) for u in UNITS if unit_modalities(u)]
 
 
-_tensor = bf_tensors.tensor_path(TENSORS, "{subject}", "{modality}", ses="{session}" if HAS_SESSIONS else None)
+_unit_dir = bf_tensors.unit_dir(TENSORS, "{subject}", "{session}" if HAS_SESSIONS else None)
 
 
 rule tensors_subject:
-    """One subject's derivatives of one modality -> float16 tensor + provenance sidecar (no resampling)."""
+    """One subject's (session's) MNI derivatives -> one float16 tensor + provenance sidecar per modality
+    (no resampling). One job per subject: a changed derivative reruns that subject's caches (seconds)."""
     input:
         sources=tensor_sources,
         mask=TEMPLATE_MASK,
     output:
-        tensor=_tensor,
-        sidecar=_tensor.replace(".npy", ".json"),
+        directory(_unit_dir),
     params:
         res=TENSOR_RES,
         session=lambda w: f"--session {w.session}" if HAS_SESSIONS else "",
+        modalities=tensor_args,
+        out_dir=TENSORS,
         code=code_version("tensors"),
     log:
-        f"{LOGS}/tensors_subject/sub-{{subject}}" + ("_ses-{session}" if HAS_SESSIONS else "") + "_{modality}.log",
+        log_path("tensors_subject"),
     conda:
         "../../envs/tensors.yaml"
-    group:
-        "tensors"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{BRAINFUSE} tensors subject --modality {wildcards.modality} --subject {wildcards.subject} {params.session}"
-        " --resolution {params.res} --mask {input.mask} --sources {input.sources} --out {output.tensor} > {log} 2>&1"
+        "{BRAINFUSE} tensors subject --subject {wildcards.subject} {params.session} --resolution {params.res}"
+        " --mask {input.mask} --out-dir {params.out_dir} {params.modalities} > {log} 2>&1"
 
 
 rule tensors_gather:

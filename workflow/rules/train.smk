@@ -2,7 +2,6 @@
 # predict.py). Helpers (bpath, units_with, STAGE_TARGETS, LOGS, OUT) are in common.smk; TENSORS in tensors.smk.
 import shlex
 
-from brainfuse.moe import PRESETS as MOE_PRESETS
 
 # The leakage canary (cv.permute_labels) writes beside the real results, never over them.
 _CANARY = "/permuted" if config["cv"]["permute_labels"] else ""
@@ -17,7 +16,7 @@ COHORT = [f"{TENSORS}/cohort.json", f"{TENSORS}/manifest.tsv"]
 _fold_dir = f"{MODELS}/{{preset}}/fold-{{fold}}"
 
 wildcard_constraints:
-    preset="|".join(MOE_PRESETS),
+    preset="|".join(TRAIN_PRESETS),   # the schema checks the names; moe.py (torch) is not imported at parse time
     fold=r"\d+",
 
 
