@@ -73,7 +73,7 @@ def env_packages(path) -> tuple[dict, dict]:
 
 def test_there_are_rules_to_check():
     names = {n for _, n, _ in command_rules()}
-    assert {"demo_dataset", "demo_T1w", "demo_dwi", "demo_bold"} <= names
+    assert {"demo_dataset", "demo_subject", "demo_dwi", "demo_bold"} <= names
 
 
 @pytest.mark.parametrize("smk,rule,block", command_rules(), ids=lambda v: v if isinstance(v, str) and "\n" not in v else "")

@@ -20,7 +20,7 @@ def test_dry_run_on_demo_plans_every_subject(tmp_path):
     out = snakemake("-n", "demo", "--config", f"output_dir={tmp_path}")
     counts = job_counts(out.stdout)
     cohort = demo.plan(demo.demo_config({}))
-    assert counts["demo_T1w"] == len(cohort)
+    assert counts["demo_subject"] == len(cohort)
     assert counts["demo_dwi"] == sum(s.has_dwi for s in cohort) < len(cohort)     # missing DWI is normal
     assert counts["demo_bold"] == sum(s.has_bold for s in cohort) < len(cohort)
     assert counts["demo_dicom"] == sum(s.dicom for s in cohort)

@@ -13,7 +13,6 @@ can replace it in the func stage.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from . import io as bf_io
 from .bids import TEMPLATE
 
 GM_THRESHOLD = 0.3   # GM probability for a voxel to be parcelled (catches the striatum at 3-4 mm)
@@ -82,16 +82,10 @@ def build(gm_path, out_nii, out_tsv, mask_path=None, n_parcels: int = 100, seed:
     if len(present) < len(table):
         # a parcel too small for a coarse grid stays in the table (columns are fixed) but is empty
         print(f"[atlas] {len(table) - len(present)} parcels have no voxel on this grid", file=sys.stderr)
-    for p in (out_nii, out_tsv):
-        Path(p).parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(labels, gm.affine)
     img.header.set_data_dtype(np.int16)
-    tmp = str(out_nii) + ".part.nii.gz"
-    nib.save(img, tmp)
-    os.replace(tmp, out_nii)
-    tmp = str(out_tsv) + ".part"
-    table.to_csv(tmp, sep="\t", index=False)
-    os.replace(tmp, out_tsv)
+    bf_io.save_nifti(img, out_nii)
+    bf_io.save_tsv(table, out_tsv)
     return out_nii, out_tsv
 
 

@@ -43,6 +43,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from . import io as bf_io
 from .bids import LabelError, bids_path, check_label, with_ext
 from .deid import Scrubber, identifying_values, scrub_nifti, scrub_sidecar
 from .deid import as_text as _text
@@ -586,12 +587,6 @@ def _assign_runs(cands: list[Candidate]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
-def _write_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _install(c: Candidate, bids_root: Path, subject: str, session: str | None, scrubber: Scrubber,
              mapping: Mapping) -> None:
     """Write one image's files into the BIDS tree: all to temporary names first, then renamed, image last."""
@@ -794,11 +789,7 @@ def produced_files(manifest: pd.DataFrame) -> dict:
 
 
 def write_manifest(manifest: pd.DataFrame, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    manifest.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
-    os.replace(tmp, path)
+    bf_io.save_tsv(manifest, path, na_rep="n/a")
 
 
 def read_manifest(path) -> pd.DataFrame:
@@ -822,7 +813,7 @@ def write_dataset_files(bids_root, manifest, clinical_tsv=None, name: str = "bra
     if not isinstance(manifest, pd.DataFrame):
         paths = [manifest] if isinstance(manifest, (str, os.PathLike)) else list(manifest)
         manifest = pd.concat([read_manifest(p) for p in paths], ignore_index=True) if paths else _frame([])
-    _write_json({
+    bf_io.save_json({
         "Name": name, "BIDSVersion": "1.10.0", "DatasetType": "raw",
         "GeneratedBy": [{"Name": "brainfuse", "Version": __version__,
                          "Description": "DICOM to BIDS conversion (brainfuse.convert) with dcm2niix"},
@@ -861,11 +852,9 @@ def write_dataset_files(bids_root, manifest, clinical_tsv=None, name: str = "bra
         if side.exists() and side != Path(clinical_tsv):
             sidecar = json.loads(side.read_text())
     table = table.fillna("n/a").replace("", "n/a")
-    tmp = bids_root / f".participants.tsv.{os.getpid()}.tmp"
-    table.to_csv(tmp, sep="\t", index=False)
-    os.replace(tmp, bids_root / "participants.tsv")
+    bf_io.save_tsv(table, bids_root / "participants.tsv")
     if sidecar is not None:
-        _write_json(sidecar, bids_root / "participants.json")
+        bf_io.save_json(sidecar, bids_root / "participants.json")
     return table
 
 
@@ -1047,6 +1036,5 @@ def cli(argv=None) -> int:
         info = {"subject": f"sub-{check_label(args.subject)}",
                 "session": f"ses-{check_label(args.session)}" if args.session else None,
                 **produced_files(manifest), "decisions": manifest["decision"].value_counts().to_dict()}
-        Path(args.outputs).parent.mkdir(parents=True, exist_ok=True)
-        _write_json(info, Path(args.outputs))
+        bf_io.save_json(info, args.outputs)
     return 0

@@ -36,7 +36,6 @@ import shutil
 import struct
 import sys
 import tempfile
-import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -44,6 +43,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from . import io as bf_io
 from .bids import TEMPLATE, bids_path
 
 # Class means of the latent disease scores (rows follow config demo.classes; 2-class configs use the first two).
@@ -214,11 +214,9 @@ def _cache_key(cfg: dict) -> str:
 def write_generator_cache(cfg: dict, root):
     """The fixed ingredients of every subject (head model, BOLD band-pass operator) in one .npz, so that
     subject jobs neither rebuild them (seconds) nor import nilearn or scipy.signal. Uncompressed: a read."""
-    path = generator_cache_path(root)
-    tmp = Path(str(path) + ".part.npz")
-    np.savez(tmp, key=np.array(_cache_key(cfg)), bold_filter=bold_filter(cfg),
-             **head_model(head_resolution(cfg)).arrays())
-    os.replace(tmp, path)
+    with bf_io.atomic_path(generator_cache_path(root), keep_extension=True) as tmp:     # np.savez wants .npz
+        np.savez(tmp, key=np.array(_cache_key(cfg)), bold_filter=bold_filter(cfg),
+                 **head_model(head_resolution(cfg)).arrays())
 
 
 def load_generator_cache(cfg: dict, root) -> bool:
@@ -476,14 +474,14 @@ class Anatomy:
         field = (self.warp * np.diag(F)).astype(np.float32)[:, :, :, None, :]   # ITK stores LPS components
         img = nib.Nifti1Image(field, self.warp_affine)
         img.header.set_intent("vector")
-        write_nifti_gz(img, folder / f"{stem}_desc-warp_xfm.nii.gz")
-        save_json({"affine_ras": self.A.tolist(), "atrophy_expansion": self.atrophy,
-                   "ants_transformlist": [f"{stem}_desc-affine_xfm.mat", f"{stem}_desc-warp_xfm.nii.gz"],
-                   "ants_whichtoinvert": [False, False],
-                   "sense": "z = y + u(y), y = A x: subject T1w world points x (fixed) to template points z (moving); "
-                            "ants.apply_transforms(fixed=T1w, moving=template, transformlist, whichtoinvert) "
-                            "reproduces the noise-free T1w"},
-                  folder / f"{stem}_xfm.json")
+        bf_io.save_nifti(img, folder / f"{stem}_desc-warp_xfm.nii.gz", fast_gzip=True)
+        bf_io.save_json({"affine_ras": self.A.tolist(), "atrophy_expansion": self.atrophy,
+                         "ants_transformlist": [f"{stem}_desc-affine_xfm.mat", f"{stem}_desc-warp_xfm.nii.gz"],
+                         "ants_whichtoinvert": [False, False],
+                         "sense": "z = y + u(y), y = A x: subject T1w world points x (fixed) to template points z "
+                                  "(moving); ants.apply_transforms(fixed=T1w, moving=template, transformlist, "
+                                  "whichtoinvert) reproduces the noise-free T1w"},
+                        folder / f"{stem}_xfm.json")
 
 
 def write_itk_affine(matrix: np.ndarray, translation: np.ndarray, path):
@@ -495,9 +493,7 @@ def write_itk_affine(matrix: np.ndarray, translation: np.ndarray, path):
         return struct.pack("<5i", 0, len(values), 1, 0, len(name) + 1) + name.encode() + b"\0" + values.tobytes()
 
     data = variable("AffineTransform_double_3_3", np.r_[np.asarray(matrix).ravel(), translation]) + variable("fixed", np.zeros(3))
-    tmp = Path(str(path) + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    bf_io.save_bytes(data, path)
 
 
 def _dot3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -546,38 +542,17 @@ def motion_params(n: int, scale_mm: float, rng) -> np.ndarray:
 
 
 def save_nifti(data, affine, path, dtype=np.int16, **header):
-    """Atomic write: a half-written image never carries the final name. Fortran-ordered data are
-    written without a transposing copy (the order NIfTI stores voxels in)."""
+    """Atomic write (brainfuse.io) of a phantom image, rounded first when ``dtype`` is an integer type;
+    deflated with the run-length strategy (``fast_gzip``: compression is the largest cost of a phantom
+    subject). Fortran-ordered data are written without a transposing copy (the order NIfTI stores voxels in)."""
     img = nib.Nifti1Image(np.asarray(np.round(data) if np.issubdtype(dtype, np.integer) else data).astype(dtype), affine)
-    img.header.set_xyzt_units("mm", "sec")
-    if "zooms" in header:
-        img.header.set_zooms(header["zooms"])
-    write_nifti_gz(img, path)
-
-
-def write_nifti_gz(img, path):
-    """Atomic .nii.gz write; deflate with the run-length strategy: as small as level 1 on noisy images
-    and ~1.7x faster (compression is the largest cost of a phantom subject). Any gzip reader reads it."""
-    packer = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)     # wbits 31: gzip container
-    tmp = Path(str(path) + ".part.nii.gz")
-    with open(tmp, "wb") as f:
-        f.write(packer.compress(img.to_bytes()))
-        f.write(packer.flush())
-    os.replace(tmp, path)
-
-
-def save_json(obj, path):
-    tmp = Path(str(path) + ".part")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    bf_io.save_nifti(img, path, units=("mm", "sec"), zooms=header.get("zooms"), fast_gzip=True)
 
 
 def save_tsv(columns, rows: np.ndarray, path):
     """A table of floats as pandas writes it (shortest round-trip repr), without importing pandas."""
     lines = ["\t".join(columns)] + ["\t".join(repr(float(v)) for v in row) for row in np.asarray(rows)]
-    tmp = Path(str(path) + ".part")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    bf_io.save_text("\n".join(lines) + "\n", path)
 
 
 def tissue_at(head: HeadModel, z: np.ndarray) -> dict:
@@ -847,7 +822,7 @@ def write_subject(cfg: dict, subject: SubjectPlan, root: Path, modalities=("T1w"
         ph.anatomy.save(tdir / "anat", sub)
         logjac = log_jacobian_truth(ph.anatomy, head.t1.shape, head.affine)
         save_nifti(logjac, head.affine, tdir / "anat" / f"sub-{sub}_space-{TEMPLATE}_desc-truth_logjacobian.nii.gz", np.float32)
-        save_json(_sidecar("T1w", cfg), out.with_name(out.name.replace(".nii.gz", ".json")))
+        bf_io.save_json(_sidecar("T1w", cfg), out.with_name(out.name.replace(".nii.gz", ".json")))
         save_nifti(data, affine, out)
     if "dwi" in modalities and subject.has_dwi:
         out = Path(bids_path(stage or bids, sub, "dwi", "dwi", dir="AP"))
@@ -865,7 +840,7 @@ def write_subject(cfg: dict, subject: SubjectPlan, root: Path, modalities=("T1w"
         np.savetxt(tdir / "dwi" / f"sub-{sub}_dir-AP_desc-truthrotated_dwi.bvec", true_bvecs.T, fmt="%.6f")
         np.savetxt(str(out).replace(".nii.gz", ".bval"), bvals[None], fmt="%d")
         np.savetxt(str(out).replace(".nii.gz", ".bvec"), (bvecs @ voxel_frame).T, fmt="%.6f")
-        save_json(_sidecar("dwi", cfg), str(out).replace(".nii.gz", ".json"))
+        bf_io.save_json(_sidecar("dwi", cfg), str(out).replace(".nii.gz", ".json"))
         save_nifti(data, affine, out)
     if "bold" in modalities and subject.has_bold:
         out = Path(bids_path(stage or bids, sub, "func", "bold", task="rest"))
@@ -874,12 +849,12 @@ def write_subject(cfg: dict, subject: SubjectPlan, root: Path, modalities=("T1w"
         save_tsv(MOTION_COLUMNS, motion, tdir / "func" / f"sub-{sub}_task-rest_desc-truth_motion.tsv")
         np.save(tdir / "func" / f"sub-{sub}_task-rest_desc-truth_xfm.npy", np.array(H))
         save_tsv(list(NETWORKS), tcs, tdir / "func" / f"sub-{sub}_task-rest_desc-truth_timeseries.tsv")
-        save_json({"coupling_somatomotor_striatal": coupling, "networks": NETWORKS, "node_sigma_mm": NODE_SIGMA,
-                   "amplitude": BOLD_AMPLITUDE}, tdir / "func" / f"sub-{sub}_task-rest_desc-truth_networks.json")
-        save_json(_sidecar("bold", cfg, n_slices=data.shape[2]), str(out).replace(".nii.gz", ".json"))
+        bf_io.save_json({"coupling_somatomotor_striatal": coupling, "networks": NETWORKS, "node_sigma_mm": NODE_SIGMA,
+                         "amplitude": BOLD_AMPLITUDE}, tdir / "func" / f"sub-{sub}_task-rest_desc-truth_networks.json")
+        bf_io.save_json(_sidecar("bold", cfg, n_slices=data.shape[2]), str(out).replace(".nii.gz", ".json"))
         save_nifti(data, affine, out, zooms=(*[cfg["bold_voxel_mm"]] * 3, cfg["repetition_time"]))
-    save_json({"participant_id": f"sub-{sub}", "diagnosis": subject.diagnosis, "scores": subject.scores,
-               "has_dwi": subject.has_dwi, "has_bold": subject.has_bold}, tdir / f"sub-{sub}_truth.json")
+    bf_io.save_json({"participant_id": f"sub-{sub}", "diagnosis": subject.diagnosis, "scores": subject.scores,
+                     "has_dwi": subject.has_dwi, "has_bold": subject.has_bold}, tdir / f"sub-{sub}_truth.json")
 
 
 def clinical_table(cfg: dict, subjects: list[SubjectPlan]):
@@ -917,17 +892,17 @@ def write_dataset(cfg: dict, root: Path):
     bids.mkdir(parents=True, exist_ok=True)
     truth.mkdir(parents=True, exist_ok=True)
     subjects = plan(cfg)
-    save_json({"Name": "brainfuse phantom cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
-               "GeneratedBy": [{"Name": "brainfuse.demo", "Version": __import__("brainfuse").__version__}]},
-              bids / "dataset_description.json")
+    bf_io.save_json({"Name": "brainfuse phantom cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
+                     "GeneratedBy": [{"Name": "brainfuse.demo", "Version": __import__("brainfuse").__version__}]},
+                    bids / "dataset_description.json")
     (bids / "README").write_text("Simulated multimodal cohort generated by brainfuse.demo; ground truth in ../truth.\n")
     table = clinical_table(cfg, subjects)
     table.to_csv(bids / "participants.tsv", sep="\t", index=False)
-    save_json(PARTICIPANTS_JSON, bids / "participants.json")
+    bf_io.save_json(PARTICIPANTS_JSON, bids / "participants.json")
     write_generator_cache(cfg, root)
-    save_json({**bayes_accuracy(cfg), "config": cfg,
-               "subjects": [{"label": s.label, "diagnosis": s.diagnosis, "has_dwi": s.has_dwi, "has_bold": s.has_bold,
-                             "dicom": s.dicom, "scores": s.scores} for s in subjects]}, truth / "bayes.json")
+    bf_io.save_json({**bayes_accuracy(cfg), "config": cfg,
+                     "subjects": [{"label": s.label, "diagnosis": s.diagnosis, "has_dwi": s.has_dwi, "has_bold": s.has_bold,
+                                   "dicom": s.dicom, "scores": s.scores} for s in subjects]}, truth / "bayes.json")
 
 
 def write_dicom(cfg: dict, subject: SubjectPlan, root: Path):
@@ -958,7 +933,7 @@ def write_dicom(cfg: dict, subject: SubjectPlan, root: Path):
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
-    save_json(patient, Path(root) / "truth" / f"sub-{subject.label}" / f"sub-{subject.label}_dicom_identity.json")
+    bf_io.save_json(patient, Path(root) / "truth" / f"sub-{subject.label}" / f"sub-{subject.label}_dicom_identity.json")
 
 
 def generate(cfg: dict, root, subjects=None, modalities=("T1w", "dwi", "bold"), dicom=True, progress=print):

@@ -37,6 +37,8 @@ from pydicom.filewriter import correct_ambiguous_vr, write_data_element
 from pydicom.datadict import keyword_dict
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from . import io as bf_io
+
 LPS = np.diag([-1.0, -1.0, 1.0])     # RAS (NIfTI world) <-> LPS (DICOM patient) coordinates
 MANUFACTURER = "SIEMENS"             # dcm2niix reads PE polarity / slice times from CSA for Siemens only
 _UID_ROOT = "1.2.826.0.1.3680043.8.498."   # pydicom's root, as generate_uid uses by default
@@ -329,11 +331,9 @@ def export_series(nifti_path, out_dir, series_number: int, description: str, pat
             file_meta = {**meta, _MEDIA_SOP_INSTANCE_UID: _element(_MEDIA_SOP_INSTANCE_UID, "UI", uid)}
             meta_bytes = b"".join(file_meta[tag] for tag in sorted(file_meta) if tag != _META_GROUP_LENGTH)
             path = out_dir / f"IM{series_number:03d}_{instance:05d}.dcm"
-            tmp = path.with_name(path.name + ".part")
-            with open(tmp, "wb") as f:
-                f.write(b"".join([_PREAMBLE, _element(_META_GROUP_LENGTH, "UL", struct.pack("<I", len(meta_bytes))),
-                                  meta_bytes, *(elements[tag] for tag in sorted(elements))]))
-            os.replace(tmp, path)
+            group_length = _element(_META_GROUP_LENGTH, "UL", struct.pack("<I", len(meta_bytes)))
+            bf_io.save_bytes(b"".join([_PREAMBLE, group_length, meta_bytes, *(elements[tag] for tag in sorted(elements))]),
+                             path)
             written.append(path)
     return written
 

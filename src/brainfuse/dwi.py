@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from . import io as bf_io
 from .bids import TEMPLATE, bids_path, check_label, parse_name, sidecar, with_ext
 from .provenance import code_version
 
@@ -66,6 +67,7 @@ DEFAULTS = {
 PARAM_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 MAPS = ("fa", "md", "ad", "rd")
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (ITK)
+UNITS = ("mm", "sec")  # NIfTI xyzt units of every image written
 
 
 class InputError(ValueError):
@@ -486,7 +488,7 @@ def qc_fa(fa, cfa, affine, out_png, title):
             axes[row, col].axis("off")
     fig.suptitle(title, color="white")
     fig.tight_layout()
-    _save_fig(fig, out_png)
+    bf_io.save_figure(fig, out_png, dpi=80, facecolor=fig.get_facecolor())
 
 
 def qc_motion(tables: dict, out_png, title):
@@ -514,16 +516,7 @@ def qc_motion(tables: dict, out_png, title):
     axes[1].legend(fontsize=7, ncol=3)
     fig.suptitle(title)
     fig.tight_layout()
-    _save_fig(fig, out_png)
-
-
-def _save_fig(fig, out_png):
-    import matplotlib.pyplot as plt
-
-    tmp = str(out_png) + ".part.png"
-    fig.savefig(tmp, dpi=80, facecolor=fig.get_facecolor())
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    bf_io.save_figure(fig, out_png, dpi=80, facecolor=fig.get_facecolor())
 
 
 # -------------------------------------------------------------------------------------------- paths
@@ -611,8 +604,8 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
             # integer input (the scanner's precision): written rounded in that type (half the bytes to gzip);
             # values beyond the type's range (spline overshoot) clipped
             info_t = np.iinfo(run.dtype) if run.dtype != "float32" else None
-            _save(np.clip(np.round(corr), info_t.min, info_t.max) if info_t else corr, A0,
-                  stage("preproc", fp["preproc"]), np.dtype(run.dtype))
+            bf_io.save_nifti(np.clip(np.round(corr), info_t.min, info_t.max) if info_t else corr,
+                             stage("preproc", fp["preproc"]), affine=A0, dtype=np.dtype(run.dtype), units=UNITS)
             np.savetxt(stage("bval", fp["bval"]), run.bvals[None], fmt="%g")
             np.savetxt(stage("bvec", fp["bvec"]), bvecs, fmt="%.6f")
             table.to_csv(stage("motion", fp["motion"]), sep="\t", index=False, float_format="%.6f")
@@ -623,7 +616,7 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
                          "RegistrationMethod": p["registration"], "DiffusionWeightedDOF": p["dw_dof"],
                          "MeanFramewiseDisplacement": float(table["framewise_displacement"].mean()),
                          "GeneratedBy": [{"Name": "brainfuse dwi", "CodeVersion": code}]})
-            _save_json(side, stage("json", sidecar(fp["preproc"])))
+            bf_io.save_json(side, stage("json", sidecar(fp["preproc"])))
             all_data.append(corr)
             all_bvals.append(run.bvals)
             all_bvecs.append(bvecs)
@@ -644,10 +637,10 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
                 "GeneratedBy": [{"Name": "brainfuse dwi", "CodeVersion": code}]}
         units = {"fa": "arbitrary", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "cfa": "arbitrary"}
         for m in (*MAPS, "cfa"):
-            _save(maps[m], A0, stage(m, final[m]), np.float32)
-            _save_json({**meta, "Units": units[m]}, stage(m, sidecar(final[m])))
-        _save(mask.astype(np.uint8), A0, stage("mask", final["mask"]), np.uint8)
-        _save(mean_b0, A0, stage("b0", final["b0"]), np.float32)
+            bf_io.save_nifti(maps[m], stage(m, final[m]), affine=A0, dtype=np.float32, units=UNITS)
+            bf_io.save_json({**meta, "Units": units[m]}, stage(m, sidecar(final[m])))
+        bf_io.save_nifti(mask.astype(np.uint8), stage("mask", final["mask"]), affine=A0, dtype=np.uint8, units=UNITS)
+        bf_io.save_nifti(mean_b0, stage("b0", final["b0"]), affine=A0, dtype=np.float32, units=UNITS)
         # b0 -> T1w, then the anat chain to the template
         t0 = time.perf_counter()
         mat, _ = register_to_t1w(mean_b0, mask, A0, t1w, t1w_mask, work)
@@ -656,8 +649,8 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
         mni = to_template({m: (maps[m], A0) for m in MAPS}, chain, template, work)
         tpl_affine = nib.load(str(template)).affine
         for m in MAPS:
-            _save(mni[m], tpl_affine, stage(m, final[f"mni_{m}"]), np.float32)
-            _save_json({**meta, "Units": units[m], "Resolution": f"{res} mm", "SpatialReference": TEMPLATE,
+            bf_io.save_nifti(mni[m], stage(m, final[f"mni_{m}"]), affine=tpl_affine, dtype=np.float32, units=UNITS)
+            bf_io.save_json({**meta, "Units": units[m], "Resolution": f"{res} mm", "SpatialReference": TEMPLATE,
                         "Transforms": [os.path.basename(x) for x in chain]}, stage(m, sidecar(final[f"mni_{m}"])))
         timings["normalisation_s"] = time.perf_counter() - t0
         label = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
@@ -671,16 +664,6 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
     timings["volumes"] = int(sum(len(r.bvals) for r in runs))
     log(f"[dwi] sub-{sub}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in timings.items()))
     return {"paths": final, "timings": timings, "transforms": transforms_runs}
-
-
-def _save(data, affine, path, dtype):
-    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
-    img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, path)
-
-
-def _save_json(obj, path):
-    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
 
 
 # -------------------------------------------------------------------------------------------- CLI

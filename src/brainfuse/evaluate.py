@@ -32,6 +32,7 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_
                              mean_absolute_error, mean_squared_error, r2_score, roc_auc_score)
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
+from . import io as bf_io  # noqa: E402
 from . import splits as bf_splits  # noqa: E402
 from . import train as bf_train  # noqa: E402
 
@@ -249,12 +250,6 @@ def grid_and_ablations(cohort, y, table, models_dir, presets, folds, settings, l
 
 
 # ---------------------------------------------------------------------------------------------- plots
-def _save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def plot_metrics(results: pd.DataFrame, task: str, path, bayes: dict | None, chance: float | None):
     metric = MAIN_METRIC[task]
     r = results[(results.metric == metric) & results.analysis.isin(["cv", "baseline", "canary"])
@@ -274,7 +269,8 @@ def plot_metrics(results: pd.DataFrame, task: str, path, bayes: dict | None, cha
     if chance is not None or bayes:
         ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Cross-validated performance (blue: presets, grey: baselines, red: canary)", fontsize=10)
-    _save(fig, path)
+    fig.tight_layout()
+    bf_io.save_figure(fig, path, dpi=110)
 
 
 def plot_confusions(preds: pd.DataFrame, classes: list, presets: list, path):
@@ -294,7 +290,8 @@ def plot_confusions(preds: pd.DataFrame, classes: list, presets: list, path):
         ax.set_title(preset)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    _save(fig, path)
+    fig.tight_layout()
+    bf_io.save_figure(fig, path, dpi=110)
 
 
 def plot_table_heatmap(table: pd.DataFrame, title: str, path, fmt="{:.2f}", cmap="viridis", vmin=None, vmax=None,
@@ -311,7 +308,8 @@ def plot_table_heatmap(table: pd.DataFrame, title: str, path, fmt="{:.2f}", cmap
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.03)
-    _save(fig, path)
+    fig.tight_layout()
+    bf_io.save_figure(fig, path, dpi=110)
 
 
 def combo_label(row: pd.Series, names: list) -> str:
@@ -339,7 +337,8 @@ def plot_utilisation(preds: pd.DataFrame, preset: str, classes: list, names: lis
         ax.set_yticks(range(t.shape[0]), t.index, fontsize=7)
         ax.set_title(f"{preset}: mean gate weight by {what}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.04)
-    _save(fig, path)
+    fig.tight_layout()
+    bf_io.save_figure(fig, path, dpi=110)
     return True
 
 
@@ -353,7 +352,8 @@ def plot_training(models_dir, presets, folds, path):
         ax.set_xlabel("epoch")
     axes[0, 0].set_ylabel("validation loss")
     axes[0, -1].legend(fontsize=7)
-    _save(fig, path)
+    fig.tight_layout()
+    bf_io.save_figure(fig, path, dpi=110)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -450,11 +450,9 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
     plot_training(models_dir, presets, folds, figs / "training_curves.png")
 
     # write last, atomically: the rule's outputs appear only when everything succeeded
-    bf_splits.write_tsv(preds, out_dir / "predictions.tsv")
-    tmp = out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out_dir / "summary.json")
-    bf_splits.write_tsv(res, out_dir / "results.tsv")
+    bf_io.save_tsv(preds, out_dir / "predictions.tsv")
+    bf_io.save_json(summary, out_dir / "summary.json", newline=False)
+    bf_io.save_tsv(res, out_dir / "results.tsv")
     log(f"[evaluate] best preset {best.model}: {metric} {best.value:.3f} [{best.ci_low:.3f}, {best.ci_high:.3f}]")
     return res
 

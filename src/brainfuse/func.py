@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from . import io as bf_io
 from . import motion
 from .bids import TEMPLATE, bids_path, parse_name, sidecar
 
@@ -50,6 +51,9 @@ DEFAULTS = {
     "n_acompcor": 5,
     "motion_device": "cpu",
 }
+
+
+TSV = {"na_rep": "n/a", "float_format": "%.6g"}   # how every table is written (confounds, time series, relmat)
 
 
 class FuncInputError(ValueError):
@@ -211,9 +215,8 @@ def bold_to_t1w(boldref_img, t1w_img, out_mat, t1w_mask_img=None, workdir=None, 
                                 aff_iterations=(100, 50), aff_shrink_factors=(2, 1),
                                 aff_smoothing_sigmas=(1, 0), outprefix=os.path.join(td, "bold2t1w_"))
         tx = ants.read_transform(reg["fwdtransforms"][0])
-        tmp = str(out_mat) + ".part.mat"
-        ants.write_transform(tx, tmp)
-        os.replace(tmp, out_mat)
+        with bf_io.atomic_path(out_mat, keep_extension=True) as tmp:     # ITK picks the format from .mat
+            ants.write_transform(tx, str(tmp))
     return str(out_mat)
 
 
@@ -431,8 +434,8 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
                         workdir=wd)
         else:
             import shutil
-            shutil.copyfile(bold_to_t1w_mat, out["xfm"] + ".part")
-            os.replace(out["xfm"] + ".part", out["xfm"])
+            with bf_io.atomic_path(out["xfm"]) as tmp:
+                shutil.copyfile(bold_to_t1w_mat, tmp)
         log(f"[func] bold->T1w done at {time.time() - t0:.1f} s")
         # 4. one interpolation from raw volumes to MNI
         tpl = nib.load(str(template))
@@ -451,7 +454,7 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
         mni_img.header.set_xyzt_units("mm", "sec")
         mni_img.header.set_zooms((*tpl.header.get_zooms()[:3], tr))
         mni_img.header.set_data_dtype(np.int16)   # nibabel scales (slope/intercept): half the size, ample precision
-        _save(mni_img, out["preproc"])
+        bf_io.save_nifti(mni_img, out["preproc"])
         log(f"[func] MNI series written at {time.time() - t0:.1f} s ({brain.sum()} brain voxels)")
         # 5. MNI-space tissue signals
         conf.insert(0, "global_signal", mni[brain].mean(0))
@@ -467,7 +470,7 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
             acc = nipype_acompcor(mni_img, acc_mask, cfg["n_acompcor"], tr, wd)
             for c in acc.columns:
                 conf[c] = acc[c].to_numpy()
-        _save_tsv(conf, out["confounds"], index=False)
+        bf_io.save_tsv(conf, out["confounds"], **TSV)
     # 6. denoising and derivatives
     from fnmatch import fnmatchcase
 
@@ -479,17 +482,17 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
     alff, falff = alff_falff(resid, tr, tuple(cfg["alff_band"]))
     den = clean_signals(psc, X, tr, cfg, sample_mask=keep)
     vol = lambda v: _from_mask(v, brain, grid)
-    _save(nib.Nifti1Image(vol(alff), tpl.affine), out["alff"])
-    _save(nib.Nifti1Image(vol(falff), tpl.affine), out["falff"])
+    bf_io.save_nifti(nib.Nifti1Image(vol(alff), tpl.affine), out["alff"])
+    bf_io.save_nifti(nib.Nifti1Image(vol(falff), tpl.affine), out["falff"])
     den4d = np.zeros((*grid, den.shape[0]), np.float32)
     den4d[brain.reshape(grid)] = den.T
-    _save(nib.Nifti1Image(reho(den4d, brain.reshape(grid)), tpl.affine), out["reho"])
+    bf_io.save_nifti(nib.Nifti1Image(reho(den4d, brain.reshape(grid)), tpl.affine), out["reho"])
     labels_img = nib.load(str(atlas))
     table = pd.read_csv(atlas_tsv, sep="\t")
     lab = np.asarray(labels_img.dataobj).astype(int).reshape(-1)[brain]
     pts_ts = parcel_timeseries(den, _relabel(lab, table["index"].to_numpy()), list(table["name"]))
-    _save_tsv(pts_ts, out["timeseries"], index=False)
-    _save_tsv(fisher_z_connectivity(pts_ts), out["relmat"], index=False)
+    bf_io.save_tsv(pts_ts, out["timeseries"], **TSV)
+    bf_io.save_tsv(fisher_z_connectivity(pts_ts), out["relmat"], **TSV)
     # QC
     motion_figure(conf, out["fig_motion"], title=Path(bold_path).name)
     carpet_figure(mni, brain, tr, out["fig_carpet"], conf, title=Path(bold_path).name)
@@ -544,18 +547,6 @@ def _from_mask(values, mask, grid):
     return out.reshape(grid)
 
 
-def _save(img, path):
-    tmp = str(path) + ".part.nii.gz"
-    nib.save(img, tmp)
-    os.replace(tmp, path)
-
-
-def _save_tsv(df, path, index=False):
-    tmp = str(path) + ".part"
-    df.to_csv(tmp, sep="\t", index=index, na_rep="n/a", float_format="%.6g")
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------- QC
 def motion_figure(conf, path, title=""):
     """Translations, rotations (as mm at 50 mm), FD and std_dvars over time."""
@@ -579,7 +570,7 @@ def motion_figure(conf, path, title=""):
     ax[3].set_xlabel("volume")
     fig.suptitle(f"{title}: mean FD {np.nanmean(conf['framewise_displacement']):.3f} mm")
     fig.tight_layout()
-    _save_fig(fig, path)
+    bf_io.save_figure(fig, path, dpi=80)
 
 
 def carpet_figure(mni, brain, tr, path, conf, title=""):
@@ -604,17 +595,7 @@ def carpet_figure(mni, brain, tr, path, conf, title=""):
     ax[2].set_xlabel(f"volume (TR {tr:g} s)")
     fig.suptitle(title)
     fig.tight_layout()
-    _save_fig(fig, path)
-
-
-def _save_fig(fig, path):
-    import matplotlib.pyplot as plt
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path) + ".part.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    bf_io.save_figure(fig, path, dpi=80)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

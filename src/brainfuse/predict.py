@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import splits as bf_splits
+from . import io as bf_io
 from . import train as bf_train
 
 
@@ -85,6 +85,6 @@ def cli(argv=None):
         table = predict(cohort, checkpoints(args.models, preset), device, log)
     except (ValueError, FileNotFoundError) as e:
         ap.exit(1, f"brainfuse predict: error: {e}\n")
-    bf_splits.write_tsv(table, args.out)
+    bf_io.save_tsv(table, args.out)
     log(f"[predict] {preset}: {table['predicted'].notna().sum()} predictions -> {args.out}")
     return 0

@@ -6,7 +6,6 @@ whatever their voxel order, so QC of LAS/LPI/sagittal acquisitions looks the sam
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import matplotlib
 
@@ -15,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
+
+from . import io as bf_io  # noqa: E402
 
 
 def as_canonical(img) -> np.ndarray:
@@ -75,10 +76,5 @@ def overlay_figure(background, out_png, title: str = "", contours=None, points=N
                 a.set_title(name, color="white", fontsize=8, loc="left")
     fig.suptitle(title, color="white", fontsize=10)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.name + ".part.png")
-    fig.savefig(tmp, dpi=90, facecolor="black")
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    bf_io.save_figure(fig, out_png, dpi=90, facecolor="black")
     return str(out_png)

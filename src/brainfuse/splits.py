@@ -6,11 +6,11 @@ a group never straddles train/val/test within a fold, and every group is tested 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
+
+from . import io as bf_io
 
 SETS = ("train", "val", "test")
 COLUMNS = ["participant_id", "session", "group", "fold", "set"]
@@ -123,11 +123,5 @@ def fold_indices(table: pd.DataFrame, fold: int, keys: list) -> dict:
     return {s: np.array([i for i, k in enumerate(keys) if k is not None and role[k] == s], dtype=int) for s in SETS}
 
 
-def write_tsv(table: pd.DataFrame, path) -> None:
-    """Atomic write: a temporary name in the same folder, renamed at the end."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, sep="\t", index=False)
-    tmp.replace(path)
+write_tsv = bf_io.save_tsv     # the splits table, atomically, as pandas writes it (the name tests import)
 

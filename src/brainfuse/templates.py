@@ -16,10 +16,12 @@ import os
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
+from . import io as bf_io
 from .bids import TEMPLATE
+
+UNITS = ("mm",)      # NIfTI xyzt units: space in mm, no time axis
 
 
 def template_path(root, res, suffix: str, **entities) -> str:
@@ -38,14 +40,6 @@ def outputs(res, root="resources") -> dict:
     for label in ("GM", "WM", "CSF"):
         out[label] = template_path(root, res, "probseg", label=label)
     return out
-
-
-def _save(data, affine, path, dtype=np.float32):
-    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
-    img.header.set_xyzt_units("mm")
-    tmp = str(path) + ".part.nii.gz"     # atomic: a half-written file never carries the final name
-    nib.save(img, tmp)
-    os.replace(tmp, path)
 
 
 def build(res, root="resources") -> dict:
@@ -75,12 +69,12 @@ def build(res, root="resources") -> dict:
     csf = np.clip(mask - gm - wm, 0, 1) * mask
     t1d = t1.get_fdata(dtype=np.float32)
     t1d = t1d / np.median(t1d[wm > 0.9])      # white matter = 1, the head target's scale
-    _save(t1d, t1.affine, paths["T1w"])
-    _save(mask, t1.affine, paths["mask"], np.uint8)
+    bf_io.save_nifti(t1d, paths["T1w"], affine=t1.affine, dtype=np.float32, units=UNITS)
+    bf_io.save_nifti(mask, paths["mask"], affine=t1.affine, dtype=np.uint8, units=UNITS)
     for label, data in (("GM", gm), ("WM", wm), ("CSF", csf)):
-        _save(data, t1.affine, paths[label])
+        bf_io.save_nifti(data, paths[label], affine=t1.affine, dtype=np.float32, units=UNITS)
     head = head_model(res)
-    _save(head.t1, head.affine, paths["head"])
+    bf_io.save_nifti(head.t1, paths["head"], affine=head.affine, dtype=np.float32, units=UNITS)
     return paths
 
 

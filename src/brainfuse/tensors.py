@@ -28,13 +28,13 @@ import importlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from . import io as bf_io
 from .bids import TEMPLATE, bids_path, check_label
 from .provenance import code_version, file_sha256
 
@@ -53,6 +53,7 @@ IMAGE_MODALITIES = ("aMRI", "DTI", "fMRI", "conn")        # built per subject fr
 PARTICIPANT_MODALITIES = ("clinical", "serum")             # columns of participants.tsv
 DIFFUSIVITY_SCALE = 1000.0                                 # mm^2/s -> um^2/ms
 AFFINE_ATOL = 1e-3                                         # mm
+JSON = {"sort_keys": True, "allow_nan": False}             # sidecars and cohort.json: stable, strict JSON
 
 
 class TensorError(ValueError):
@@ -94,46 +95,6 @@ def derivative_paths(deriv, sub: str, modality: str, res: int, ses: str | None =
 
 def template_mask_path(res: int, root="resources") -> str:
     return os.path.join(str(root), f"tpl-{TEMPLATE}", f"tpl-{TEMPLATE}_res-{res}_desc-brain_mask.nii.gz")
-
-
-# --------------------------------------------------------------------------------------- atomic writes
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _publish(tmp, path) -> None:
-    os.chmod(tmp, 0o666 & ~_UMASK)     # mkstemp files are private (0600); outputs get the usual mode
-    os.replace(tmp, path)
-
-
-def _atomic_save_npy(array: np.ndarray, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        _publish(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(text: str, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        _publish(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 # --------------------------------------------------------------------------------------- per subject
@@ -267,8 +228,8 @@ def build_subject(modality: str, sources: list[str], mask_path: str, out: str, r
                     spacing=[float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(0))], affine=affine.tolist(),
                     mask={"path": str(mask_path), "sha256": file_sha256(mask_path)},
                     sources=srcs, normalisation=norms)
-    _atomic_save_npy(arr, out)
-    _atomic_write_text(_json(info), re.sub(r"\.npy$", ".json", str(out)))
+    bf_io.save_npy(arr, out)
+    bf_io.save_json(info, re.sub(r"\.npy$", ".json", str(out)), **JSON)
     return info
 
 
@@ -586,9 +547,9 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
             (out_dir / old).unlink(missing_ok=True)
         for m, tmp in written.items():
             os.replace(tmp, out_dir / f"{m}.npy")
-        _atomic_write_text(clinical.to_csv(sep="\t", index=False, na_rep="n/a"), out_dir / "clinical.tsv")
-        _atomic_write_text(manifest.to_csv(sep="\t", index=False, na_rep="n/a"), out_dir / "manifest.tsv")
-        _atomic_write_text(_json(info), out_dir / "cohort.json")
+        bf_io.save_tsv(clinical, out_dir / "clinical.tsv", na_rep="n/a")
+        bf_io.save_tsv(manifest, out_dir / "manifest.tsv", na_rep="n/a")
+        bf_io.save_json(info, out_dir / "cohort.json", **JSON)
     finally:
         for tmp in tmp_paths:
             if tmp.exists():

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from sklearn.impute import SimpleImputer
 from sklearn.preprocessing import StandardScaler
 
+from . import io as bf_io
 from . import splits as bf_splits
 from .moe import ModalitySpec, MultimodalMoE, MoEConfig, preset_config
 from .provenance import code_version
@@ -247,12 +248,6 @@ def fingerprint(settings: dict, preset: str, fold: int, fold_rows: dict, n_rows:
     return h.hexdigest()[:16]
 
 
-def save_atomic(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settings: dict, out_dir,
                device: str = "auto", threads: int | None = None, log=print) -> dict:
     """Train ``preset`` on ``fold``; write checkpoint.pt and predictions.tsv in ``out_dir``; return the checkpoint."""
@@ -345,10 +340,10 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
                          best_state=copy.deepcopy(model.state_dict()))
         else:
             state["bad_epochs"] += 1
-        save_atomic({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state(),
-                             "cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None},
-                     "state": state}, resume_path)
+        bf_io.save_torch({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state(),
+                                 "cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None},
+                         "state": state}, resume_path)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(train=f"{state['history'][-1]['train_loss'] or 0:.3f}", val=f"{val_loss:.3f}")
@@ -374,8 +369,8 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
     preds.insert(2, "fold", fold)
     preds.insert(3, "preset", preset)
     preds.insert(4, "target", y[rows["test"]])
-    bf_splits.write_tsv(preds, out_dir / "predictions.tsv")
-    save_atomic(ckpt, out_dir / "checkpoint.pt")
+    bf_io.save_tsv(preds, out_dir / "predictions.tsv")
+    bf_io.save_torch(ckpt, out_dir / "checkpoint.pt")
     resume_path.unlink(missing_ok=True)
     return ckpt
 
@@ -485,7 +480,7 @@ def cli(argv=None):
             groups = cohort.manifest[cv["group_by"]].astype(str).to_numpy()[labelled]
         table = bf_splits.make_splits([k[0] for k in keys], y[labelled], cohort.task, cv["n_folds"],
                                       cv["val_fraction"], cv["seed"], groups, [k[1] for k in keys])
-        bf_splits.write_tsv(table, args.out)
+        bf_io.save_tsv(table, args.out)
         log(f"[splits] {len(keys)} labelled rows ({int((~labelled).sum())} unlabelled left out), "
             f"{cv['n_folds']} folds -> {args.out}")
         return 0

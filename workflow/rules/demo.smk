@@ -27,7 +27,7 @@ rule demo_dataset:
         "{BRAINFUSE} demo --out {DEMO} --what dataset --params '{params.demo}' > {log} 2>&1"
 
 
-# One process per subject (rule demo_T1w) generates all its modalities: the head model, the subject's
+# One process per subject (rule demo_subject) generates all its modalities: the head model, the subject's
 # anatomy and the imports are shared. T1w goes straight into BIDS; DWI and BOLD, which some subjects lack
 # (a rule cannot declare outputs that may not exist), go to a staging folder, from where demo_dwi and
 # demo_bold hard-link them into BIDS for the subjects that have them.
@@ -45,7 +45,7 @@ def _link(staged, bids, extensions):
     return command
 
 
-rule demo_T1w:
+rule demo_subject:
     input:
         rules.demo_dataset.output.bayes,
         rules.demo_dataset.output.cache,
@@ -57,7 +57,7 @@ rule demo_T1w:
         demo=DEMO_PARAMS,
         code=code_version("demo"),
     log:
-        f"{LOGS}/demo_T1w/sub-{{subject}}.log",
+        f"{LOGS}/demo_subject/sub-{{subject}}.log",
     conda:
         "../../envs/demo.yaml"
     group:
@@ -77,7 +77,7 @@ _stage_bold = bids_path(DEMO_STAGE, "{subject}", "func", "bold", task="rest")
 
 rule demo_dwi:
     input:
-        rules.demo_T1w.output.stage,
+        rules.demo_subject.output.stage,
     output:
         image=demo_dwi,
         sidecar=demo_dwi.replace(".nii.gz", ".json"),
@@ -102,7 +102,7 @@ rule demo_dwi:
 
 rule demo_bold:
     input:
-        rules.demo_T1w.output.stage,
+        rules.demo_subject.output.stage,
     output:
         image=demo_bold,
         sidecar=demo_bold.replace(".nii.gz", ".json"),
