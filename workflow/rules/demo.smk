@@ -60,8 +60,6 @@ rule demo_subject:
         f"{LOGS}/demo_subject/sub-{{subject}}.log",
     conda:
         "../../envs/demo.yaml"
-    group:
-        "demo"
     threads: 1
     resources:
         mem_mb=3000,
@@ -90,8 +88,6 @@ rule demo_dwi:
         f"{LOGS}/demo_dwi/sub-{{subject}}.log",
     conda:
         "../../envs/demo.yaml"
-    group:
-        "demo"
     threads: 1
     resources:
         mem_mb=100,
@@ -113,8 +109,6 @@ rule demo_bold:
         f"{LOGS}/demo_bold/sub-{{subject}}.log",
     conda:
         "../../envs/demo.yaml"
-    group:
-        "demo"
     threads: 1
     resources:
         mem_mb=100,
