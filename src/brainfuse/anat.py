@@ -28,6 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .antsconfig import load_ants
 from .bids import TEMPLATE, bids_path, check_label
 from .provenance import code_version
 from .templates import outputs as template_outputs
@@ -51,7 +52,6 @@ class InputError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ paths
-RANDOM_SEED = 20261202   # ANTs metric sampling (see process)
 
 
 def output_paths(deriv, sub: str, ses: str | None, res: int) -> dict:
@@ -148,15 +148,9 @@ def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int
     missing = [f for f in tpl_files.values() if not os.path.exists(f)]
     if missing:
         raise FileNotFoundError(f"template files missing (run `brainfuse templates --res {res}`): {missing}")
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
-    import ants
+    ants = load_ants(threads)      # seeded: the affine's metric samples a random 20 % of voxels
 
     from . import qc
-
-    # The affine's metric samples a random 20 % of voxels: unseeded, the same real T1w registered well on one run
-    # and failed on the next (MNI correlation 0.58 vs 0.25). antspyx reads the seed from ants.config
-    # (set_deterministic would also force one thread).
-    ants.config._random_seed = RANDOM_SEED
 
     final = output_paths(out_dir, sub, ses, res)
     anat_dir = Path(final["preproc"]).parent

@@ -45,6 +45,7 @@ import pandas as pd
 from scipy import ndimage
 
 from . import io as bf_io
+from .antsconfig import load_ants
 from .bids import TEMPLATE, bids_path, check_label, parse_name, sidecar, with_ext
 from .provenance import code_version
 
@@ -215,11 +216,11 @@ def _ants_matrix(mat_path) -> np.ndarray:
 
 def _ants_register(fixed, moving, kind: str, work: str, metric: str = "mattes", **kw):
     """ants.registration (outprefix inside ``work``) -> (RAS 4x4 fixed->moving, path of the .mat)."""
-    import ants
+    ants = load_ants()
 
     prefix = tempfile.mkdtemp(dir=work) + "/x_"
     reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=kind, aff_metric=metric,
-                            outprefix=prefix, random_seed=1, **kw)
+                            outprefix=prefix, **kw)
     mat = [f for f in reg["fwdtransforms"] if f.endswith(".mat")][0]
     return _ants_matrix(mat), mat
 

@@ -33,6 +33,7 @@ import pandas as pd
 
 from . import io as bf_io
 from . import motion
+from .antsconfig import load_ants
 from .bids import TEMPLATE, bids_path, parse_name, sidecar
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
@@ -193,8 +194,9 @@ def bold_to_t1w(boldref_img, t1w_img, out_mat, t1w_mask_img=None, workdir=None, 
     The T1w (brain) is resampled to ``voxel_mm`` (default: the BOLD voxel, at least 2 mm) first: BOLD
     carries no finer detail, and a 1 mm fixed image makes the finest level many times slower.
     """
-    import ants
     from nilearn import image
+
+    ants = load_ants()
 
     if voxel_mm is None:
         voxel_mm = max(2.0, float(np.mean(boldref_img.header.get_zooms()[:3])))
