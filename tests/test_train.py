@@ -108,8 +108,11 @@ def test_preprocessing_is_fitted_on_the_training_fold_only(tmp_path):
             assert torch.equal(v, b["preprocessing"][name][k]), (name, k)
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    # and the statistics are those of the training rows (median imputation, then standardisation)
-    train_rows = bf_splits.fold_indices(table, 0, bf_train.row_keys(cohort))["train"]
+    # and the statistics are those of the rows the final model is fitted on: training + validation after the
+    # refit (default), never test rows (median imputation, then standardisation)
+    fold_rows = bf_splits.fold_indices(table, 0, bf_train.row_keys(cohort))
+    assert a["refit"] is not None
+    train_rows = np.concatenate([fold_rows["train"], fold_rows["val"]])
     x = cohort.arrays["clinical"][train_rows].astype(float)
     med = np.nanmedian(x, 0)
     filled = np.where(np.isnan(x), med, x)
@@ -149,7 +152,10 @@ train.train_fold(cohort, splits_for(cohort, s), 0, "flexmoe", s, sys.argv[1], lo
 """
 
 
-def test_killed_training_resumes_and_ends_with_the_same_model(tmp_path):
+@pytest.mark.parametrize("kill_phase", [1, 2])
+def test_killed_training_resumes_and_ends_with_the_same_model(tmp_path, kill_phase):
+    """SIGKILL during early-stopped training (phase 1) or the refit on train + val (phase 2), then rerun:
+    same weights and predictions as an uninterrupted run."""
     script = tmp_path / "run.py"
     script.write_text(RESUME_SCRIPT.format(tests=str(REPO / "tests")))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
@@ -157,23 +163,32 @@ def test_killed_training_resumes_and_ends_with_the_same_model(tmp_path):
     # uninterrupted reference
     subprocess.run([sys.executable, str(script), str(tmp_path / "ref"), epochs], check=True, env=env,
                    capture_output=True)
-    # killed (SIGKILL, no clean-up) once a few epochs are saved, then rerun
+    ref = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
+    assert ref["refit"]["epochs"] == ref["best_epoch"] >= 1
+    # killed (SIGKILL, no clean-up) once a few epochs of the phase are saved, then rerun
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(script), str(out), epochs], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while time.time() < deadline:
-        if (out / "resume.pt").exists() and torch.load(out / "resume.pt", weights_only=True)["state"]["epoch"] >= 3:
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        try:
+            st = torch.load(out / "resume.pt", weights_only=True)["state"]
+        except Exception:          # not written yet, or being replaced
+            time.sleep(0.02)
+            continue
+        if st.get("phase", 1) == kill_phase and (kill_phase == 2 or st["epoch"] >= 3):
             break
-        time.sleep(0.1)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(out / "resume.pt", weights_only=True)["state"]["epoch"]
-    assert 3 <= killed_at < int(epochs) and not (out / "checkpoint.pt").exists()
+    if (out / "checkpoint.pt").exists():
+        pytest.fail("training finished before it could be killed in phase %d" % kill_phase)
+    st = torch.load(out / "resume.pt", weights_only=True)["state"]
+    killed_at = st["epoch"]
+    assert st.get("phase", 1) == kill_phase and killed_at < int(epochs)
     rerun = subprocess.run([sys.executable, str(script), str(out), epochs], check=True, env=env,
                            capture_output=True, text=True)
-    assert f"resuming flexmoe fold 0 after epoch {killed_at}" in rerun.stdout
-    ref = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
+    assert f"resuming flexmoe fold 0 in phase {kill_phase} after epoch {killed_at}" in rerun.stdout
     got = torch.load(out / "checkpoint.pt", weights_only=True)
     assert got["epochs_run"] == ref["epochs_run"] == int(epochs)
     for k, v in ref["model"].items():

@@ -302,7 +302,8 @@ def plot_table_heatmap(table: pd.DataFrame, title: str, path, fmt="{:.2f}", cmap
         if np.isfinite(v):
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="w" if v < np.nanmean(
                 table.to_numpy(float)) else "k")
-    ax.set_xticks(range(table.shape[1]), table.columns, rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=60 if table.shape[1] > 4 else 0,
+                  ha="right" if table.shape[1] > 4 else "center", fontsize=8)
     ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -441,10 +442,12 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
         if len(t):
             heat = t.pivot(index="model", columns="condition", values="value")
             heat = heat[list(dict.fromkeys(t.condition))]
-            plot_table_heatmap(heat, f"{title}: {metric.replace('_', ' ')} (out-of-fold)", figs / fname,
-                               vmin=chance if task == "classification" else None,
+            wide = heat.shape[1] > heat.shape[0]     # the grid's 2^M - 1 subsets read as rows, not a 4000 px strip
+            plot_table_heatmap(heat.T if wide else heat, f"{title}: {metric.replace('_', ' ')} (out-of-fold)",
+                               figs / fname, vmin=chance if task == "classification" else None,
                                vmax=1 if task == "classification" else None,
-                               xlabel="modalities present" if analysis == "grid" else "")
+                               **({"ylabel": "modalities present" if analysis == "grid" else ""} if wide else
+                                  {"xlabel": "modalities present" if analysis == "grid" else ""}))
     for preset in presets:
         plot_utilisation(preds, preset, classes, names, figs / f"utilisation_{preset}.png")
     plot_training(models_dir, presets, folds, figs / "training_curves.png")

@@ -248,9 +248,49 @@ def fingerprint(settings: dict, preset: str, fold: int, fold_rows: dict, n_rows:
     return h.hexdigest()[:16]
 
 
+def _phase(cohort, rows: dict, fit: str, settings: dict, preset: str, y: np.ndarray, seed: int, dev) -> dict:
+    """Everything one training phase needs, fitted on ``rows[fit]`` only: preprocessing statistics, tensors,
+    targets, model (seeded: both phases start from the same weights), optimiser and batch generator."""
+    m_cfg = settings["model"]
+    pool = int(m_cfg["pool"])
+    fit_rows = rows[fit]
+    stats = fit_preprocessing(cohort, fit_rows, pool, m_cfg["volume_norm"])
+    specs = model_specs(cohort, pool)
+    parts = {"fit": fit_rows, "val": rows["val"] if fit == "train" else rows["val"][:0], "test": rows["test"]}
+    data = {k: materialise(cohort, r, stats, pool) for k, r in parts.items()}
+    # regression: the model sees the target standardised with statistics of the rows it is fitted on
+    y_fit = y[fit_rows]
+    t_mean, t_scale = ((float(y_fit.mean()), float(y_fit.std()) or 1.0) if cohort.task == "regression"
+                       else (0.0, 1.0))
+    target = {k: torch.tensor((y[r] - t_mean) / t_scale, dtype=torch.float32) for k, r in parts.items()}
+    n_classes = len(cohort.classes) if cohort.task == "classification" else 1
+    overrides = model_overrides(settings, preset, specs)
+    if cohort.task == "classification" and m_cfg["class_weighted"]:
+        overrides["class_weights"] = class_weights(y_fit, n_classes)
+    cfg = preset_config(preset, specs, n_classes, cohort.task, **overrides)
+    torch.manual_seed(seed)
+    model = MultimodalMoE(cfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=m_cfg["lr"], weight_decay=m_cfg["weight_decay"])
+    steps_per_epoch = max(1, math.ceil(len(fit_rows) / int(m_cfg["batch_size"])))
+    return {"stats": stats, "data": data, "target": target, "target_scale": [t_mean, t_scale], "cfg": cfg,
+            "model": model, "opt": opt, "gen": torch.Generator().manual_seed(seed + 1),   # batches, dropout
+            "n": len(fit_rows), "total": steps_per_epoch * int(m_cfg["epochs"]),
+            "warmup": steps_per_epoch * int(m_cfg["warmup_epochs"])}
+
+
+def _fresh_state(phase: int, model) -> dict:
+    return {"phase": phase, "epoch": 0, "step": 0, "best_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0,
+            "best_state": copy.deepcopy(model.state_dict()), "history": []}
+
+
 def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settings: dict, out_dir,
                device: str = "auto", threads: int | None = None, log=print) -> dict:
-    """Train ``preset`` on ``fold``; write checkpoint.pt and predictions.tsv in ``out_dir``; return the checkpoint."""
+    """Train ``preset`` on ``fold``; write checkpoint.pt and predictions.tsv in ``out_dir``; return the checkpoint.
+
+    Phase 1 trains on the training part and stops early on the inner validation set. With ``model.refit``
+    (default), phase 2 then trains the same model from the same initial weights on training + validation rows
+    for the number of epochs phase 1 chose, as the linear baselines are fitted on both: with ~30 subjects per
+    fold, the validation fifth is too much data to leave out of the final model."""
     m_cfg, cv = settings["model"], settings["cv"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -258,114 +298,77 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
     keys = row_keys(cohort)
     keys_l = [k if ok else None for k, ok in zip(keys, labelled)]
     rows = bf_splits.fold_indices(split_table, fold, keys_l)
+    rows["train_val"] = np.concatenate([rows["train"], rows["val"]])
     seed = int(cv["seed"]) * 1000 + fold
     set_determinism(seed, threads)
     dev = pick_device(device)
-    pool = int(m_cfg["pool"])
+    refit = bool(m_cfg["refit"]) and len(rows["val"]) > 0
 
-    stats = fit_preprocessing(cohort, rows["train"], pool, m_cfg["volume_norm"])
-    specs = model_specs(cohort, pool)
-    data = {s: materialise(cohort, rows[s], stats, pool) for s in ("train", "val", "test")}
-    # regression: the model sees the target standardised with training-fold statistics
-    y_fit = y[rows["train"]]
-    t_mean, t_scale = ((float(y_fit.mean()), float(y_fit.std()) or 1.0) if cohort.task == "regression"
-                       else (0.0, 1.0))
-    targets_t = {s: torch.tensor((y[rows[s]] - t_mean) / t_scale, dtype=torch.float32) for s in data}
-    n_classes = len(cohort.classes) if cohort.task == "classification" else 1
-    overrides = model_overrides(settings, preset, specs)
-    if cohort.task == "classification" and m_cfg["class_weighted"]:
-        overrides["class_weights"] = class_weights(y[rows["train"]], n_classes)
-    cfg = preset_config(preset, specs, n_classes, cohort.task, **overrides)
-    model = MultimodalMoE(cfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=m_cfg["lr"], weight_decay=m_cfg["weight_decay"])
-    gen = torch.Generator().manual_seed(seed + 1)     # batch order and modality dropout
-    n_train, bs = len(rows["train"]), int(m_cfg["batch_size"])
-    steps_per_epoch = max(1, math.ceil(n_train / bs))
-    total = steps_per_epoch * int(m_cfg["epochs"])
-    warmup = steps_per_epoch * int(m_cfg["warmup_epochs"])
-
-    state = {"epoch": 0, "step": 0, "best_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0,
-             "best_state": copy.deepcopy(model.state_dict()), "history": []}
+    P = _phase(cohort, rows, "train", settings, preset, y, seed, dev)
+    state = _fresh_state(1, P["model"])
     fp = fingerprint(settings, preset, fold, rows, len(keys))
     resume_path = out_dir / "resume.pt"
     if resume_path.exists():
         saved = torch.load(resume_path, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") == fp:
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            gen.set_state(saved["rng"]["batches"])
+            state = saved["state"]
+            if state.get("phase", 1) == 2:
+                P = _phase(cohort, rows, "train_val", settings, preset, y, seed, dev)
+            P["model"].load_state_dict(saved["model"])
+            P["opt"].load_state_dict(saved["optimizer"])
+            P["gen"].set_state(saved["rng"]["batches"])
             torch.set_rng_state(saved["rng"]["torch"])
             if dev.type == "cuda" and saved["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(saved["rng"]["cuda"])
-            state = saved["state"]
-            log(f"[train] resuming {preset} fold {fold} after epoch {state['epoch']}")
+            log(f"[train] resuming {preset} fold {fold} in phase {state.get('phase', 1)} after epoch {state['epoch']}")
         else:
             log(f"[train] {resume_path} is from another run (settings, split or code changed): starting afresh")
 
-    log(f"[train] {preset} fold {fold}: {n_train} train / {len(rows['val'])} val / {len(rows['test'])} test, "
-        f"device {dev}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    log(f"[train] {preset} fold {fold}: {len(rows['train'])} train / {len(rows['val'])} val / {len(rows['test'])} "
+        f"test{' (then refit on train + val)' if refit else ''}, device {dev}, "
+        f"{sum(p.numel() for p in P['model'].parameters()):,} parameters")
     t0 = time.time()
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=int(m_cfg["epochs"]), initial=state["epoch"], desc=f"{preset} fold {fold}",
-                   disable=None, file=sys.stderr)
-    except ImportError:  # pragma: no cover
-        bar = None
-    while state["epoch"] < int(m_cfg["epochs"]) and state["bad_epochs"] < int(m_cfg["patience"]):
-        model.train()
-        order = torch.randperm(n_train, generator=gen)
-        losses = []
-        for start in range(0, n_train, bs):
-            idx = order[start:start + bs]
-            if len(idx) < 2 and n_train >= 2:     # a batch of one adds noise, not signal
-                continue
-            inputs, present = batch(data["train"], idx, dev)
-            present = drop_modalities(present.cpu(), float(m_cfg["modality_dropout"]), gen).to(dev)
-            for g in opt.param_groups:
-                g["lr"] = m_cfg["lr"] * lr_factor(state["step"], warmup, total)
-            with _autocast(dev):
-                out = model(inputs, present, targets_t["train"][idx].to(dev))
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), m_cfg["grad_clip"])
-            opt.step()
-            state["step"] += 1
-            losses.append(float(out.loss.detach()))
-        val_loss = evaluate_loss(model, data["val"], targets_t["val"], dev, cohort.task)
-        state["epoch"] += 1
-        state["history"].append({"epoch": state["epoch"], "train_loss": float(np.mean(losses)) if losses else None,
-                                 "val_loss": val_loss})
-        if val_loss < state["best_loss"] - 1e-4:
-            state.update(best_loss=val_loss, best_epoch=state["epoch"], bad_epochs=0,
-                         best_state=copy.deepcopy(model.state_dict()))
-        else:
-            state["bad_epochs"] += 1
-        bf_io.save_torch({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state(),
-                                 "cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None},
-                         "state": state}, resume_path)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(train=f"{state['history'][-1]['train_loss'] or 0:.3f}", val=f"{val_loss:.3f}")
-        if bar is None or bar.disable:
-            if state["epoch"] % 10 == 0 or state["epoch"] == 1:
-                log(f"[train] epoch {state['epoch']}: train loss {state['history'][-1]['train_loss'] or 0:.4f}, "
-                    f"val loss {val_loss:.4f} (best {state['best_loss']:.4f} @ {state['best_epoch']}), "
-                    f"{time.time() - t0:.1f} s")
-    if bar is not None:
-        bar.close()
-    model.load_state_dict(state["best_state"])
-    log(f"[train] stopped after epoch {state['epoch']}; best val loss {state['best_loss']:.4f} at epoch "
-        f"{state['best_epoch']}; {time.time() - t0:.1f} s")
+
+    def save_resume():
+        bf_io.save_torch({"fingerprint": fp, "model": P["model"].state_dict(), "optimizer": P["opt"].state_dict(),
+                          "rng": {"batches": P["gen"].get_state(), "torch": torch.get_rng_state(),
+                                  "cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None},
+                          "state": state}, resume_path)
+
+    while True:
+        phase = state.get("phase", 1)
+        max_epochs = int(m_cfg["epochs"]) if phase == 1 else state["phase1"]["best_epoch"]
+        _train_epochs(P, state, max_epochs, m_cfg, cohort.task, dev, save_resume,
+                      f"{preset} fold {fold}" + (" refit" if phase == 2 else ""), log, t0)
+        if phase == 2 or not refit:
+            break
+        # phase 2: same initial weights and schedule, fitted on train + val, stopped at phase 1's best epoch
+        phase1 = {k: state[k] for k in ("best_epoch", "best_loss", "epoch", "history")}
+        P = _phase(cohort, rows, "train_val", settings, preset, y, seed, dev)
+        state = _fresh_state(2, P["model"])
+        state["phase1"] = {**phase1, "best_epoch": max(1, phase1["best_epoch"])}
+        save_resume()
+    model = P["model"]
+    if state.get("phase", 1) == 1:
+        if len(rows["val"]):          # without a validation set the last epoch is the model
+            model.load_state_dict(state["best_state"])
+        best_epoch, epochs_run, history, best_loss = state["best_epoch"], state["epoch"], state["history"], state["best_loss"]
+    else:
+        ph1 = state["phase1"]
+        best_epoch, epochs_run, history, best_loss = ph1["best_epoch"], ph1["epoch"], ph1["history"], ph1["best_loss"]
+    log(f"[train] stopped after epoch {epochs_run}; best val loss {best_loss:.4f} at epoch {best_epoch}"
+        + (f"; refit on train + val for {best_epoch} epochs" if state.get("phase", 1) == 2 else "")
+        + f"; {time.time() - t0:.1f} s")
 
     ckpt = {"format": CHECKPOINT_FORMAT, "preset": preset, "fold": fold, "task": cohort.task,
             "classes": list(map(str, cohort.classes)) if cohort.task == "classification" else [],
-            "config": cfg.to_dict(), "pool": pool, "target_scale": [t_mean, t_scale],
+            "config": P["cfg"].to_dict(), "pool": int(m_cfg["pool"]), "target_scale": P["target_scale"],
             "modalities": [{"name": s.name, "kind": s.kind, "shape": list(s.shape)} for s in cohort.modalities],
-            "preprocessing": stats, "model": {k: v.cpu() for k, v in model.state_dict().items()},
-            "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "history": state["history"],
+            "preprocessing": P["stats"], "model": {k: v.cpu() for k, v in model.state_dict().items()},
+            "best_epoch": best_epoch, "epochs_run": epochs_run, "history": history,
+            "refit": {"rows": int(P["n"]), "epochs": state["epoch"]} if state.get("phase", 1) == 2 else None,
             "settings": json.loads(json.dumps(settings)), "fingerprint": fp, "code_version": code_version("train")}
-    preds = prediction_table(model, ckpt, data["test"], [keys[i] for i in rows["test"]], dev)
+    preds = prediction_table(model, ckpt, P["data"]["test"], [keys[i] for i in rows["test"]], dev)
     preds.insert(2, "fold", fold)
     preds.insert(3, "preset", preset)
     preds.insert(4, "target", y[rows["test"]])
@@ -373,6 +376,60 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
     bf_io.save_torch(ckpt, out_dir / "checkpoint.pt")
     resume_path.unlink(missing_ok=True)
     return ckpt
+
+
+def _train_epochs(P: dict, state: dict, max_epochs: int, m_cfg: dict, task: str, dev, save_resume, desc: str,
+                  log, t0: float) -> None:
+    """Epochs of one phase until ``max_epochs`` or (with a validation set) ``patience`` epochs without a
+    better validation loss; ``state`` and the resume file are updated after every epoch."""
+    model, opt, gen, data, target = P["model"], P["opt"], P["gen"], P["data"], P["target"]
+    n, bs = P["n"], int(m_cfg["batch_size"])
+    has_val = len(target["val"]) > 0
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=max_epochs, initial=state["epoch"], desc=desc, disable=None, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        bar = None
+    while state["epoch"] < max_epochs and state["bad_epochs"] < int(m_cfg["patience"]):
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        losses = []
+        for start in range(0, n, bs):
+            idx = order[start:start + bs]
+            if len(idx) < 2 and n >= 2:     # a batch of one adds noise, not signal
+                continue
+            inputs, present = batch(data["fit"], idx, dev)
+            present = drop_modalities(present.cpu(), float(m_cfg["modality_dropout"]), gen).to(dev)
+            for g in opt.param_groups:
+                g["lr"] = m_cfg["lr"] * lr_factor(state["step"], P["warmup"], P["total"])
+            with _autocast(dev):
+                out = model(inputs, present, target["fit"][idx].to(dev))
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), m_cfg["grad_clip"])
+            opt.step()
+            state["step"] += 1
+            losses.append(float(out.loss.detach()))
+        val_loss = evaluate_loss(model, data["val"], target["val"], dev, task) if has_val else None
+        state["epoch"] += 1
+        train_loss = float(np.mean(losses)) if losses else None
+        state["history"].append({"epoch": state["epoch"], "train_loss": train_loss, "val_loss": val_loss})
+        if has_val and val_loss < state["best_loss"] - 1e-4:
+            state.update(best_loss=val_loss, best_epoch=state["epoch"], bad_epochs=0,
+                         best_state=copy.deepcopy(model.state_dict()))
+        elif has_val:
+            state["bad_epochs"] += 1
+        save_resume()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(train=f"{train_loss or 0:.3f}", **({"val": f"{val_loss:.3f}"} if has_val else {}))
+        if bar is None or bar.disable:
+            if state["epoch"] % 10 == 0 or state["epoch"] == 1:
+                log(f"[train] {desc} epoch {state['epoch']}: train loss {train_loss or 0:.4f}"
+                    + (f", val loss {val_loss:.4f} (best {state['best_loss']:.4f} @ {state['best_epoch']})"
+                       if has_val else "") + f", {time.time() - t0:.1f} s")
+    if bar is not None:
+        bar.close()
 
 
 @torch.no_grad()
