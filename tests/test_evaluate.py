@@ -180,3 +180,35 @@ def test_tabular_only_workflow_trains_evaluates_predicts_and_reports(tmp_path):
     # rerunning changes nothing
     dry = snakemake("-n", "evaluate", "predict")
     assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_classification_metrics_equal_sklearn(k):
+    """The numpy metrics the bootstrap uses agree with sklearn's, ties and absent classes included."""
+    import warnings
+
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+    rng = np.random.default_rng(k)
+    for trial in range(40):
+        n = int(rng.integers(8, 60))
+        y = rng.integers(0, k, n)
+        prob = rng.random((n, k))
+        if trial % 3 == 0:
+            prob = np.round(prob, 1) + 1e-3          # many ties
+        if trial % 5 == 0:
+            y[y == k - 1] = 0                       # a class absent from the truth
+        got = bf_eval.classification_metrics(y, prob)
+        pred = prob.argmax(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert got["accuracy"] == pytest.approx(accuracy_score(y, pred))
+            assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+            assert got["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", labels=np.arange(k),
+                                                             zero_division=0))
+        if len(np.unique(y)) < k:
+            assert np.isnan(got["auroc"])
+        else:
+            p = prob / prob.sum(1, keepdims=True)
+            ref = roc_auc_score(y, p[:, 1]) if k == 2 else roc_auc_score(y, p, multi_class="ovr", average="macro")
+            assert got["auroc"] == pytest.approx(ref)
