@@ -556,7 +556,7 @@ SAFE_SIDECAR_KEYS = ("PhaseEncodingDirection", "TotalReadoutTime", "EffectiveEch
 def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transforms, template, res: int,
             params: dict | None = None, threads: int = 1, log=print) -> dict:
     """Correct, fit and normalise every DWI run of one subject; all outputs written atomically."""
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    load_ants(threads)       # ITK's thread count (read at import) and the registration seed
     import torch
 
     torch.set_num_threads(threads)

@@ -463,12 +463,12 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
         if len(t):
             heat = t.pivot(index="model", columns="condition", values="value")
             heat = heat[list(dict.fromkeys(t.condition))]
+            label = "modalities present" if analysis == "grid" else ""
             wide = heat.shape[1] > heat.shape[0]     # the grid's 2^M - 1 subsets read as rows, not a 4000 px strip
             plot_table_heatmap(heat.T if wide else heat, f"{title}: {metric.replace('_', ' ')} (out-of-fold)",
                                figs / fname, vmin=chance if task == "classification" else None,
                                vmax=1 if task == "classification" else None,
-                               **({"ylabel": "modalities present" if analysis == "grid" else ""} if wide else
-                                  {"xlabel": "modalities present" if analysis == "grid" else ""}))
+                               xlabel="" if wide else label, ylabel=label if wide else "")
     for preset in presets:
         plot_utilisation(preds, preset, classes, names, figs / f"utilisation_{preset}.png")
     plot_training(models_dir, presets, folds, figs / "training_curves.png")

@@ -638,7 +638,7 @@ def cli(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))
+    load_ants(args.threads)
     try:
         run(args.bold, args.t1w, args.template, args.template_mask, _mni_list(args), args.atlas, args.atlas_tsv,
             args.deriv, args.res, wm=args.wm, csf=args.csf, t1w_mask=args.t1w_mask, cfg=json.loads(args.params),

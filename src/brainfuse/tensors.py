@@ -831,7 +831,6 @@ def cli(argv=None) -> int:
                 if not sources:
                     raise TensorError(f"--modality {modality}: no source files given")
                 out = tensor_path(args.out_dir, sub_label, modality, ses=ses)
-                os.makedirs(os.path.dirname(out), exist_ok=True)
                 info = build_subject(modality, sources, args.mask, out, args.resolution, subject=sub_label, session=ses)
                 print(f"[tensors] {unit_key(sub_label, ses)} {modality}: {info['shape']} -> {out}")
         else:

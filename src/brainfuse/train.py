@@ -279,8 +279,9 @@ def _phase(cohort, rows: dict, fit: str, settings: dict, preset: str, y: np.ndar
 
 
 def _fresh_state(phase: int, model) -> dict:
+    """Phase 1 keeps the best weights on validation; phase 2 (no validation set) ends with its last epoch."""
     return {"phase": phase, "epoch": 0, "step": 0, "best_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0,
-            "best_state": copy.deepcopy(model.state_dict()), "history": []}
+            "best_state": copy.deepcopy(model.state_dict()) if phase == 1 else None, "history": []}
 
 
 def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settings: dict, out_dir,
@@ -304,25 +305,24 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
     dev = pick_device(device)
     refit = bool(m_cfg["refit"]) and len(rows["val"]) > 0
 
-    P = _phase(cohort, rows, "train", settings, preset, y, seed, dev)
-    state = _fresh_state(1, P["model"])
     fp = fingerprint(settings, preset, fold, rows, len(keys))
     resume_path = out_dir / "resume.pt"
-    if resume_path.exists():
-        saved = torch.load(resume_path, map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") == fp:
-            state = saved["state"]
-            if state.get("phase", 1) == 2:
-                P = _phase(cohort, rows, "train_val", settings, preset, y, seed, dev)
-            P["model"].load_state_dict(saved["model"])
-            P["opt"].load_state_dict(saved["optimizer"])
-            P["gen"].set_state(saved["rng"]["batches"])
-            torch.set_rng_state(saved["rng"]["torch"])
-            if dev.type == "cuda" and saved["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(saved["rng"]["cuda"])
-            log(f"[train] resuming {preset} fold {fold} in phase {state.get('phase', 1)} after epoch {state['epoch']}")
-        else:
-            log(f"[train] {resume_path} is from another run (settings, split or code changed): starting afresh")
+    saved = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path.exists() else None
+    if saved is not None and saved.get("fingerprint") != fp:
+        log(f"[train] {resume_path} is from another run (settings, split or code changed): starting afresh")
+        saved = None
+    phase = saved["state"]["phase"] if saved else 1
+    P = _phase(cohort, rows, "train" if phase == 1 else "train_val", settings, preset, y, seed, dev)
+    state = _fresh_state(1, P["model"])
+    if saved:
+        state = saved["state"]
+        P["model"].load_state_dict(saved["model"])
+        P["opt"].load_state_dict(saved["optimizer"])
+        P["gen"].set_state(saved["rng"]["batches"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if dev.type == "cuda" and saved["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"])
+        log(f"[train] resuming {preset} fold {fold} in phase {phase} after epoch {state['epoch']}")
 
     log(f"[train] {preset} fold {fold}: {len(rows['train'])} train / {len(rows['val'])} val / {len(rows['test'])} "
         f"test{' (then refit on train + val)' if refit else ''}, device {dev}, "
@@ -336,7 +336,7 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
                           "state": state}, resume_path)
 
     while True:
-        phase = state.get("phase", 1)
+        phase = state["phase"]
         max_epochs = int(m_cfg["epochs"]) if phase == 1 else state["phase1"]["best_epoch"]
         _train_epochs(P, state, max_epochs, m_cfg, cohort.task, dev, save_resume,
                       f"{preset} fold {fold}" + (" refit" if phase == 2 else ""), log, t0)
@@ -349,7 +349,7 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
         state["phase1"] = {**phase1, "best_epoch": max(1, phase1["best_epoch"])}
         save_resume()
     model = P["model"]
-    if state.get("phase", 1) == 1:
+    if state["phase"] == 1:
         if len(rows["val"]):          # without a validation set the last epoch is the model
             model.load_state_dict(state["best_state"])
         best_epoch, epochs_run, history, best_loss = state["best_epoch"], state["epoch"], state["history"], state["best_loss"]
@@ -357,7 +357,7 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
         ph1 = state["phase1"]
         best_epoch, epochs_run, history, best_loss = ph1["best_epoch"], ph1["epoch"], ph1["history"], ph1["best_loss"]
     log(f"[train] stopped after epoch {epochs_run}; best val loss {best_loss:.4f} at epoch {best_epoch}"
-        + (f"; refit on train + val for {best_epoch} epochs" if state.get("phase", 1) == 2 else "")
+        + (f"; refit on train + val for {best_epoch} epochs" if state["phase"] == 2 else "")
         + f"; {time.time() - t0:.1f} s")
 
     ckpt = {"format": CHECKPOINT_FORMAT, "preset": preset, "fold": fold, "task": cohort.task,
@@ -366,7 +366,7 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
             "modalities": [{"name": s.name, "kind": s.kind, "shape": list(s.shape)} for s in cohort.modalities],
             "preprocessing": P["stats"], "model": {k: v.cpu() for k, v in model.state_dict().items()},
             "best_epoch": best_epoch, "epochs_run": epochs_run, "history": history,
-            "refit": {"rows": int(P["n"]), "epochs": state["epoch"]} if state.get("phase", 1) == 2 else None,
+            "refit": {"rows": int(P["n"]), "epochs": state["epoch"]} if state["phase"] == 2 else None,
             "settings": json.loads(json.dumps(settings)), "fingerprint": fp, "code_version": code_version("train")}
     preds = prediction_table(model, ckpt, P["data"]["test"], [keys[i] for i in rows["test"]], dev)
     preds.insert(2, "fold", fold)
