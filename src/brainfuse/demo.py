@@ -747,18 +747,6 @@ class SubjectPhantom:
         return data, affine, motion, H, tcs, coupling
 
 
-def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
-    """Dilation by a (2r+1)^3 cube (separable: one axis at a time)."""
-    for axis in range(3):
-        out = mask.copy()
-        m, o = np.moveaxis(mask, axis, 0), np.moveaxis(out, axis, 0)
-        for s in range(1, r + 1):
-            o[s:] |= m[:-s]
-            o[:-s] |= m[s:]
-        mask = out
-    return mask
-
-
 def move_series(series: np.ndarray, H, affine) -> np.ndarray:
     """Volume k seen after the head moved by H_k: out_k(x) = series_k(H_k^-1 x), linear interpolation.
 
@@ -769,7 +757,10 @@ def move_series(series: np.ndarray, H, affine) -> np.ndarray:
     vox = [np.linalg.inv(affine) @ np.linalg.inv(h) @ affine for h in H]
     corners = np.array(np.meshgrid(*[(0, s - 1) for s in shape], indexing="ij")).reshape(3, -1).astype(float)
     reach = max(np.abs(affine_rows(v, corners) - corners).max() for v in vox)   # an affine map moves corners most
-    support = _dilate(np.any(series != 0, axis=-1), int(np.ceil(reach)) + 1)
+    from scipy import ndimage
+
+    r = int(np.ceil(reach)) + 1      # dilation by a (2r+1)^3 cube (maximum_filter is separable)
+    support = ndimage.maximum_filter(np.any(series != 0, axis=-1), size=2 * r + 1, mode="constant", cval=False)
     at = np.flatnonzero(support.reshape(-1, order="F"))
     ijk = np.array(np.unravel_index(at, shape, order="F"), dtype=np.float32)
     out = np.zeros((len(H), int(np.prod(shape))), dtype=np.float32)       # (K, N): Fortran (X, Y, Z, K) memory
