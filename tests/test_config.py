@@ -31,6 +31,19 @@ def test_bad_config_names_the_key(bad, key):
     assert f"'{key}'" in str(e.value)
 
 
+def test_nested_command_line_values_get_their_schema_types():
+    # Snakemake hands nested --config values over as strings (YAML BaseLoader): the schema's types apply.
+    from snakemake.cli import parse_config
+
+    cli = parse_config(["demo={n_subjects: 4, missing: {dwi: 0.2}, classes: [a, b]}", "model={refit: false}"])
+    assert cli["demo"]["n_subjects"] == "4"          # what Snakemake gives the workflow
+    cfg = config.validate(cli)
+    assert cfg["demo"]["n_subjects"] == 4 and cfg["demo"]["missing"]["dwi"] == 0.2
+    assert cfg["demo"]["classes"] == ["a", "b"] and cfg["model"]["refit"] is False
+    with pytest.raises(config.ConfigError, match="'demo.n_subjects'"):
+        config.validate(parse_config(["demo={n_subjects: many}"]))
+
+
 @pytest.mark.parametrize("label", ["../x", "a_b", "a-b", "", "sub-", "x/y", "é"])
 def test_bad_labels_are_refused(label):
     with pytest.raises(bids.LabelError):

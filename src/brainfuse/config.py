@@ -49,10 +49,36 @@ def _key(error) -> str:
     return ".".join(path) or "<top level>"
 
 
+_SCALAR_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None),
+                 "array": list, "object": dict}
+
+
+def _coerce(value, schema: dict):
+    """Strings where the schema wants another type, read as YAML: ``--config demo={n_subjects: 4}`` reaches
+    the workflow with every nested value a string (Snakemake parses nested values with YAML's BaseLoader)."""
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if isinstance(value, str) and types and "string" not in types:
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        wanted = tuple(_SCALAR_TYPES[t] for t in types if t in _SCALAR_TYPES)
+        if isinstance(parsed, wanted) and (not isinstance(parsed, bool) or "boolean" in types):
+            value = parsed
+    if isinstance(value, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        return {k: _coerce(v, props.get(k, extra if isinstance(extra, dict) else {})) for k, v in value.items()}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_coerce(v, schema["items"]) for v in value]
+    return value
+
+
 def validate(config: dict) -> dict:
     """Return a validated copy of ``config`` with defaults filled in, or raise ConfigError."""
-    config = copy.deepcopy(dict(config))
-    errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
+    schema = load_schema()
+    config = _coerce(copy.deepcopy(dict(config)), schema)
+    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"  config key '{_key(e)}': {e.message}" for e in errors]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
