@@ -40,6 +40,7 @@ DEFAULTS = {
     "syn_flow_sigma": 3.0,
     "syn_total_sigma": 1.0,
     "metric_mask_dilation_mm": 8.0,    # brain + this margin drives the SyN metric (sees the brain edge, not scalp)
+    "syn_crop_margin_mm": 6.0,         # SyN's grid: the metric mask's box + this margin (null: the whole head grid)
     "atropos_prior_weight": 0.25,
     "atropos_mrf": 0.1,
     "n4_spline_mm": 60.0,
@@ -202,9 +203,15 @@ def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int
         n4_reg = _rescale(n4_reg)
         tick("n4")
 
-        syn = ants.registration(fixed=head, moving=n4_reg, type_of_transform="SyNOnly", initial_transform=affine_mat,
+        # The SyN field lives on a box around the metric mask: outside it the warp is zero (ITK's displacement
+        # field transform), and the box has 2-3x fewer voxels than the head grid (the finest level's cost).
+        syn_fixed, syn_mask = head, metric_mask
+        if p["syn_crop_margin_mm"] is not None and p["metric_mask_dilation_mm"] > 0:
+            box = ants.iMath(metric_mask, "MD", max(1, int(round(p["syn_crop_margin_mm"] / res))))
+            syn_fixed, syn_mask = ants.crop_image(head, box, 1), ants.crop_image(metric_mask, box, 1)
+        syn = ants.registration(fixed=syn_fixed, moving=n4_reg, type_of_transform="SyNOnly", initial_transform=affine_mat,
                                 outprefix=str(work / "syn_"), syn_metric="mattes",
-                                mask=metric_mask if p["metric_mask_dilation_mm"] > 0 else None,
+                                mask=syn_mask if p["metric_mask_dilation_mm"] > 0 else None,
                                 reg_iterations=tuple(p["syn_iterations"]), grad_step=p["syn_gradient_step"],
                                 flow_sigma=p["syn_flow_sigma"], total_sigma=p["syn_total_sigma"])
         fwd, inv = _split(syn, affine_mat)
@@ -231,7 +238,7 @@ def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int
         mni = {"mni_t1w": to_mni(brain)}
         for t in TISSUES:
             mni[f"mni_{t}"] = to_mni(probs[t])
-        logjac = ants.create_jacobian_determinant_image(head, fwd["warp"], do_log=True)
+        logjac = ants.create_jacobian_determinant_image(syn_fixed, fwd["warp"], do_log=True)
         logjac = ants.resample_image_to_target(logjac, tpl, interp_type="linear") * tpl_mask
         tick("to_mni")
 
