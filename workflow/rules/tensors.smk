@@ -1,5 +1,6 @@
 # tensors stage: per-subject fixed-shape caches of the MNI derivatives, then one gathered cohort
 # (src/brainfuse/tensors.py). Helpers (bpath, units_with, raw_images, STAGE_TARGETS) are in common.smk.
+import functools
 import shlex
 
 from brainfuse import tensors as bf_tensors
@@ -30,8 +31,9 @@ def unit_modalities(unit):
     return [m for m in IMAGE_TENSORS if has(unit, bf_tensors.SOURCE_OF[m])]
 
 
+@functools.lru_cache(maxsize=None)        # asked by input and params of every job: build each unit's once
 def unit_sources(unit):
-    """{modality: derivative paths in channel order} of one unit."""
+    """{modality: derivative paths in channel order} of one unit (do not mutate: it is cached)."""
     out = {}
     for m in unit_modalities(unit):
         run = bold_run_entities(unit) if bf_tensors.SOURCE_OF[m] == "bold" else None
