@@ -118,7 +118,7 @@ def test_phantom_2mm_transform_mask_and_outputs(phantom_2mm, resources, tmp_path
     err = _displacement_error(paths, anatomy, tpl["mask"])
     print(f"2 mm phantom: displacement error mean {err.mean():.3f} mm, p95 {np.percentile(err, 95):.3f} mm; "
           f"timings {out['timings']}")
-    assert err.mean() <= 1.0       # affine alone: 2.2 mm (the random warp); measured 0.77 (goal 0.5: not met)
+    assert err.mean() <= 0.5       # issue 4's target; measured 0.38 (affine alone 2.2, head-target MI SyN 0.77)
     truth = nib.load(root / "truth" / "sub-001" / "anat" / "sub-001_desc-brain_mask.nii.gz").get_fdata() > 0
     assert _dice(nib.load(paths["mask"]).get_fdata() > 0, truth) >= 0.95
     # Tissue maps: probabilities summing to one in the brain; GM in MNI space agrees with the template's.
@@ -167,7 +167,8 @@ def test_real_siemens_t1w(shared_data, resources, tmp_path):
     m = out["metrics"]
     print(f"real T1w: {m}, timings {out['timings']}")
     assert m["mni_mask_dice"] > 0.95          # the native mask warped to MNI covers the template brain mask
-    assert m["mni_correlation"] > 0.5         # measured 0.545 (1 thread, seeded: reproducible); failed runs 0.12-0.34
+    assert m["mni_correlation"] > 0.55        # measured 0.632 (ITK 1 thread) / 0.576 (2 threads, as pytest imports
+                                              # ants first); one mutual-information SyN to the head target: 0.545-0.556
     assert 1200 < m["mask_volume_ml"] < 2100   # the template mask (1.9 l, generous) on an adult head
     for key in ("qc_mask", "qc_reg"):
         assert open(out["paths"][key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -5,11 +5,16 @@ One process per subject does every step (``import ants`` alone costs seconds):
 1. affine registration of the whole head to the template head target (``templates.py``: no head template
    ships offline, so the target is the template brain inside synthetic CSF/skull/scalp shells);
 2. N4 bias correction, weighted by the template brain mask mapped back through that affine (dilated);
-3. SyN of the bias-corrected head to the same target, its metric restricted to the dilated template brain
-   mask so that the synthetic scalp does not pull the brain edge (antsBrainExtraction's idea in one step);
-4. brain mask = template mask pulled back through affine + SyN; tissue maps = Atropos initialised with the
-   template GM/WM/CSF priors pulled back the same way;
-5. T1 brain, tissue maps and the log-Jacobian of the template->subject warp resampled onto the template grid.
+3. skull stripping: SyN (mutual information) of the bias-corrected head to the same target, its metric restricted
+   to the dilated template brain mask so that the synthetic scalp does not pull the brain edge; the template
+   brain mask pulled back through it is the brain mask;
+4. normalisation: SyN of the skull-stripped brain to the template brain, from the same affine, with local
+   cross-correlation (CC), which ignores the slowly varying intensity bias N4 leaves. Measured on the phantom
+   (displacement error against the known warp): 0.38 mm at 2 mm, 0.53 mm at 3 mm; the earlier single
+   mutual-information SyN of the head to the head target reached 0.78 / 0.88 mm, and CC on that head target
+   pulled a real scan's brain mask into the neck (no neck in the target) while brain-to-brain CC does not;
+5. tissue maps = Atropos initialised with the template GM/WM/CSF priors pulled back through step 4;
+6. T1 brain, tissue maps and the log-Jacobian of the template->subject warp resampled onto the template grid.
 
 Transforms follow ANTs: registering fixed = template, moving = T1w gives ``[warp, affine]`` that takes a T1w-space
 image to the template with ``ants.apply_transforms(fixed=tpl, moving=img, transformlist=[warp, affine])``.
@@ -35,10 +40,15 @@ from .templates import outputs as template_outputs
 
 TISSUES = ("CSF", "GM", "WM")          # Atropos class order: T1 intensity increases CSF < GM < WM
 DEFAULTS = {
-    "syn_iterations": [100, 70, 20],   # coarse -> fine (shrink 4, 2, 1); the finest level halves the error
+    "syn_iterations": [100, 70, 20],   # brain -> template SyN, coarse -> fine (shrink 4, 2, 1); the finest level
+                                       # halves the error
+    "skullstrip_iterations": [100, 70, 0],   # head -> head-target SyN (mutual information) carrying the brain mask
+                                       # back; its finest level changed the mask Dice 0.982 -> 0.986 for 13 s at 3 mm
     "syn_gradient_step": 0.3,
     "syn_flow_sigma": 3.0,
     "syn_total_sigma": 1.0,
+    "syn_metric": "CC",                # brain -> template: CC (local cross-correlation) | mattes (mutual information)
+    "syn_cc_radius": 1,                # radius 1 beat 2 on the phantom (head-target SyN: 0.41 vs 0.48 mm at 2 mm)
     "metric_mask_dilation_mm": 8.0,    # brain + this margin drives the SyN metric (sees the brain edge, not scalp)
     "syn_crop_margin_mm": 6.0,         # SyN's grid: the metric mask's box + this margin (null: the whole head grid)
     "atropos_prior_weight": 0.25,
@@ -203,27 +213,44 @@ def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int
         n4_reg = _rescale(n4_reg)
         tick("n4")
 
-        # The SyN field lives on a box around the metric mask: outside it the warp is zero (ITK's displacement
-        # field transform), and the box has 2-3x fewer voxels than the head grid (the finest level's cost).
+        # Skull stripping: SyN (mutual information) of the bias-corrected head to the head target, its field on a
+        # box around the metric mask (outside it the warp is zero; 2-3x fewer voxels than the head grid).
         syn_fixed, syn_mask = head, metric_mask
         if p["syn_crop_margin_mm"] is not None and p["metric_mask_dilation_mm"] > 0:
             box = ants.iMath(metric_mask, "MD", max(1, int(round(p["syn_crop_margin_mm"] / res))))
             syn_fixed, syn_mask = ants.crop_image(head, box, 1), ants.crop_image(metric_mask, box, 1)
-        syn = ants.registration(fixed=syn_fixed, moving=n4_reg, type_of_transform="SyNOnly", initial_transform=affine_mat,
-                                outprefix=str(work / "syn_"), syn_metric="mattes",
-                                mask=syn_mask if p["metric_mask_dilation_mm"] > 0 else None,
+        strip = ants.registration(fixed=syn_fixed, moving=n4_reg, type_of_transform="SyNOnly", initial_transform=affine_mat,
+                                  outprefix=str(work / "strip_"), syn_metric="mattes",
+                                  mask=syn_mask if p["metric_mask_dilation_mm"] > 0 else None,
+                                  reg_iterations=tuple(p["skullstrip_iterations"]), grad_step=p["syn_gradient_step"],
+                                  flow_sigma=p["syn_flow_sigma"], total_sigma=p["syn_total_sigma"])
+        s_fwd, s_inv = _split(strip, affine_mat)
+        mask_prob = ants.apply_transforms(fixed=t1, moving=tpl_mask, transformlist=[s_fwd["affine"], s_inv],
+                                          whichtoinvert=[True, False], interpolator="linear")
+        mask = ants.threshold_image(mask_prob, 0.5, 2.0, 1, 0)
+        mask = ants.iMath(mask, "FillHoles").threshold_image(0.5, 2)
+        tick("skullstrip")
+
+        # Normalisation: SyN of the skull-stripped brain to the template brain (no scalp, neck or face of a real
+        # head for the synthetic head target to mismatch), from the same affine. CC by default: local
+        # normalisation ignores the slowly varying bias N4 leaves, which mutual information follows.
+        mask_reg = mask if reg_img is t1 else ants.resample_image_to_target(mask, reg_img, interp_type="nearestNeighbor")
+        brain_reg = _rescale(n4_reg * mask_reg)
+        tpl_box = ants.iMath(tpl_mask, "MD", max(1, int(round((p["metric_mask_dilation_mm"] + 6) / res))))
+        syn_fixed = ants.crop_image(tpl, tpl_box, 1)
+        cc = p["syn_metric"] == "CC"
+        syn = ants.registration(fixed=syn_fixed, moving=brain_reg, type_of_transform="SyNOnly", initial_transform=affine_mat,
+                                outprefix=str(work / "syn_"), syn_metric="CC" if cc else "mattes",
+                                syn_sampling=int(p["syn_cc_radius"]) if cc else 32,
                                 reg_iterations=tuple(p["syn_iterations"]), grad_step=p["syn_gradient_step"],
                                 flow_sigma=p["syn_flow_sigma"], total_sigma=p["syn_total_sigma"])
         fwd, inv = _split(syn, affine_mat)
         tick("syn")
 
-        # Brain mask and tissue priors pulled back to native space.
+        # Tissue priors pulled back to native space through the brain-to-brain transforms.
         pull = lambda moving, interp="linear": ants.apply_transforms(
             fixed=t1, moving=moving, transformlist=[fwd["affine"], inv], whichtoinvert=[True, False],
             interpolator=interp)
-        mask_prob = pull(tpl_mask)
-        mask = ants.threshold_image(mask_prob, 0.5, 2.0, 1, 0)
-        mask = ants.iMath(mask, "FillHoles").threshold_image(0.5, 2)
         priors = [pull(ants.image_read(tpl_files[t])) * mask for t in TISSUES]
         tick("mask")
 
