@@ -46,6 +46,30 @@ def test_bayes_accuracy_tracks_effect_strength():
     assert abs(none["bayes_accuracy"] - 1 / 3) < 0.02
 
 
+def test_cohort_bayes_rule_agrees_with_the_generator_and_scatters_on_small_cohorts():
+    """The Bayes rule applied subject by subject (truth/bayes.json's cohort values, evaluate's reference row)
+    converges to the Monte-Carlo Bayes accuracy on a large cohort, and on 36-subject cohorts it scatters by
+    several points: the realised ceiling, not the expectation, is what a model of one cohort can reach."""
+    cfg = demo.demo_config({})
+    expected = demo.bayes_accuracy(cfg, 50_000)["bayes_accuracy"]
+    large = demo.cohort_bayes(cfg, demo.plan({**cfg, "n_subjects": 6000}))
+    assert abs(large["cohort_bayes_accuracy"] - expected) < 0.02
+    small = [demo.cohort_bayes(cfg, demo.plan({**cfg, "seed": seed}))["cohort_bayes_balanced_accuracy"]
+             for seed in range(40)]
+    assert np.std(small) > 0.03 and min(small) < expected - 0.05
+    # evaluate's reference row gives the same balanced accuracy from bayes.json's per-subject records
+    from brainfuse import evaluate as bf_eval
+
+    subjects = demo.plan(cfg)
+    record = {"config": cfg, "subjects": [{"label": s.label, "scores": s.scores, "has_dwi": s.has_dwi,
+                                           "has_bold": s.has_bold} for s in subjects]}
+    keys = [(f"sub-{s.label}", "") for s in subjects]
+    y = np.array([cfg["classes"].index(s.diagnosis) for s in subjects])
+    idx, prob = bf_eval.bayes_reference(record, keys, y, np.ones(len(y), bool), cfg["classes"])
+    assert bf_eval.classification_metrics(y[idx], prob)["balanced_accuracy"] == pytest.approx(
+        demo.cohort_bayes(cfg, subjects)["cohort_bayes_balanced_accuracy"])
+
+
 def test_t1w_is_the_template_through_the_stored_transforms(tiny_demo):
     root, cfg = tiny_demo
     sub = "001"

@@ -136,6 +136,32 @@ def bayes_accuracy(cfg: dict, n_samples: int = 200_000) -> dict:
             "chance": 1.0 / k, "n_samples": n_samples, "latent_means": {n: mu[:, j].tolist() for j, n in enumerate(names)}}
 
 
+def bayes_log_posterior(cfg: dict, scores: dict, has_dwi: bool = True, has_bold: bool = True) -> list:
+    """The Bayes rule's class log-likelihoods (equal priors) for one subject's latent scores, ignoring the
+    scores of a missing scan: what no model of this subject's data can beat, on average."""
+    k = len(cfg["classes"])
+    have = {"dwi": has_dwi, "bold": has_bold}
+    out = []
+    for c in range(k):
+        out.append(float(sum(-0.5 * (scores[n] - cfg["effects"][EFFECT_OF[n]] * m[c]) ** 2
+                             for n, m in LATENT_MEANS.items() if have.get(NEEDS.get(n), True))))
+    return out
+
+
+def cohort_bayes(cfg: dict, subjects: list) -> dict:
+    """The Bayes rule applied to the realised cohort: its accuracy and balanced accuracy on these subjects.
+
+    The generator's Bayes accuracy is an expectation over cohorts; on n = 36 subjects the rule itself scatters
+    by about 6 points (``benchmarks/bench_bayes_gap.py``), so models are judged against this realised value too.
+    """
+    classes = cfg["classes"]
+    y = np.array([classes.index(s.diagnosis) for s in subjects])
+    pred = np.array([int(np.argmax(bayes_log_posterior(cfg, s.scores, s.has_dwi, s.has_bold))) for s in subjects])
+    per_class = [float((pred[y == c] == c).mean()) for c in range(len(classes)) if (y == c).any()]
+    return {"cohort_bayes_accuracy": float((pred == y).mean()),
+            "cohort_bayes_balanced_accuracy": float(np.mean(per_class)), "cohort_n": len(subjects)}
+
+
 # --------------------------------------------------------------------------------------- head model
 @dataclass
 class HeadModel:
@@ -891,7 +917,7 @@ def write_dataset(cfg: dict, root: Path):
     table.to_csv(bids / "participants.tsv", sep="\t", index=False)
     bf_io.save_json(PARTICIPANTS_JSON, bids / "participants.json")
     write_generator_cache(cfg, root)
-    bf_io.save_json({**bayes_accuracy(cfg), "config": cfg,
+    bf_io.save_json({**bayes_accuracy(cfg), **cohort_bayes(cfg, subjects), "config": cfg,
                      "subjects": [{"label": s.label, "diagnosis": s.diagnosis, "has_dwi": s.has_dwi, "has_bold": s.has_bold,
                                    "dicom": s.dicom, "scores": s.scores} for s in subjects]}, truth / "bayes.json")
 

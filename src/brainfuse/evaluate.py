@@ -125,6 +125,23 @@ def scores_of(pred: pd.DataFrame, task: str, classes: list) -> np.ndarray:
     return pred["predicted"].to_numpy(float)
 
 
+def bayes_reference(bayes: dict | None, keys: list, y: np.ndarray, labelled: np.ndarray, classes: list):
+    """(rows, class probabilities) of the demo generator's Bayes rule for the labelled cohort rows it knows,
+    from ``truth/bayes.json`` (per-subject latent scores and scans present); None for other datasets."""
+    if not bayes or "subjects" not in bayes or list(bayes.get("config", {}).get("classes", [])) != list(classes):
+        return None
+    from .demo import bayes_log_posterior
+
+    known = {f"sub-{s['label']}": s for s in bayes["subjects"]}
+    idx = [i for i, (pid, _) in enumerate(keys) if labelled[i] and pid in known]
+    if len(idx) < 2:
+        return None
+    ll = np.array([bayes_log_posterior(bayes["config"], known[keys[i][0]]["scores"], known[keys[i][0]]["has_dwi"],
+                                       known[keys[i][0]]["has_bold"]) for i in idx])
+    prob = np.exp(ll - ll.max(1, keepdims=True))
+    return np.array(idx), prob / prob.sum(1, keepdims=True)
+
+
 # ------------------------------------------------------------------------------------------ baselines
 def baseline_features(cohort, rows: np.ndarray, modalities: list, fit_rows: np.ndarray, grid=(4, 5, 4)):
     """Concatenated features of ``modalities`` for ``rows``: tabular columns and volumes average-pooled to a
@@ -273,11 +290,11 @@ def grid_and_ablations(cohort, y, table, models_dir, presets, folds, settings, l
 # ---------------------------------------------------------------------------------------------- plots
 def plot_metrics(results: pd.DataFrame, task: str, path, bayes: dict | None, chance: float | None):
     metric = MAIN_METRIC[task]
-    r = results[(results.metric == metric) & results.analysis.isin(["cv", "baseline", "canary"])
+    r = results[(results.metric == metric) & results.analysis.isin(["reference", "cv", "baseline", "canary"])
                 & (results.condition == "all")]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(r) + 1.5))
     labels = [f"{a}: {m}" for a, m in zip(r.analysis, r.model)]
-    colours = {"cv": "tab:blue", "baseline": "tab:grey", "canary": "tab:red"}
+    colours = {"reference": "tab:green", "cv": "tab:blue", "baseline": "tab:grey", "canary": "tab:red"}
     ypos = np.arange(len(r))[::-1]
     ax.barh(ypos, r.value, color=[colours[a] for a in r.analysis],
             xerr=[r.value - r.ci_low, r.ci_high - r.value], capsize=3)
@@ -285,11 +302,13 @@ def plot_metrics(results: pd.DataFrame, task: str, path, bayes: dict | None, cha
     if chance is not None:
         ax.axvline(chance, color="k", ls=":", label=f"chance {chance:.2f}")
     if bayes:
-        ax.axvline(bayes["bayes_accuracy"], color="tab:green", ls="--", label=f"Bayes {bayes['bayes_accuracy']:.2f}")
+        ax.axvline(bayes["bayes_accuracy"], color="tab:green", ls="--",
+                   label=f"generator's Bayes accuracy {bayes['bayes_accuracy']:.2f} (expected over cohorts)")
     ax.set_xlabel(f"{metric.replace('_', ' ')} (out-of-fold, 95% bootstrap CI)")
     if chance is not None or bayes:
         ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Cross-validated performance (blue: presets, grey: baselines, red: canary)", fontsize=10)
+    ax.set_title("Cross-validated performance (blue: presets, grey: baselines, red: canary, green: Bayes rule)",
+                 fontsize=10)
     fig.tight_layout()
     bf_io.save_figure(fig, path, dpi=110)
 
@@ -415,6 +434,14 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
         results += rows_for("cv", preset, "all", stats, len(p))
         log(f"[evaluate] {preset}: " + ", ".join(f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in stats.items()))
 
+    # the demo's Bayes rule on the same subjects: the ceiling this cohort allows (nothing fitted)
+    ref = bayes_reference(bayes, keys, y, labelled, classes) if task == "classification" and not cv["permute_labels"] else None
+    if ref is not None:
+        idx, sc = ref
+        stats = bootstrap(task, y[idx], sc, n_boot, seed, [keys[i][0] for i in idx])
+        results += rows_for("reference", "Bayes rule (true latent scores)", "all", stats, len(idx))
+        log(f"[evaluate] Bayes rule on this cohort: {MAIN_METRIC[task]} {stats[MAIN_METRIC[task]][0]:.3f}")
+
     # baselines (refitted per fold) and the permuted-label canary
     names = bf_train.modality_names(cohort)
     if cv["baselines"]:
@@ -451,6 +478,8 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
                "presets": {m: float(v) for m, v in zip(cvres.model, cvres.value)}}
     if bayes:
         summary["bayes_accuracy"] = bayes.get("bayes_accuracy")
+        if ref is not None:
+            summary["cohort_bayes"] = float(res[(res.analysis == "reference") & (res.metric == metric)].value.iloc[0])
 
     # figures
     chance = 1.0 / n_classes if task == "classification" else 0.0
