@@ -57,7 +57,9 @@ DEFAULTS = {
     "dw_to_b0": "mutual_information",  # the one cross-contrast step, DW frame onto the b0: mutual_information
                                  # (ANTs, both ways) | mapped_ssd (dw_frame_to_b0): mapped_ssd is closer on the
                                  # phantom (0.16 vs 0.2 mm) but moved the XA30 DW frame 2.3 mm along z (r with the
-                                 # scanner FA 0.63, mutual information 0.75): not the default until understood
+                                 # scanner FA 0.63, mutual information 0.75): not the default until understood;
+                                 # none (eddy's --dont_peas): XA30 r 0.82/0.99 with the scanner FA/ADC (interior
+                                 # slices; MI 0.77/0.87) but 0.6-0.87 mm on the phantom, whose DW volumes drift
     "refine_iterations": 0,      # torch: rounds of registration to the leave-one-out tensor prediction (3
                                  # rounds: phantom scatter between DW volumes 0.1 -> 0.05-0.09 mm, ~3x the time)
     "b0_threshold": 50,          # s/mm^2: volumes at or below are b0s
@@ -308,11 +310,13 @@ def dw_frame_to_b0(ref, mean_dw, mask, affine, rounds: int = 2) -> np.ndarray:
 def place_dw_frame(dw_data, T_dw, ref, mask, affine, method: str, work) -> np.ndarray:
     """Rigid S (b0 reference -> DW frame) for the mean of the aligned DW volumes: ANTs mutual information both
     ways (averaged: halves one direction's interpolation bias) or ``dw_frame_to_b0`` (``mapped_ssd``)."""
+    if method == "none":    # the DW volumes' mean frame is taken as the b0's (FSL eddy's --dont_peas)
+        return np.eye(4)
     if method == "mapped_ssd":
         from . import motion
         return dw_frame_to_b0(ref, motion.resample_series(dw_data, affine, T_dw).mean(3), mask, affine)
     if method != "mutual_information":
-        raise ValueError(f"dwi dw_to_b0={method!r}: choose mutual_information or mapped_ssd")
+        raise ValueError(f"dwi dw_to_b0={method!r}: choose mutual_information, mapped_ssd or none")
     mean_dw = resample(dw_data, affine, T_dw, affine, ref.shape, order=3).mean(3)
     return symmetric_rigid(ref * mask, mean_dw * mask, affine, work)
 
