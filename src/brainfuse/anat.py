@@ -236,8 +236,10 @@ def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int
         # normalisation ignores the slowly varying bias N4 leaves, which mutual information follows.
         mask_reg = mask if reg_img is t1 else ants.resample_image_to_target(mask, reg_img, interp_type="nearestNeighbor")
         brain_reg = _rescale(n4_reg * mask_reg)
-        tpl_box = ants.iMath(tpl_mask, "MD", max(1, int(round((p["metric_mask_dilation_mm"] + 6) / res))))
-        syn_fixed = ants.crop_image(tpl, tpl_box, 1)
+        syn_fixed = tpl
+        if p["syn_crop_margin_mm"] is not None:     # the same box rule as above, around the template brain
+            margin = p["metric_mask_dilation_mm"] + p["syn_crop_margin_mm"]
+            syn_fixed = ants.crop_image(tpl, ants.iMath(tpl_mask, "MD", max(1, int(round(margin / res)))), 1)
         cc = p["syn_metric"] == "CC"
         syn = ants.registration(fixed=syn_fixed, moving=brain_reg, type_of_transform="SyNOnly", initial_transform=affine_mat,
                                 outprefix=str(work / "syn_"), syn_metric="CC" if cc else "mattes",

@@ -436,9 +436,11 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
 
     # the demo's Bayes rule on the same subjects: the ceiling this cohort allows (nothing fitted)
     ref = bayes_reference(bayes, keys, y, labelled, classes) if task == "classification" and not cv["permute_labels"] else None
+    cohort_bayes = None
     if ref is not None:
         idx, sc = ref
         stats = bootstrap(task, y[idx], sc, n_boot, seed, [keys[i][0] for i in idx])
+        cohort_bayes = float(stats[MAIN_METRIC[task]][0])
         results += rows_for("reference", "Bayes rule (true latent scores)", "all", stats, len(idx))
         log(f"[evaluate] Bayes rule on this cohort: {MAIN_METRIC[task]} {stats[MAIN_METRIC[task]][0]:.3f}")
 
@@ -478,8 +480,8 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
                "presets": {m: float(v) for m, v in zip(cvres.model, cvres.value)}}
     if bayes:
         summary["bayes_accuracy"] = bayes.get("bayes_accuracy")
-        if ref is not None:
-            summary["cohort_bayes"] = float(res[(res.analysis == "reference") & (res.metric == metric)].value.iloc[0])
+        if cohort_bayes is not None:
+            summary["cohort_bayes"] = cohort_bayes
 
     # figures
     chance = 1.0 / n_classes if task == "classification" else 0.0
