@@ -307,8 +307,7 @@ def plot_metrics(results: pd.DataFrame, task: str, path, bayes: dict | None, cha
     ax.set_xlabel(f"{metric.replace('_', ' ')} (out-of-fold, 95% bootstrap CI)")
     if chance is not None or bayes:
         ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Cross-validated performance (blue: presets, grey: baselines, red: canary, green: Bayes rule)",
-                 fontsize=10)
+    ax.set_title("CV performance (blue: presets, grey: baselines,\nred: canary, green: Bayes rule)", fontsize=10)
     fig.tight_layout()
     bf_io.save_figure(fig, path, dpi=110)
 
