@@ -130,7 +130,14 @@ def bayes_reference(bayes: dict | None, keys: list, y: np.ndarray, labelled: np.
     from ``truth/bayes.json`` (per-subject latent scores and scans present); None for other datasets."""
     if not bayes or "subjects" not in bayes or list(bayes.get("config", {}).get("classes", [])) != list(classes):
         return None
-    from .demo import bayes_log_posterior
+    # not `from .demo import ...`: demo pulls nilearn/pydicom into the train env (tests/test_envs.py)
+    means = bayes["latent_means"]          # per score: class means with effects applied (demo.bayes_accuracy)
+    needs = {"fa": "has_dwi", "connectivity": "has_bold"}
+
+    def bayes_log_posterior(cfg, scores, has_dwi, has_bold):
+        have = {"has_dwi": has_dwi, "has_bold": has_bold}
+        return [sum(-0.5 * (scores[n] - m[c]) ** 2 for n, m in means.items() if have.get(needs.get(n), True))
+                for c in range(len(classes))]
 
     known = {f"sub-{s['label']}": s for s in bayes["subjects"]}
     idx = [i for i, (pid, _) in enumerate(keys) if labelled[i] and pid in known]
