@@ -28,31 +28,20 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from brainfuse import demo
-
-
-def balanced_accuracy(y, pred, k):
-    return float(np.mean([(pred[y == c] == c).mean() for c in range(k) if (y == c).any()]))
+from brainfuse import bayes, demo
 
 
 def cohort(cfg, seed):
     cfg = {**cfg, "seed": int(seed)}
     subjects = demo.plan(cfg)
-    names = list(demo.LATENT_MEANS)
-    s = np.array([[p.scores[n] for n in names] for p in subjects])
-    observed = np.ones_like(s, dtype=bool)
-    for j, n in enumerate(names):
-        if n in demo.NEEDS:
-            observed[:, j] = [p.has_dwi if demo.NEEDS[n] == "dwi" else p.has_bold for p in subjects]
+    names, mu = demo.latent_class_means(cfg)
+    s, observed = bayes.subject_arrays(subjects, names)
     y = np.array([cfg["classes"].index(p.diagnosis) for p in subjects])
-    mu = np.array([[cfg["effects"][demo.EFFECT_OF[n]] * demo.LATENT_MEANS[n][c] for n in names]
-                   for c in range(len(cfg["classes"]))])
     return s, observed, y, mu
 
 
 def loglik_predict(s, observed, mu):
-    ll = -0.5 * (((s[:, None, :] - mu[None]) ** 2) * observed[:, None, :]).sum(-1)
-    return ll.argmax(1)
+    return bayes.log_likelihood(s, observed, mu).argmax(1)
 
 
 def cv_scores(s, observed, y, mu, k, seed):
@@ -68,7 +57,7 @@ def cv_scores(s, observed, y, mu, k, seed):
         clf = make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
                             LogisticRegression(C=1.0, max_iter=5000, class_weight="balanced"))
         pred["logistic"][test] = clf.fit(X[train], y[train]).predict(X[test])
-    return {m: balanced_accuracy(y, p, k) for m, p in pred.items()}
+    return {m: bayes.balanced_accuracy(y, p, k) for m, p in pred.items()}
 
 
 def main():

@@ -225,8 +225,7 @@ def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int
                                   reg_iterations=tuple(p["skullstrip_iterations"]), grad_step=p["syn_gradient_step"],
                                   flow_sigma=p["syn_flow_sigma"], total_sigma=p["syn_total_sigma"])
         s_fwd, s_inv = _split(strip, affine_mat)
-        mask_prob = ants.apply_transforms(fixed=t1, moving=tpl_mask, transformlist=[s_fwd["affine"], s_inv],
-                                          whichtoinvert=[True, False], interpolator="linear")
+        mask_prob = _to_native(ants, t1, tpl_mask, s_fwd, s_inv)
         mask = ants.threshold_image(mask_prob, 0.5, 2.0, 1, 0)
         mask = ants.iMath(mask, "FillHoles").threshold_image(0.5, 2)
         tick("skullstrip")
@@ -250,10 +249,7 @@ def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int
         tick("syn")
 
         # Tissue priors pulled back to native space through the brain-to-brain transforms.
-        pull = lambda moving, interp="linear": ants.apply_transforms(
-            fixed=t1, moving=moving, transformlist=[fwd["affine"], inv], whichtoinvert=[True, False],
-            interpolator=interp)
-        priors = [pull(ants.image_read(tpl_files[t])) * mask for t in TISSUES]
+        priors = [_to_native(ants, t1, ants.image_read(tpl_files[t]), fwd, inv) * mask for t in TISSUES]
         tick("mask")
 
         seg = ants.atropos(a=n4, x=mask, i=priors, m=f"[{p['atropos_mrf']},1x1x1]", c="[3,0]",
@@ -360,6 +356,13 @@ def _head_top_translation(ants, moving, fixed, path: str) -> str:
                                     translation=tuple(shift * [-1, -1, 1]))   # ITK works in LPS
     ants.write_transform(tx, path)
     return path
+
+
+def _to_native(ants, native, moving, fwd: dict, inv: str, interp: str = "linear"):
+    """A template-space image resampled on the ``native`` grid through one registration's (fwd, inv) pair
+    from ``_split``: the inverse affine, then the inverse warp."""
+    return ants.apply_transforms(fixed=native, moving=moving, transformlist=[fwd["affine"], inv],
+                                 whichtoinvert=[True, False], interpolator=interp)
 
 
 def _ras_affine(image) -> np.ndarray:

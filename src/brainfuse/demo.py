@@ -43,6 +43,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from . import bayes
 from . import io as bf_io
 from .bids import TEMPLATE, bids_path
 
@@ -113,6 +114,13 @@ def plan(cfg: dict) -> list[SubjectPlan]:
     return subjects
 
 
+def latent_class_means(cfg: dict) -> tuple[list, np.ndarray]:
+    """(score names, (K, S) class means with the configured effect strengths applied)."""
+    names = list(LATENT_MEANS)
+    return names, np.array([[cfg["effects"][EFFECT_OF[n]] * LATENT_MEANS[n][c] for n in names]
+                            for c in range(len(cfg["classes"]))])
+
+
 def bayes_accuracy(cfg: dict, n_samples: int = 200_000) -> dict:
     """Monte-Carlo accuracy of the Bayes classifier on the latent scores, under the configured missingness.
 
@@ -121,31 +129,16 @@ def bayes_accuracy(cfg: dict, n_samples: int = 200_000) -> dict:
     """
     rng = np.random.default_rng([cfg["seed"], 99])
     k = len(cfg["classes"])
-    names = list(LATENT_MEANS)
-    mu = np.array([[cfg["effects"][EFFECT_OF[n]] * LATENT_MEANS[n][c] for n in names] for c in range(k)])
+    names, mu = latent_class_means(cfg)
     y = rng.integers(0, k, n_samples)
     s = mu[y] + rng.normal(size=(n_samples, len(names)))
     observed = np.ones_like(s, dtype=bool)
     for j, n in enumerate(names):
         if n in NEEDS:
             observed[:, j] = rng.random(n_samples) >= cfg["missing"][NEEDS[n]]
-    loglik = -0.5 * (((s[:, None, :] - mu[None]) ** 2) * observed[:, None, :]).sum(-1)
-    full = -0.5 * ((s[:, None, :] - mu[None]) ** 2).sum(-1)
-    return {"bayes_accuracy": float((loglik.argmax(1) == y).mean()),
-            "bayes_accuracy_all_modalities": float((full.argmax(1) == y).mean()),
+    return {"bayes_accuracy": float((bayes.log_likelihood(s, observed, mu).argmax(1) == y).mean()),
+            "bayes_accuracy_all_modalities": float((bayes.log_likelihood(s, np.ones_like(observed), mu).argmax(1) == y).mean()),
             "chance": 1.0 / k, "n_samples": n_samples, "latent_means": {n: mu[:, j].tolist() for j, n in enumerate(names)}}
-
-
-def bayes_log_posterior(cfg: dict, scores: dict, has_dwi: bool = True, has_bold: bool = True) -> list:
-    """The Bayes rule's class log-likelihoods (equal priors) for one subject's latent scores, ignoring the
-    scores of a missing scan: what no model of this subject's data can beat, on average."""
-    k = len(cfg["classes"])
-    have = {"dwi": has_dwi, "bold": has_bold}
-    out = []
-    for c in range(k):
-        out.append(float(sum(-0.5 * (scores[n] - cfg["effects"][EFFECT_OF[n]] * m[c]) ** 2
-                             for n, m in LATENT_MEANS.items() if have.get(NEEDS.get(n), True))))
-    return out
 
 
 def cohort_bayes(cfg: dict, subjects: list) -> dict:
@@ -156,10 +149,11 @@ def cohort_bayes(cfg: dict, subjects: list) -> dict:
     """
     classes = cfg["classes"]
     y = np.array([classes.index(s.diagnosis) for s in subjects])
-    pred = np.array([int(np.argmax(bayes_log_posterior(cfg, s.scores, s.has_dwi, s.has_bold))) for s in subjects])
-    per_class = [float((pred[y == c] == c).mean()) for c in range(len(classes)) if (y == c).any()]
+    names, mu = latent_class_means(cfg)
+    pred = bayes.log_likelihood(*bayes.subject_arrays(subjects, names), mu).argmax(1)
     return {"cohort_bayes_accuracy": float((pred == y).mean()),
-            "cohort_bayes_balanced_accuracy": float(np.mean(per_class)), "cohort_n": len(subjects)}
+            "cohort_bayes_balanced_accuracy": bayes.balanced_accuracy(y, pred, len(classes)),
+            "cohort_n": len(subjects)}
 
 
 # --------------------------------------------------------------------------------------- head model

@@ -35,9 +35,7 @@ rule anat_subject:
         t1w=lambda w: raw_images(unit_of(w), "T1w")[0],
         templates=list(TEMPLATE_FILES.values()),
     output:
-        **{k: v for k, v in ANAT.items() if not k.startswith("qc_")},
-        qc_mask=report(ANAT["qc_mask"], category="anat", subcategory="brain mask"),
-        qc_reg=report(ANAT["qc_reg"], category="anat", subcategory="registration"),
+        **ANAT,   # QC PNGs reach the HTML report through report_qc ("Preprocessing QC"), with dwi's and func's
     params:
         code=code_version("anat"),
         anat=ANAT_PARAMS,

@@ -1,0 +1,39 @@
+"""The demo generator's Bayes rule on latent disease scores, vectorised, numpy only.
+
+Shared by ``demo`` (the generator's Bayes accuracy, the realised cohort's), ``evaluate`` (the reference row, in
+the train env, where demo's imaging imports are absent) and ``benchmarks/bench_bayes_gap.py``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+NEEDS = {"fa": "has_dwi", "connectivity": "has_bold"}   # scores observable only when that scan exists
+
+
+def log_likelihood(scores, observed, means) -> np.ndarray:
+    """Class log-likelihoods (n, K) of unit-variance Gaussian scores (n, S) around class means (K, S), each
+    subject's unobserved scores (``observed`` False) left out: what the Bayes rule compares (equal priors)."""
+    s, obs, mu = np.asarray(scores, float), np.asarray(observed, bool), np.asarray(means, float)
+    return -0.5 * (((s[:, None, :] - mu[None]) ** 2) * obs[:, None, :]).sum(-1)
+
+
+def posterior(scores, observed, means) -> np.ndarray:
+    """Class probabilities (n, K) under equal priors."""
+    ll = log_likelihood(scores, observed, means)
+    p = np.exp(ll - ll.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+def subject_arrays(subjects, names) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, observed), (n, S) each, from records with ``scores`` (dict), ``has_dwi`` and ``has_bold``: the
+    demo's SubjectPlan objects or the dicts of truth/bayes.json."""
+    get = (lambda r, k: r[k]) if subjects and isinstance(subjects[0], dict) else getattr
+    s = np.array([[get(r, "scores")[n] for n in names] for r in subjects], float).reshape(len(subjects), len(names))
+    obs = np.array([[bool(get(r, NEEDS[n])) if n in NEEDS else True for n in names] for r in subjects],
+                   bool).reshape(s.shape)
+    return s, obs
+
+
+def balanced_accuracy(y, pred, n_classes: int) -> float:
+    y, pred = np.asarray(y), np.asarray(pred)
+    return float(np.mean([(pred[y == c] == c).mean() for c in range(n_classes) if (y == c).any()]))
