@@ -230,3 +230,41 @@ def test_incompatible_cohort_is_refused(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt"):
         bf_train.load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_wide_table_is_projected_on_components_fitted_on_the_training_fold(tmp_path):
+    """A 300-column table (like connectivity edges) whose label lives in one network-wide factor: it is reduced to
+    ``tabular_components`` whitened principal components of the training rows (test rows never change them), the
+    model sees that width, the label is still learnt from it, and a reloaded checkpoint applies the same projection
+    to new rows (the predict path) as training did."""
+    rng = np.random.default_rng(1)
+    n = 90
+    y = rng.permutation(np.arange(n) % 3)
+    factor = rng.normal(size=n) + 2.0 * (y == 1) - 2.0 * (y == 2)
+    edges = (np.outer(factor, rng.normal(size=300)) + rng.normal(size=(n, 300)) * 2).astype(np.float32)
+    arrays = {"edges": edges, "age": rng.normal(size=(n, 2)).astype(np.float32)}
+    cohort = make_cohort(arrays, y, classes=["control", "PD", "iRBD"])
+    s = settings()
+    s["model"]["tabular_components"] = 8
+    table = splits_for(cohort, s)
+    ckpt = bf_train.train_fold(cohort, table, 0, "late", s, tmp_path / "a", log=lambda m: None)
+    st = ckpt["preprocessing"]
+    assert tuple(st["edges"]["projection"].shape) == (300, 8) and "projection" not in st["age"]
+    assert {m["name"]: m["shape"] for m in ckpt["config"]["modalities"]} == {"edges": [8], "age": [2]}
+    # whitened: the training rows' components have unit variance
+    rows = bf_splits.fold_indices(table, 0, bf_train.row_keys(cohort))
+    fit = np.concatenate([rows["train"], rows["val"]])
+    z = bf_train.materialise(cohort, fit, st, 1)["inputs"]["edges"].numpy()
+    np.testing.assert_allclose(z.std(0, ddof=1), 1.0, rtol=1e-3)
+    # fitted on training rows only
+    poisoned = make_cohort({**arrays, "edges": edges.copy()}, y, classes=["control", "PD", "iRBD"])
+    poisoned.arrays["edges"][rows["test"]] = 1e3
+    other = bf_train.fit_preprocessing(poisoned, fit, 1, tabular_components=8)
+    assert torch.equal(other["edges"]["projection"], st["edges"]["projection"])
+    # learnt, and the reloaded checkpoint predicts the test rows exactly as training wrote them
+    pred = pd.read_csv(tmp_path / "a" / "predictions.tsv", sep="\t")
+    assert (pred[["prob_control", "prob_PD", "prob_iRBD"]].to_numpy().argmax(1) == y[rows["test"]]).mean() > 0.6
+    loaded, model = bf_train.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    out = bf_train.run_model(model, bf_train.cohort_data(loaded, cohort, rows["test"]), torch.device("cpu"))
+    probs = torch.softmax(out["prediction"], -1).numpy()
+    np.testing.assert_allclose(probs, pred[["prob_control", "prob_PD", "prob_iRBD"]].to_numpy(), atol=1e-5)

@@ -31,6 +31,7 @@ from sklearn.linear_model import LogisticRegression, Ridge  # noqa: E402
 from sklearn.metrics import confusion_matrix, mean_absolute_error, mean_squared_error, r2_score  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
+from . import bayes as bf_bayes  # noqa: E402
 from . import io as bf_io  # noqa: E402
 from . import splits as bf_splits  # noqa: E402
 from . import train as bf_train  # noqa: E402
@@ -130,30 +131,27 @@ def bayes_reference(bayes: dict | None, keys: list, y: np.ndarray, labelled: np.
     from ``truth/bayes.json`` (per-subject latent scores and scans present); None for other datasets."""
     if not bayes or "subjects" not in bayes or list(bayes.get("config", {}).get("classes", [])) != list(classes):
         return None
-    # not `from .demo import ...`: demo pulls nilearn/pydicom into the train env (tests/test_envs.py)
-    means = bayes["latent_means"]          # per score: class means with effects applied (demo.bayes_accuracy)
-    needs = {"fa": "has_dwi", "connectivity": "has_bold"}
-
-    def bayes_log_posterior(cfg, scores, has_dwi, has_bold):
-        have = {"has_dwi": has_dwi, "has_bold": has_bold}
-        return [sum(-0.5 * (scores[n] - m[c]) ** 2 for n, m in means.items() if have.get(needs.get(n), True))
-                for c in range(len(classes))]
-
     known = {f"sub-{s['label']}": s for s in bayes["subjects"]}
     idx = [i for i, (pid, _) in enumerate(keys) if labelled[i] and pid in known]
     if len(idx) < 2:
         return None
-    ll = np.array([bayes_log_posterior(bayes["config"], known[keys[i][0]]["scores"], known[keys[i][0]]["has_dwi"],
-                                       known[keys[i][0]]["has_bold"]) for i in idx])
-    prob = np.exp(ll - ll.max(1, keepdims=True))
-    return np.array(idx), prob / prob.sum(1, keepdims=True)
+    names = list(bayes["latent_means"])    # per score: class means with effects applied (demo.bayes_accuracy)
+    means = np.array([bayes["latent_means"][n] for n in names]).T
+    scores, observed = bf_bayes.subject_arrays([known[keys[i][0]] for i in idx], names)
+    return np.array(idx), bf_bayes.posterior(scores, observed, means)
 
 
 # ------------------------------------------------------------------------------------------ baselines
 def baseline_features(cohort, rows: np.ndarray, modalities: list, fit_rows: np.ndarray, grid=(4, 5, 4)):
     """Concatenated features of ``modalities`` for ``rows``: tabular columns and volumes average-pooled to a
     coarse grid, each imputed and scaled with statistics of ``fit_rows`` (the training fold), absent
-    modalities set to the training mean (0 after scaling) plus one presence indicator each."""
+    modalities set to the training mean (0 after scaling) plus one presence indicator each.
+
+    With several modalities each block is divided by the square root of its width, so that every modality adds
+    the same total variance (the block weighting of multi-block analysis, e.g. multiple factor analysis, in its
+    cheap form). Without it a 4-column clinical table drowns among thousands of voxel and edge columns: on the
+    default demo the all-modality logistic regression fell from 0.81 (clinical alone) to 0.36; with it, 0.72."""
+    weigh = len(modalities) > 1
     blocks = []
     for name in modalities:
         m = bf_train.modality_names(cohort).index(name)
@@ -176,7 +174,8 @@ def baseline_features(cohort, rows: np.ndarray, modalities: list, fit_rows: np.n
             X = np.zeros_like(X)
         pres = cohort.present[rows, m]
         X[~pres] = 0.0
-        blocks += [np.nan_to_num(X), pres[:, None].astype(float)]
+        X = np.nan_to_num(X) / (np.sqrt(X.shape[1]) if weigh and X.shape[1] else 1.0)
+        blocks += [X, pres[:, None].astype(float)]
     return np.concatenate(blocks, 1)
 
 

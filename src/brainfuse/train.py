@@ -101,9 +101,13 @@ def _volume_batch(array, rows, pool: int) -> torch.Tensor:
     return F.avg_pool3d(x, pool, ceil_mode=True) if pool > 1 else x
 
 
-def fit_preprocessing(cohort, rows: np.ndarray, pool: int, volume_norm: str = "voxel") -> dict:
+def fit_preprocessing(cohort, rows: np.ndarray, pool: int, volume_norm: str = "voxel",
+                      tabular_components: int | None = None) -> dict:
     """Per-modality statistics fitted on ``rows`` (the training fold) only, as tensors (checkpoint-safe).
-    Tabular: median imputation + standard scaling (sklearn). Volumes, after pooling: ``voxel`` z-scores each
+    Tabular: median imputation + standard scaling (sklearn); a table wider than ``tabular_components`` columns
+    is then projected on its first principal components (whitened; at most rows - 1). Why: an MLP encoder of
+    4,950 connectivity edges has ~160k weights to fit ~30 subjects and memorises them; on the default demo the
+    MoE presets rose from 0.42-0.53 to 0.53-0.69 balanced accuracy (16 components). Volumes, after pooling: ``voxel`` z-scores each
     voxel against the training fold (as voxel-based morphometry does: the model sees how a subject differs
     from the fold, not the template's anatomy, which no classifier of ~30 subjects can learn to subtract);
     ``channel`` uses one mean and SD per channel."""
@@ -122,6 +126,15 @@ def fit_preprocessing(cohort, rows: np.ndarray, pool: int, volume_norm: str = "v
             stats[spec.name] = {"fill": torch.tensor(fill, dtype=torch.float32),
                                 "mean": torch.tensor(mean, dtype=torch.float32),
                                 "scale": torch.tensor(scale, dtype=torch.float32)}
+            k = min(tabular_components or F_, len(have) - 1)
+            if tabular_components and F_ > tabular_components and k >= 1:
+                from sklearn.decomposition import PCA
+
+                pca = PCA(n_components=k, whiten=True, svd_solver="full").fit(scaler.transform(imputer.transform(X)))
+                # x -> (x - centre) @ projection: components scaled by 1/sqrt(their variance) (whitening)
+                proj = pca.components_.T / np.sqrt(np.maximum(pca.explained_variance_, 1e-12))
+                stats[spec.name].update(centre=torch.tensor(pca.mean_, dtype=torch.float32),
+                                        projection=torch.tensor(proj, dtype=torch.float32))
         else:
             shape = pooled_shape(spec.shape, pool)
             s1, s2, n = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64), 0
@@ -157,7 +170,8 @@ def materialise(cohort, rows: np.ndarray, stats: dict, pool: int, specs: list | 
         if spec.kind == "tabular":
             x = torch.from_numpy(np.asarray(cohort.arrays[spec.name][rows], dtype=np.float32))
             x = torch.where(torch.isnan(x), st["fill"], x)
-            inputs[spec.name] = (x - st["mean"]) / st["scale"]
+            x = (x - st["mean"]) / st["scale"]
+            inputs[spec.name] = (x - st["centre"]) @ st["projection"] if "projection" in st else x
         else:
             parts = [_volume_batch(cohort.arrays[spec.name], rows[i:i + 32], pool) for i in range(0, len(rows), 32)]
             x = torch.cat(parts) if parts else torch.zeros(0, *pooled_shape(spec.shape, pool))
@@ -165,9 +179,14 @@ def materialise(cohort, rows: np.ndarray, stats: dict, pool: int, specs: list | 
     return {"inputs": inputs, "present": present}
 
 
-def model_specs(cohort, pool: int) -> list:
-    return [ModalitySpec(s.name, s.kind, pooled_shape(s.shape, pool) if s.kind == "volume" else s.shape, s.encoder)
-            for s in cohort.modalities]
+def model_specs(cohort, pool: int, stats: dict | None = None) -> list:
+    """The model's view of each modality: volumes pooled, tables as wide as their preprocessing leaves them."""
+    def shape(s):
+        if s.kind == "volume":
+            return pooled_shape(s.shape, pool)
+        st = (stats or {}).get(s.name, {})
+        return (int(st["projection"].shape[1]),) if "projection" in st else s.shape
+    return [ModalitySpec(s.name, s.kind, shape(s), s.encoder) for s in cohort.modalities]
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -254,8 +273,8 @@ def _phase(cohort, rows: dict, fit: str, settings: dict, preset: str, y: np.ndar
     m_cfg = settings["model"]
     pool = int(m_cfg["pool"])
     fit_rows = rows[fit]
-    stats = fit_preprocessing(cohort, fit_rows, pool, m_cfg["volume_norm"])
-    specs = model_specs(cohort, pool)
+    stats = fit_preprocessing(cohort, fit_rows, pool, m_cfg["volume_norm"], m_cfg["tabular_components"])
+    specs = model_specs(cohort, pool, stats)
     parts = {"fit": fit_rows, "val": rows["val"] if fit == "train" else rows["val"][:0], "test": rows["test"]}
     data = {k: materialise(cohort, r, stats, pool) for k, r in parts.items()}
     # regression: the model sees the target standardised with statistics of the rows it is fitted on
