@@ -139,6 +139,20 @@ def test_dvars_equal_nipype(tiny_demo, tmp_path):
         assert np.isnan(a[0]) and np.isnan(b[0])
 
 
+def test_nipype_confounds_take_relative_work_dirs(tmp_path, monkeypatch):
+    """The README's run passes relative paths (output_dir: results); nipype's run(cwd=...) changes directory, so
+    a relative input path used to be looked up inside the work folder (FileNotFoundError in every func job)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wd").mkdir()
+    params = np.zeros((5, 6))
+    params[:, 0] = [0, 0.5, 0.5, 1.5, 1.5]          # trans_x steps of 0.5 and 1 mm
+    fd = func.nipype_fd(params, "wd")
+    np.testing.assert_allclose(fd[1:], [0.5, 0, 1.0, 0], atol=1e-6)
+    img = nib.Nifti1Image(np.random.default_rng(0).normal(100, 1, (6, 6, 6, 8)).astype(np.float32), np.eye(4))
+    d, s = func.nipype_dvars(img, nib.Nifti1Image(np.ones((6, 6, 6), np.uint8), np.eye(4)), "wd")
+    assert len(d) == 8 and np.isfinite(d[1:]).all()
+
+
 def test_bold_to_t1w_recovers_the_shared_frame(tiny_run):
     """The phantom's BOLD and T1w share the subject's world frame: the registration is the identity."""
     import ants

@@ -135,10 +135,10 @@ def nipype_fd(params, workdir) -> np.ndarray:
     from nipype.algorithms.confounds import FramewiseDisplacement
 
     p = np.asarray(params, float)
-    par = Path(workdir) / "motion_fsl.par"
+    par = Path(workdir).resolve() / "motion_fsl.par"   # absolute: nipype's run(cwd=...) changes directory
     np.savetxt(par, np.c_[p[:, 3:], p[:, :3]])
     res = FramewiseDisplacement(in_file=str(par), parameter_source="FSL", radius=50.0,
-                                save_plot=False).run(cwd=str(workdir))
+                                save_plot=False).run(cwd=str(par.parent))
     fd = np.atleast_1d(np.loadtxt(res.outputs.out_file, skiprows=1))
     return np.r_[np.nan, fd]
 
@@ -148,7 +148,7 @@ def nipype_dvars(series_img, mask_img, workdir) -> tuple[np.ndarray, np.ndarray]
     in a Python loop); ``dvars`` computes the same numbers vectorised and is checked against this."""
     from nipype.algorithms.confounds import ComputeDVARS
 
-    wd = Path(workdir)
+    wd = Path(workdir).resolve()   # absolute: nipype's run(cwd=...) changes directory
     nib.save(series_img, wd / "bold.nii.gz")
     nib.save(mask_img, wd / "mask.nii.gz")
     res = ComputeDVARS(in_file=str(wd / "bold.nii.gz"), in_mask=str(wd / "mask.nii.gz"), save_std=True,
@@ -177,7 +177,7 @@ def nipype_acompcor(series_img, mask_img, n, tr, workdir) -> pd.DataFrame:
     """a_comp_cor_00.. from nipype's ACompCor on the given (WM+CSF) mask."""
     from nipype.algorithms.confounds import ACompCor
 
-    wd = Path(workdir)
+    wd = Path(workdir).resolve()   # absolute: nipype's run(cwd=...) changes directory
     nib.save(series_img, wd / "mni_bold.nii.gz")
     nib.save(mask_img, wd / "acc_mask.nii.gz")
     res = ACompCor(realigned_file=str(wd / "mni_bold.nii.gz"), mask_files=[str(wd / "acc_mask.nii.gz")],
