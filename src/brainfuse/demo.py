@@ -58,7 +58,6 @@ LATENT_MEANS = {  # control, PD, iRBD
 }
 EFFECT_OF = {"atrophy": "atrophy", "fa": "fa", "connectivity": "connectivity",
              "motor": "clinical", "rbd": "clinical", "serum": "serum"}
-NEEDS = {"fa": "dwi", "connectivity": "bold"}   # scores observable only when that scan exists
 
 PUTAMEN = np.array([[-24.0, 2.0, 2.0], [24.0, 2.0, 2.0]])
 ATROPHY_SIGMA = 10.0      # mm
@@ -134,10 +133,10 @@ def bayes_accuracy(cfg: dict, n_samples: int = 200_000) -> dict:
     s = mu[y] + rng.normal(size=(n_samples, len(names)))
     observed = np.ones_like(s, dtype=bool)
     for j, n in enumerate(names):
-        if n in NEEDS:
-            observed[:, j] = rng.random(n_samples) >= cfg["missing"][NEEDS[n]]
-    return {"bayes_accuracy": float((bayes.log_likelihood(s, observed, mu).argmax(1) == y).mean()),
-            "bayes_accuracy_all_modalities": float((bayes.log_likelihood(s, np.ones_like(observed), mu).argmax(1) == y).mean()),
+        if n in bayes.NEEDS:    # "has_dwi" -> the configured rate of subjects missing DWI
+            observed[:, j] = rng.random(n_samples) >= cfg["missing"][bayes.NEEDS[n].removeprefix("has_")]
+    correct = lambda obs: float((bayes.log_likelihood(s, obs, mu).argmax(1) == y).mean())  # noqa: E731
+    return {"bayes_accuracy": correct(observed), "bayes_accuracy_all_modalities": correct(np.ones_like(observed)),
             "chance": 1.0 / k, "n_samples": n_samples, "latent_means": {n: mu[:, j].tolist() for j, n in enumerate(names)}}
 
 
@@ -152,7 +151,7 @@ def cohort_bayes(cfg: dict, subjects: list) -> dict:
     names, mu = latent_class_means(cfg)
     pred = bayes.log_likelihood(*bayes.subject_arrays(subjects, names), mu).argmax(1)
     return {"cohort_bayes_accuracy": float((pred == y).mean()),
-            "cohort_bayes_balanced_accuracy": bayes.balanced_accuracy(y, pred, len(classes)),
+            "cohort_bayes_balanced_accuracy": bayes.balanced_accuracy(y, pred),
             "cohort_n": len(subjects)}
 
 

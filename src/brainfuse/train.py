@@ -122,17 +122,19 @@ def fit_preprocessing(cohort, rows: np.ndarray, pool: int, volume_norm: str = "v
             else:
                 X = np.asarray(cohort.arrays[spec.name][have], dtype=np.float64)
                 imputer = SimpleImputer(strategy="median", keep_empty_features=True).fit(X)
-                scaler = StandardScaler().fit(imputer.transform(X))
+                X = imputer.transform(X)
+                scaler = StandardScaler().fit(X)
                 fill, mean, scale = imputer.statistics_, scaler.mean_, scaler.scale_
             stats[spec.name] = {"fill": torch.tensor(fill, dtype=torch.float32),
                                 "mean": torch.tensor(mean, dtype=torch.float32),
                                 "scale": torch.tensor(scale, dtype=torch.float32)}
-            k = min(tabular_components or F_, len(have) - 1)
-            if tabular_components and F_ > tabular_components and k >= 1:
+            if tabular_components and F_ > tabular_components and len(have) >= 2:
                 from sklearn.decomposition import PCA
 
-                pca = PCA(n_components=k, whiten=True, svd_solver="full").fit(scaler.transform(imputer.transform(X)))
-                # x -> (x - centre) @ projection: components scaled by 1/sqrt(their variance) (whitening)
+                k = min(tabular_components, len(have) - 1)
+                pca = PCA(n_components=k, svd_solver="full").fit(scaler.transform(X))
+                # PCA(whiten=True).transform as tensors (checkpoints load weights_only): x -> (x - centre) @ projection,
+                # components scaled by 1/sqrt(their variance)
                 proj = pca.components_.T / np.sqrt(np.maximum(pca.explained_variance_, 1e-12))
                 stats[spec.name].update(centre=torch.tensor(pca.mean_, dtype=torch.float32),
                                         projection=torch.tensor(proj, dtype=torch.float32))
