@@ -3,7 +3,8 @@
 Steps for one subject (:func:`convert_subject`):
 
 1. Pre-scan every file with pydicom (pixel data deferred): non-DICOM files, unreadable or truncated DICOM,
-   non-image objects (reports, DICOMDIR) and incomplete series are found here and get manifest rows.
+   non-image objects (reports, DICOMDIR) and incomplete series (by their slice geometry) are found here and
+   get manifest rows. Symbolic links to folders are followed, each real folder read once.
 2. Each series (SeriesInstanceUID) is converted on its own by dcm2niix (``-z y -ba y -b y``) from a folder
    of links to its files, so a bad series cannot take the others down and outputs map to series exactly.
 3. Every image dcm2niix writes is mapped to a BIDS name by the first matching rule (:data:`DEFAULT_RULES`
@@ -237,8 +238,11 @@ class DicomFile:
     position: tuple | None
     frames: int
     temporal_positions: int | None
-    locations: int | None
+    locations: int | None           # slice positions the header says the series has ...
+    locations_key: str              # ... and the header field that says so
     mosaic: bool
+    orientation: tuple | None = None
+    derived: bool = False
 
 
 @dataclass
@@ -303,6 +307,37 @@ def read_header(path: Path):
         return None, BadFile(path, "failed", f"corrupt DICOM: {type(e).__name__} while reading the header")
 
 
+# Private fields giving the number of slice positions of a series: (group, creator, element, name).
+_SLICE_COUNT_TAGS = ((0x0021, "GEMS_RELA_01", 0x4F, "GE LocationsInAcquisition"),
+                     (0x2001, "Philips Imaging DD 001", 0x18, "Philips NumberOfSlicesMR"))
+
+
+def _header_slices(ds) -> tuple[int | None, str]:
+    """(number of slice positions, field name) from a vendor's private header, else (None, "").
+    Looked up in the raw element dict: pydicom's ``private_block`` cost ~1 ms per file."""
+    raw = ds._dict
+    for group, creator, element, name in _SLICE_COUNT_TAGS:
+        for block in range(0x10, 0x100):
+            tag = group << 16 | block
+            if tag not in raw:
+                continue
+            try:
+                if str(ds[tag].value).strip() == creator:
+                    value = _int(ds[group << 16 | block << 8 | element].value)
+                    if value:
+                        return value, name
+            except Exception:       # a damaged private element: no count from it
+                pass
+    return None, ""
+
+
+def _floats(value, n: int, digits: int) -> tuple | None:
+    try:
+        return tuple(round(float(v), digits) for v in value) if value is not None and len(value) == n else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _describe(ds, path: Path) -> DicomFile:
     def get(kw, default=None):
         try:
@@ -310,27 +345,35 @@ def _describe(ds, path: Path) -> DicomFile:
         except Exception:
             return default
 
-    ipp = get("ImagePositionPatient")
-    try:
-        position = tuple(round(float(v), 2) for v in ipp) if ipp is not None and len(ipp) == 3 else None
-    except (TypeError, ValueError):
-        position = None
     image_type = _text(list(get("ImageType") or []))
     sop = str(get("SOPClassUID", "") or "")
     has_pixels = any(t in ds._dict for t in (0x7FE00010, 0x7FE00008, 0x7FE00009))
-    locations = None
-    try:
-        if (0x0021, 0x104F) in ds:          # GE LocationsInAcquisition
-            locations = _int(ds[0x0021, 0x104F].value)
-    except Exception:
-        pass
+    locations, locations_key = _header_slices(ds)
     return DicomFile(
         path=path, series_uid=str(get("SeriesInstanceUID", "") or ""), study_uid=str(get("StudyInstanceUID", "") or ""),
         series_number=_int(get("SeriesNumber")), description=str(get("SeriesDescription", "") or ""),
         protocol=str(get("ProtocolName", "") or ""), image_type=image_type, has_pixels=has_pixels, sop_class=sop,
-        instance=_int(get("InstanceNumber")), position=position, frames=_int(get("NumberOfFrames")) or 1,
-        temporal_positions=_int(get("NumberOfTemporalPositions")), locations=locations,
-        mosaic="MOSAIC" in image_type.upper())
+        instance=_int(get("InstanceNumber")), position=_floats(get("ImagePositionPatient"), 3, 2),
+        frames=_int(get("NumberOfFrames")) or 1, temporal_positions=_int(get("NumberOfTemporalPositions")),
+        locations=locations, locations_key=locations_key, mosaic="MOSAIC" in image_type.upper(),
+        orientation=_floats(get("ImageOrientationPatient"), 6, 4),
+        derived=bool(re.search(r"(^|\\)DERIVED(\\|$)", image_type, re.I)))
+
+
+def _walk(top: Path):
+    """(folder, file names) under ``top``, following symbolic links (studies are often assembled from
+    links to series folders) but reading each real folder once: a link back to an ancestor or a second
+    link to the same folder is passed over."""
+    seen = set()
+    for root, dirs, files in os.walk(top, followlinks=True):
+        dirs.sort()
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            log.info("folder read once already (a link loop or a second link to it): not read again")
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        yield Path(root), sorted(files)
 
 
 def scan(dicom_dir) -> tuple[list[Series], list[BadFile], Scrubber]:
@@ -339,10 +382,9 @@ def scan(dicom_dir) -> tuple[list[Series], list[BadFile], Scrubber]:
     scrubber = Scrubber()
     series: dict[str, Series] = {}
     bad: list[BadFile] = []
-    for root, dirs, files in os.walk(dicom_dir, followlinks=False):
-        dirs.sort()
-        for name in sorted(files):
-            path = Path(root) / name
+    for root, files in _walk(dicom_dir):
+        for name in files:
+            path = root / name
             if not path.is_file():
                 bad.append(BadFile(path, "skipped", "not a regular file"))
                 continue
@@ -359,29 +401,85 @@ def scan(dicom_dir) -> tuple[list[Series], list[BadFile], Scrubber]:
 
 
 def check_complete(series: Series) -> str | None:
-    """Why a series looks incomplete, or None. Uses slice positions, instance numbers and the expected
-    counts the headers give (NumberOfTemporalPositions, GE LocationsInAcquisition)."""
+    """Why a series looks incomplete, or None.
+
+    Single-slice files: from the geometry (slice positions x volumes), since instance numbers need not be
+    contiguous (Philips leaves gaps). Files holding whole volumes (mosaic, multi-frame): from gaps in the
+    instance numbers.
+    """
     files = [f for f in series.files if f.has_pixels]
-    n = len(files)
+    if len(files) < 2:
+        return None
+    if all(f.frames == 1 and not f.mosaic and f.position is not None for f in files):
+        return _check_geometry(files)
+    return _check_instances(files)
+
+
+def _check_instances(files) -> str | None:
     instances = sorted(f.instance for f in files if f.instance is not None)
-    if len(instances) == n and n > 1:
-        duplicates = [i for i, c in Counter(instances).items() if c > 1]
-        if not duplicates and instances[-1] - instances[0] + 1 > n:
-            missing = sorted(set(range(instances[0], instances[-1] + 1)) - set(instances))
-            return f"incomplete series: {n} files, instance numbers {instances[0]}..{instances[-1]} ({len(missing)} missing)"
-    if all(f.frames == 1 and not f.mosaic and f.position is not None for f in files) and n > 1:
-        per_position = Counter(f.position for f in files)
-        counts = sorted(set(per_position.values()))
-        if len(counts) > 1:
-            return (f"incomplete series: {n} files over {len(per_position)} slice positions with "
-                    f"{counts[0]} to {counts[-1]} images each (missing slices)")
-        volumes = counts[0]
-        expected_t = max((f.temporal_positions or 0) for f in files)
-        locations = max((f.locations or 0) for f in files)
-        if locations and len(per_position) < locations:
-            return f"incomplete series: {len(per_position)} slice positions, the header says {locations}"
-        if expected_t > 1 and volumes < expected_t and len({f.temporal_positions for f in files}) == 1:
-            return f"incomplete series: {volumes} volumes, the header says {expected_t}"
+    n = len(files)
+    if len(instances) == n and len(set(instances)) == n and instances[-1] - instances[0] + 1 > n:
+        missing = instances[-1] - instances[0] + 1 - n
+        return f"incomplete series: {n} files, instance numbers {instances[0]}..{instances[-1]} ({missing} missing)"
+    return None
+
+
+def _slice_coordinates(files) -> dict | None:
+    """{slice position: coordinate along the slice normal}; None when the files are not one stack of parallel
+    slices (orientation varies, or two positions lie in the same plane)."""
+    orientations = {f.orientation for f in files}
+    if len(orientations) != 1 or None in orientations:
+        return None
+    normal = np.cross(*np.reshape(next(iter(orientations)), (2, 3)))
+    coords = {f.position: float(np.dot(f.position, normal)) for f in files}
+    if len({round(c, 2) for c in coords.values()}) != len(coords):
+        return None
+    return coords
+
+
+def _slice_gap(coords) -> str | None:
+    """A gap in evenly spaced slice positions: a jump of more than 1.5 times the typical spacing."""
+    steps = np.diff(coords)
+    if len(steps) < 2:
+        return None
+    spacing = float(np.median(steps))
+    for i, step in enumerate(steps):
+        if spacing > 0.01 and step > 1.5 * spacing:
+            lost = int(round(step / spacing)) - 1
+            return (f"slices {i + 1} and {i + 2} of {len(coords)} are {step:.2f} mm apart where the spacing is "
+                    f"{spacing:.2f} mm: about {lost} slice position(s) missing between them")
+    return None
+
+
+def _check_geometry(files) -> str | None:
+    """Each slice position must hold the same number of images (volumes), the positions must be evenly
+    spaced along the slice normal, and their number must match the header's where it gives one."""
+    n = len(files)
+    per_position = Counter(f.position for f in files)
+    volumes = max(per_position.values())
+    coords = _slice_coordinates(files)
+    short = {p: c for p, c in per_position.items() if c < volumes}
+    if short:
+        if coords is not None:      # name slices by their rank along the normal, as a viewer shows them
+            rank = {p: i + 1 for i, p in enumerate(sorted(coords, key=coords.get))}
+            where = [f"slice {rank[p]} of {len(rank)} has {short[p]}" for p in sorted(short, key=rank.get)]
+        else:
+            where = [f"position {p} has {c}" for p, c in short.items()]
+        more = f" and {len(where) - 3} more" if len(where) > 3 else ""
+        return (f"incomplete series: {sum(volumes - c for c in short.values())} image(s) missing: {n} files over "
+                f"{len(per_position)} slice positions that should each hold {volumes}, but {', '.join(where[:3])}{more}")
+    if coords is not None:
+        gap = _slice_gap(sorted(coords.values()))
+        if gap:
+            return f"incomplete series: {gap}"
+    # the header counts the acquired slices; a derived series (reformat, map) need not sample them all
+    expected = max(files, key=lambda f: f.locations or 0)
+    if expected.locations and len(per_position) < expected.locations and not any(f.derived for f in files):
+        return (f"incomplete series: {len(per_position)} slice positions, the header ({expected.locations_key}) "
+                f"says {expected.locations}: {expected.locations - len(per_position)} missing at an end of the stack")
+    expected_t = max((f.temporal_positions or 0) for f in files)
+    if expected_t > 1 and volumes < expected_t and len({f.temporal_positions for f in files}) == 1:
+        return f"incomplete series: {volumes} volumes, the header says {expected_t}"
     return None
 
 
@@ -686,6 +784,7 @@ def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = No
                 continue
             problem = check_complete(series)
             if problem:
+                problem += "; copy the whole series again from the scanner or PACS"
                 rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="failed", reason=problem))
                 log.error("%s failed: %s", label, problem)
                 continue
