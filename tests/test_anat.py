@@ -18,6 +18,9 @@ from brainfuse.bids import TEMPLATE, bids_path
 from conftest import REPO
 
 LPS = np.array([-1.0, -1.0, 1.0])
+# MNI correlation (template brain, 3 mm grid) of plain ants.registration(type_of_transform="SyN") of each shared
+# real T1w's skull-stripped brain to the 1 mm template: the reference issue 17 measures the stage against.
+ANTS_SYN_MNI_R = {"xa30": 0.724, "philips": 0.701}
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +170,63 @@ def test_real_siemens_t1w(shared_data, resources, tmp_path):
     m = out["metrics"]
     print(f"real T1w: {m}, timings {out['timings']}")
     assert m["mni_mask_dice"] > 0.95          # the native mask warped to MNI covers the template brain mask
-    assert m["mni_correlation"] > 0.55        # measured 0.632 (ITK 1 thread) / 0.576 (2 threads, as pytest imports
-                                              # ants first); one mutual-information SyN to the head target: 0.545-0.556
+    assert m["mni_correlation"] > 0.6          # measured 0.63; issue 17's target (ANTs - 0.03): see the end
     assert 1200 < m["mask_volume_ml"] < 2100   # the template mask (1.9 l, generous) on an adult head
     for key in ("qc_mask", "qc_reg"):
         assert open(out["paths"][key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    if m["mni_correlation"] < ANTS_SYN_MNI_R["xa30"] - 0.03:     # reported as XFAIL, visible in every run
+        pytest.xfail(f"issue 17 item 7 not met: MNI correlation {m['mni_correlation']:.3f}, plain ANTs SyN "
+                     f"{ANTS_SYN_MNI_R['xa30']}. Total-field smoothing 0 (ANTs' own) reaches 0.70-0.72 but doubles "
+                     "the phantom's displacement error against its known warp (0.41 -> 0.74-0.91 mm)")
+
+
+def test_finer_t1w_is_processed_on_the_working_grids(phantom_2mm, resources, tmp_path):
+    """A T1w finer than processing_mm: N4 and Atropos on a coarser copy, native outputs on the native grid,
+    the same accuracy targets as the direct path (the 2 mm phantom processed as if 2 mm were too fine)."""
+    root, anatomy = phantom_2mm
+    t1w = bids_path(root / "bids", "001", "anat", "T1w")
+    out = anat.process(t1w, tmp_path, "001", None, resources / f"tpl-{TEMPLATE}", 2, threads=1,
+                       params={"processing_mm": 3.0})
+    paths, native = out["paths"], nib.load(t1w)
+    assert out["metrics"]["processing_voxel_mm"] == [3.0, 3.0, 3.0]
+    for key in ("preproc", "mask", "GM", "WM", "CSF"):
+        img = nib.load(paths[key])
+        assert img.shape == native.shape and np.allclose(img.affine, native.affine, atol=1e-4), key
+    preproc = nib.load(paths["preproc"]).get_fdata()
+    assert np.isfinite(preproc).all() and preproc.min() >= 0
+    truth = nib.load(root / "truth" / "sub-001" / "anat" / "sub-001_desc-brain_mask.nii.gz").get_fdata() > 0
+    assert _dice(nib.load(paths["mask"]).get_fdata() > 0, truth) >= 0.95
+    err = _displacement_error(paths, anatomy, _tpl(resources, 2)["mask"])
+    assert err.mean() <= 0.5, err.mean()
+
+
+def test_same_input_gives_byte_identical_outputs(tiny_demo, resources, tmp_path):
+    """Every file anat writes is the same, byte for byte, when a subject is run twice (seeded registration,
+    Atropos with a constant seed; one thread, as the rules run it)."""
+    root, _ = tiny_demo
+    t1w = bids_path(root / "bids", "002", "anat", "T1w")
+    runs = [anat.process(t1w, tmp_path / f"run{i}", "002", None, resources / f"tpl-{TEMPLATE}", 3, threads=1)
+            for i in (1, 2)]
+    files = sorted(p.relative_to(tmp_path / "run1") for p in (tmp_path / "run1").rglob("*") if p.is_file())
+    assert len(files) >= 20
+    differ = [str(f) for f in files if (tmp_path / "run1" / f).read_bytes() != (tmp_path / "run2" / f).read_bytes()]
+    assert not differ, f"differ between two runs: {differ}"
+    assert runs[0]["metrics"] == runs[1]["metrics"]
+
+
+def test_qc_figure_keeps_world_proportions(tmp_path):
+    """A sphere imaged with 1 x 1 x 3 mm voxels is drawn round, not squashed 3x (voxel aspect applied)."""
+    from PIL import Image
+
+    from brainfuse import qc
+
+    zooms = (1.0, 1.0, 3.0)
+    grid = np.indices((80, 80, 27)).astype(float) * np.array(zooms)[:, None, None, None]
+    ball = (np.linalg.norm(grid - np.array([40, 40, 40])[:, None, None, None], axis=0) < 30).astype(np.float32)
+    png = qc.overlay_figure(ball, tmp_path / "qc.png", n=1, zooms=zooms)
+    rgb = np.asarray(Image.open(png).convert("L")).astype(float)
+    bands = np.array_split(np.arange(rgb.shape[0]), 3)        # sagittal, coronal, axial rows of one panel each
+    for name, rows in zip(("sagittal", "coronal", "axial"), bands):
+        yy, xx = np.nonzero(rgb[rows] > 128)
+        ratio = np.ptp(yy) / np.ptp(xx)
+        assert 0.85 < ratio < 1.15, f"{name}: the sphere is drawn {ratio:.2f} times as high as wide"

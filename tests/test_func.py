@@ -7,6 +7,7 @@ stage does.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -76,7 +77,8 @@ def test_outputs_follow_the_stage_contract(tiny_run, tpl):
     out, _, deriv = tiny_run
     stem = f"{deriv}/sub-001/func/sub-001_task-rest"
     mni = f"space-{TEMPLATE}_res-{RES}"
-    expected = [f"{stem}_desc-confounds_timeseries.tsv", f"{stem}_from-bold_to-T1w_mode-image_xfm.mat",
+    expected = [f"{stem}_desc-confounds_timeseries.tsv", f"{stem}_desc-confounds_timeseries.json",
+                f"{stem}_from-bold_to-T1w_mode-image_xfm.mat",
                 f"{stem}_{mni}_desc-preproc_bold.nii.gz", f"{stem}_{mni}_atlas-brainfuse_timeseries.tsv",
                 f"{stem}_{mni}_atlas-brainfuse_desc-fisherz_relmat.tsv",
                 f"{deriv}/sub-001/figures/sub-001_task-rest_desc-motion_bold.png",
@@ -125,6 +127,14 @@ def test_confounds_have_fmriprep_columns_and_true_motion(tiny_run):
     # FD is nipype's on the written parameters
     np.testing.assert_allclose(conf["framewise_displacement"][1:], motion.framewise_displacement(conf[base].to_numpy())[1:],
                                rtol=1e-4, atol=1e-5)
+    # the motion QC sidecar summarises the same table
+    qc = json.loads(Path(out["motion_qc"]).read_text())
+    fd = conf["framewise_displacement"].to_numpy()
+    assert qc["MaxFramewiseDisplacement"] == pytest.approx(np.nanmax(fd), rel=1e-4)
+    assert qc["MeanFramewiseDisplacement"] == pytest.approx(np.nanmean(fd), rel=1e-4)
+    assert qc["MaxRotation"] == pytest.approx(np.degrees(conf[base[3:]].abs().to_numpy().max()), rel=1e-4)
+    assert qc["MaxTranslation"] == pytest.approx(conf[base[:3]].abs().to_numpy().max(), rel=1e-4)
+    assert qc["MinReferenceCorrelation"] > 0.95 and qc["Warnings"] == [] and 0 < qc["MaxFramewiseDisplacement"] < 2
 
 
 def test_dvars_equal_nipype(tiny_demo, tmp_path):
@@ -253,6 +263,10 @@ def test_scrubbing_drops_high_motion_volumes(tiny_demo, tpl, tmp_path):
     assert 10 <= n_keep < 30
     assert len(pd.read_csv(out["timeseries"], sep="\t")) == n_keep
     assert out["summary"]["n_scrubbed"] == 30 - n_keep
+    # fd_threshold is also the QC's max-FD warning level
+    qc = json.loads(Path(out["motion_qc"]).read_text())
+    assert qc["WarningLevels"]["MaxFramewiseDisplacement"] == 0.3
+    assert [w for w in qc["Warnings"] if w.startswith("max framewise displacement")], qc["Warnings"]
 
 
 def test_bad_inputs_name_the_file(tmp_path, tiny_demo):
@@ -289,9 +303,9 @@ def test_bad_inputs_name_the_file(tmp_path, tiny_demo):
 
 def test_real_bold_motion_and_confounds(shared_data, tmp_path):
     """Siemens XA30 BOLD (20 volumes, converted here): plausible motion (sub-millimetre FD, rotations under
-    3 degrees), finite confounds, tSNR not degraded. The GE slice-order series (10 volumes) run through with
-    finite confounds only: their volumes differ by design (correlation with volume 0 down to 0.6;
-    ants.motion_correction reports 20-40 mm FD on them too), so no motion is plausible there."""
+    3 degrees), finite confounds, tSNR not degraded. The GE slice-order series (10 volumes): the head really
+    turned (volume 3: 52 degrees about z, ANTs against volume 0 agrees: 52.1), so with the default bounds the
+    run stops naming the volumes; with wider bounds the confounds are finite."""
     exe = Path(os.sys.executable).parent / "dcm2niix"
     subprocess.run([str(exe), "-z", "y", "-f", "%s_%d", "-o", str(tmp_path),
                     str(shared_data / "dicom" / "dcm_qa_xa30" / "In" / "7_func-bold_task-fa_run-1")],
@@ -301,11 +315,19 @@ def test_real_bold_motion_and_confounds(shared_data, tmp_path):
     for path in runs:
         img = nib.load(path)
         data = img.get_fdata(dtype=np.float32)
-        conf, mc, corrected = func.native_confounds(data, img.affine, workdir=tmp_path)
+        cfg = None
+        if "nih" in str(path):
+            with pytest.raises(func.FuncInputError, match=rf"{re.escape(str(path))}: head motion .*volume 3: "
+                                                          rf"trans_x .*rot_z -5\d\.\d deg.*func\.max_rotation_deg"):
+                func.native_confounds(data, img.affine, workdir=tmp_path, name=str(path))
+            cfg = {"max_rotation_deg": 90, "max_translation_mm": 60}
+        conf, mc, corrected = func.native_confounds(data, img.affine, cfg, workdir=tmp_path)
         fd = conf["framewise_displacement"].to_numpy()[1:]
         assert np.isfinite(conf.iloc[1:].to_numpy()).all()
         func.motion_figure(conf, tmp_path / f"{Path(path).name}_motion.png", title=Path(path).name)
         if "nih" in str(path):
+            assert np.degrees(np.abs(mc.params[:, 5])).max() > 45
+            assert [w for w in func.motion_qc(conf, mc, cfg)["Warnings"] if "max framewise" in w]
             continue
         assert fd.max() < 2.0 and np.median(fd) < 0.5, (path, fd)
         assert np.abs(conf[["rot_x", "rot_y", "rot_z"]].to_numpy()).max() < np.radians(3)
@@ -313,3 +335,28 @@ def test_real_bold_motion_and_confounds(shared_data, tmp_path):
         m = func._bold_mask(data.mean(3))
         tsnr = lambda x: np.median(x[m].mean(1) / np.maximum(x[m].std(1), 1e-6))
         assert tsnr(corrected) >= 0.95 * tsnr(data)
+
+
+def test_too_little_brain_in_the_field_of_view_is_explained(tiny_demo, tpl, tmp_path):
+    """A BOLD->T1w transform 400 mm off (a failed registration) leaves no brain in the BOLD field of view: the
+    error gives the voxel counts, the field of view in mm and where to look, and nothing is written in MNI."""
+    import ants
+
+    bad = tmp_path / "bad_bold2t1w.mat"
+    ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
+                                                    translation=(400.0, 0.0, 0.0)), str(bad))
+    root, _ = tiny_demo
+    bold = root / "bids" / "sub-002" / "func" / "sub-002_task-rest_bold.nii.gz"
+    img = nib.load(bold)
+    fov = " x ".join(f"{v:.0f}" for v in np.array(img.shape[:3]) * np.array(img.header.get_zooms()[:3]))
+    deriv = tmp_path / "deriv"
+    deriv.mkdir()
+    with pytest.raises(func.FuncInputError) as e:
+        _run_tiny(tiny_demo, tpl, "002", deriv, bold_to_t1w_mat=str(bad))
+    msg = str(e.value)
+    assert msg.startswith(f"{bold}: too little brain inside the BOLD field of view")
+    assert re.search(r": 0 of \d+ template brain voxels, 0 white-matter and 0 CSF voxels", msg), msg
+    xfm = func.outputs(deriv, bold, RES)["xfm"]
+    assert f"BOLD field of view {fov} mm" in msg and f"check {xfm} and the motion (max rotation" in msg
+    assert "\n" not in msg
+    assert not list(deriv.rglob("*_bold.nii.gz")) and not list(deriv.rglob("*_timeseries.*"))

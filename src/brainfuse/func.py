@@ -3,7 +3,9 @@ parcel time series and Fisher-z connectivity, per BOLD run.
 
 Order of work (one run):
 1. checks (4D, enough volumes, RepetitionTime in the sidecar), then batched rigid motion correction
-   (:mod:`brainfuse.motion`, all volumes at once in torch) against the mean of a first pass;
+   (:mod:`brainfuse.motion`, all volumes at once in torch) against the mean of a first pass; estimates
+   beyond ``max_rotation_deg`` / ``max_translation_mm`` are re-estimated, then stop the run with an error
+   naming the volumes; FD and the largest parameters go to the log and ``<confounds>.json`` (``motion_qc``);
 2. confounds in native space: 24 motion parameters, framewise_displacement (nipype's
    FramewiseDisplacement), dvars / std_dvars (nipype's ComputeDVARS);
 3. BOLD reference -> T1w rigid registration (antspyx, Mattes MI), written as an ITK .mat that maps T1w
@@ -47,7 +49,12 @@ DEFAULTS = {
     # a 100-volume run at TR 2 s keeps about 28 degrees of freedom, and the 24-parameter set would use them up.
     "denoise_confounds": ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "white_matter", "csf"],
     "alff_band": [0.01, 0.08],  # Hz, ALFF / fALFF (computed before the band-pass)
-    "fd_threshold": None,       # mm; scrub volumes above it (None: no scrubbing)
+    "fd_threshold": None,       # mm; scrub volumes above it (None: no scrubbing); also the max-FD warning level
+    # motion estimates beyond these (from the reference volume, any axis) are re-estimated from the identity,
+    # then stop the run: a still volunteer stays far below (Philips 75-volume rest: 0.2 deg, 0.3 mm), issue
+    # #17's runaway did not (154 deg, 22 mm); so does a real head turn (dcm_qa_nih GE series: 52 deg)
+    "max_rotation_deg": 15.0,
+    "max_translation_mm": 20.0,
     "acompcor": False,          # add a_comp_cor_00..04 (nipype ACompCor on WM+CSF)
     "n_acompcor": 5,
     "motion_device": "cpu",
@@ -55,6 +62,15 @@ DEFAULTS = {
 
 
 TSV = {"na_rep": "n/a", "float_format": "%.6g"}   # how every table is written (confounds, time series, relmat)
+
+# Motion QC warning levels (log + <confounds>.json), after Parkes et al. 2018's exclusion criteria: mean FD above
+# 0.5 mm (their lenient 0.55 mm), any FD above 5 mm (their stringent criterion; func.fd_threshold instead when set),
+# a volume correlated under 0.5 with the motion reference (a corrupted volume: its motion estimate is unreliable).
+QC_MEAN_FD_MM = 0.5
+QC_MAX_FD_MM = 5.0
+QC_MIN_CORRELATION = 0.5
+MIN_TISSUE_VOXELS = 10       # WM / CSF voxels in the BOLD field of view for their mean signals
+MIN_BRAIN_VOXELS = 100       # template brain voxels in the BOLD field of view
 
 
 class FuncInputError(ValueError):
@@ -99,6 +115,7 @@ def outputs(deriv, bold_path, res) -> dict:
     mni = {"space": TEMPLATE, "res": str(int(res))}
     return {
         "confounds": p("timeseries", ".tsv", desc="confounds"),
+        "motion_qc": p("timeseries", ".json", desc="confounds"),   # the confounds' sidecar: motion QC
         "xfm": p("xfm", ".mat", **{"from": "bold", "to": "T1w", "mode": "image"}),
         "preproc": p("bold", ".nii.gz", **mni, desc="preproc"),
         "timeseries": p("timeseries", ".tsv", **mni, atlas="brainfuse"),
@@ -382,15 +399,23 @@ def fisher_z_connectivity(parcel_ts: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def native_confounds(data, affine, cfg=None, workdir=None):
+def native_confounds(data, affine, cfg=None, workdir=None, name="BOLD series"):
     """Motion correction and the native-space confounds of a (I, J, K, T) series.
 
     Returns (confounds DataFrame: dvars, std_dvars, framewise_displacement and the 24 motion columns;
     the MotionResult; the corrected series). framewise_displacement comes from nipype's
-    FramewiseDisplacement; dvars/std_dvars are nipype's ComputeDVARS numbers (see ``dvars``).
+    FramewiseDisplacement; dvars/std_dvars are nipype's ComputeDVARS numbers (see ``dvars``). Motion beyond
+    ``max_rotation_deg`` / ``max_translation_mm`` raises FuncInputError naming ``name`` and the volumes.
     """
     cfg = {**DEFAULTS, **(cfg or {})}
-    mc = motion.register_series(data, affine, dof="rigid", similarity="ssd", device=cfg["motion_device"])
+    try:
+        mc = motion.register_series(data, affine, dof="rigid", similarity="ssd", device=cfg["motion_device"],
+                                    max_rotation_deg=cfg["max_rotation_deg"],
+                                    max_translation_mm=cfg["max_translation_mm"])
+    except motion.MotionBoundsError as e:
+        raise FuncInputError(f"{name}: head motion estimate out of bounds: {e}. If the head really moved this "
+                             f"much, raise func.max_rotation_deg / func.max_translation_mm or leave the run out; "
+                             f"otherwise look for corrupted volumes") from None
     corrected = motion.resample_series(data, affine, mc.transforms, device=cfg["motion_device"])
     conf = motion_24(mc.params)
     with tempfile.TemporaryDirectory(dir=workdir) as wd:
@@ -399,6 +424,41 @@ def native_confounds(data, affine, cfg=None, workdir=None):
     conf.insert(0, "std_dvars", sdv)
     conf.insert(0, "dvars", dv)
     return conf, mc, corrected
+
+
+def motion_qc(conf, mc, cfg=None) -> dict:
+    """Motion QC of a run (the confounds' JSON sidecar): mean / max FD, largest rotation and translation
+    from the reference volume, the lowest correlation with the reference, and warnings (QC_* levels;
+    the max-FD level is func.fd_threshold when set)."""
+    cfg = {**DEFAULTS, **(cfg or {})}
+    fd = np.nan_to_num(conf["framewise_displacement"].to_numpy(float))
+    rot = np.degrees(np.abs(mc.params[:, 3:]))
+    trans = np.abs(mc.params[:, :3])
+    max_fd_level = cfg["fd_threshold"] if cfg["fd_threshold"] is not None else QC_MAX_FD_MM
+    qc = {"MeanFramewiseDisplacement": float(fd[1:].mean()) if len(fd) > 1 else 0.0,
+          "MaxFramewiseDisplacement": float(fd.max()), "MaxFramewiseDisplacementVolume": int(fd.argmax()),
+          "MaxRotation": float(rot.max()), "MaxRotationVolume": int(rot.max(1).argmax()),
+          "MaxTranslation": float(trans.max()), "MaxTranslationVolume": int(trans.max(1).argmax()),
+          "ReferenceVolume": mc.reference_volume, "ReestimatedVolumes": list(mc.reestimated),
+          "Units": {"FramewiseDisplacement": "mm (Power 2012, 50 mm radius)", "Rotation": "deg",
+                    "Translation": "mm", "Volume": "0-based index"},
+          "WarningLevels": {"MeanFramewiseDisplacement": QC_MEAN_FD_MM, "MaxFramewiseDisplacement": max_fd_level,
+                            "ReferenceCorrelation": QC_MIN_CORRELATION}}
+    warnings = []
+    if qc["MeanFramewiseDisplacement"] > QC_MEAN_FD_MM:
+        warnings.append(f"mean framewise displacement {qc['MeanFramewiseDisplacement']:.2f} mm > {QC_MEAN_FD_MM} mm")
+    if qc["MaxFramewiseDisplacement"] > max_fd_level:
+        warnings.append(f"max framewise displacement {qc['MaxFramewiseDisplacement']:.2f} mm (volume "
+                        f"{qc['MaxFramewiseDisplacementVolume']}) > {max_fd_level} mm")
+    if mc.correlation is not None:
+        qc["MinReferenceCorrelation"] = float(mc.correlation.min())
+        low = np.flatnonzero(mc.correlation < QC_MIN_CORRELATION)
+        if len(low):
+            warnings.append(f"volume(s) {', '.join(map(str, low[:10]))} barely resemble the motion reference "
+                            f"(correlation {', '.join(f'{r:.2f}' for r in mc.correlation[low[:10]])} < "
+                            f"{QC_MIN_CORRELATION}): corrupted volumes? their motion estimates are unreliable")
+    qc["Warnings"] = warnings
+    return qc
 
 
 def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_tsv, deriv, res,
@@ -419,9 +479,13 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
     data = np.asarray(img.dataobj, np.float32)
     A = img.affine
     with tempfile.TemporaryDirectory(dir=Path(out["confounds"]).parent, prefix=".func-") as wd:
-        conf, mc, corrected = native_confounds(data, A, cfg, wd)
+        conf, mc, corrected = native_confounds(data, A, cfg, wd, name=str(bold_path))
+        qc = motion_qc(conf, mc, cfg)
         log(f"[func] motion + native confounds: {data.shape[3]} volumes in {time.time() - t0:.1f} s, "
-            f"max FD {np.nanmax(conf['framewise_displacement']):.2f} mm")
+            f"mean FD {qc['MeanFramewiseDisplacement']:.2f} mm, max FD {qc['MaxFramewiseDisplacement']:.2f} mm, "
+            f"max rotation {qc['MaxRotation']:.2f} deg, max translation {qc['MaxTranslation']:.2f} mm")
+        for w in qc["Warnings"]:
+            log(f"[func] WARNING: {bold_path}: {w}")
         keep = None
         if cfg["fd_threshold"] is not None:   # checked before anything is written
             keep = np.flatnonzero(np.nan_to_num(conf["framewise_displacement"].to_numpy()) <= cfg["fd_threshold"])
@@ -450,6 +514,12 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
         covered = np.zeros(len(pts), bool)
         covered[roi] = valid.all(1)
         brain = tpl_brain.reshape(-1) & covered
+        load_prob = lambda path: np.asarray(nib.load(str(path)).dataobj, np.float32).reshape(-1)
+        masks = {"white_matter": _tissue_mask(load_prob(wm), covered, grid),
+                 "csf": _tissue_mask(load_prob(csf), covered, grid)}
+        # checked before anything is written to MNI space
+        if brain.sum() < MIN_BRAIN_VOXELS or min(m.sum() for m in masks.values()) < MIN_TISSUE_VOXELS:
+            raise coverage_error(bold_path, img, brain.sum(), tpl_brain.sum(), masks, out["xfm"], qc)
         mni = np.zeros((len(pts), data.shape[3]), np.float32)
         mni[roi] = np.where(valid.all(1)[:, None], vals, 0.0)
         mni_img = nib.Nifti1Image(mni.reshape(*grid, -1), tpl.affine)
@@ -460,12 +530,8 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
         log(f"[func] MNI series written at {time.time() - t0:.1f} s ({brain.sum()} brain voxels)")
         # 5. MNI-space tissue signals
         conf.insert(0, "global_signal", mni[brain].mean(0))
-        masks = {}
-        for name, probseg in (("white_matter", wm), ("csf", csf)):
-            prob = np.asarray(nib.load(str(probseg)).dataobj, np.float32).reshape(-1)
-            m = _tissue_mask(prob, covered, grid)
-            masks[name] = m
-            conf.insert(1 + len(masks) - 1, name, mni[m].mean(0))
+        for i, (name, m) in enumerate(masks.items()):
+            conf.insert(1 + i, name, mni[m].mean(0))
         if cfg["acompcor"]:
             acc_mask = nib.Nifti1Image((masks["white_matter"] | masks["csf"]).reshape(tpl.shape[:3]).astype(np.uint8),
                                        tpl.affine)
@@ -473,6 +539,7 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
             for c in acc.columns:
                 conf[c] = acc[c].to_numpy()
         bf_io.save_tsv(conf, out["confounds"], **TSV)
+        bf_io.save_json(qc, out["motion_qc"])
     # 6. denoising and derivatives
     from fnmatch import fnmatchcase
 
@@ -500,6 +567,8 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
     carpet_figure(mni, brain, tr, out["fig_carpet"], conf, title=Path(bold_path).name)
     summary = {"n_volumes": int(data.shape[3]), "tr": tr, "mean_fd": float(np.nanmean(conf["framewise_displacement"])),
                "max_fd": float(np.nanmax(conf["framewise_displacement"])),
+               "max_rotation_deg": round(qc["MaxRotation"], 3), "max_translation_mm": round(qc["MaxTranslation"], 3),
+               "motion_warnings": len(qc["Warnings"]),
                "n_scrubbed": 0 if keep is None else int(data.shape[3] - len(keep)),
                "brain_voxels": int(brain.sum()), "seconds": round(time.time() - t0, 1)}
     log(f"[func] done: {json.dumps(summary)}")
@@ -522,7 +591,8 @@ def _bold_mask(ref):
 def _tissue_mask(prob, covered, grid, thresholds=(0.95, 0.9, 0.8)):
     """Confidently-WM/CSF voxels: probability >= threshold, eroded by one voxel (as fMRIPrep erodes), so
     that grey-matter signal partial-volumed into the edge of the ventricles is not regressed out; falls
-    back to lower thresholds, then to no erosion, on coarse grids."""
+    back to lower thresholds, then to no erosion, on coarse grids. Under MIN_TISSUE_VOXELS even then: the
+    last (loosest) mask, which the caller reports (``coverage_error``)."""
     from scipy import ndimage
 
     for erode in (1, 0):
@@ -531,9 +601,23 @@ def _tissue_mask(prob, covered, grid, thresholds=(0.95, 0.9, 0.8)):
             if erode:
                 m = ndimage.binary_erosion(m, iterations=erode)
             m = m.reshape(-1) & covered
-            if m.sum() >= 10:
+            if m.sum() >= MIN_TISSUE_VOXELS:
                 return m
-    raise FuncInputError("no white-matter/CSF voxels inside the BOLD field of view after registration")
+    return m
+
+
+def coverage_error(bold_path, img, n_brain, n_tpl_brain, masks, xfm, qc) -> FuncInputError:
+    """The error for a BOLD field of view that holds too little brain after registration: the counts, the
+    field of view in mm and the likely causes."""
+    fov = np.asarray(img.shape[:3]) * np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+    return FuncInputError(
+        f"{bold_path}: too little brain inside the BOLD field of view after registration: {int(n_brain)} of "
+        f"{int(n_tpl_brain)} template brain voxels, {int(masks['white_matter'].sum())} white-matter and "
+        f"{int(masks['csf'].sum())} CSF voxels (need {MIN_BRAIN_VOXELS}, {MIN_TISSUE_VOXELS} and "
+        f"{MIN_TISSUE_VOXELS}); BOLD field of view {' x '.join(f'{v:.0f}' for v in fov)} mm. Likely a slab "
+        f"acquisition that does not cover the brain, or a failed BOLD->T1w registration: check {xfm} and the "
+        f"motion (max rotation {qc['MaxRotation']:.1f} deg, max translation {qc['MaxTranslation']:.1f} mm, "
+        f"max FD {qc['MaxFramewiseDisplacement']:.1f} mm)")
 
 
 def _relabel(lab, index):

@@ -1,5 +1,6 @@
 # anat stage: template files (resources/, from nilearn) and per-subject N4 / skull stripping / MNI / tissues
 # (src/brainfuse/templates.py, src/brainfuse/anat.py). Helpers: workflow/rules/common.smk.
+from brainfuse import resources as bf_resources
 from brainfuse.anat import output_paths as anat_output_paths
 from brainfuse.templates import outputs as template_outputs
 
@@ -49,8 +50,9 @@ rule anat_subject:
         "../../envs/anat.yaml"
     threads: config["threads"]
     resources:
-        mem_mb=3000,
-        runtime=20,
+        # from the T1w's size (brainfuse.resources, measured by benchmarks/bench_real.py)
+        mem_mb=lambda wildcards, input: bf_resources.anat(input.t1w)["mem_mb"],
+        runtime=lambda wildcards, input: bf_resources.anat(input.t1w)["runtime"],
     shell:
         "{BRAINFUSE} anat --t1w {input.t1w} --out-dir {params.deriv} --subject {wildcards.subject} {params.session}"
         " --template-dir {params.tpl_dir} --res {params.res} --threads {threads} --params '{params.anat}' > {log} 2>&1"

@@ -8,6 +8,7 @@ import csv
 import os
 import shlex
 
+from brainfuse import resources as bf_resources
 from brainfuse.bids import IMAGING
 
 CONVERT_PARAMS = shlex.quote(json.dumps(config["convert"], sort_keys=True))
@@ -50,8 +51,8 @@ if MODE == "dicom":
             "../../envs/convert.yaml"
         threads: 1
         resources:
-            mem_mb=4000,
-            runtime=30,
+            mem_mb=bf_resources.CONVERT["mem_mb"],
+            runtime=bf_resources.CONVERT["runtime"],
         shell:
             _CONVERT_SHELL
 
@@ -101,8 +102,8 @@ elif MODE == "demo":
             "../../envs/convert.yaml"
         threads: 1
         resources:
-            mem_mb=4000,
-            runtime=30,
+            mem_mb=bf_resources.CONVERT["mem_mb"],
+            runtime=bf_resources.CONVERT["runtime"],
         shell:
             _CONVERT_SHELL
 

@@ -2,6 +2,7 @@
 # One job per subject (session) corrects every DWI run together, fits the tensor and normalises the maps
 # (src/brainfuse/dwi.py). Per-run outputs (desc-preproc dwi/bval/bvec, desc-motion timeseries) are written
 # too; only the subject-level files are declared because run entities differ between subjects.
+from brainfuse import resources as bf_resources
 from brainfuse import templates as bf_templates
 
 DWI_RES = int(config["resolution_mm"])
@@ -42,8 +43,9 @@ rule dwi_subject:
         "../../envs/dwi.yaml"
     threads: config["threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
+        # from the DWI runs' size (brainfuse.resources, measured by benchmarks/bench_real.py)
+        mem_mb=lambda wildcards, input: bf_resources.dwi(input.dwi)["mem_mb"],
+        runtime=lambda wildcards, input: bf_resources.dwi(input.dwi)["runtime"],
     shell:
         "{BRAINFUSE} dwi --dwi {params.runs} --sub {wildcards.subject} {params.ses} --out {DERIV}"
         " --t1w {input.t1w} --t1w-mask {input.mask} --transforms {input.warp} {input.affine}"

@@ -6,6 +6,7 @@ import os
 
 from brainfuse import templates as bf_templates
 from brainfuse.bids import ENTITY_ORDER, parse_name
+from brainfuse import resources as bf_resources
 
 FUNC_RES = int(config["resolution_mm"])
 FUNC_SETTINGS = json.dumps(config["func"], sort_keys=True)
@@ -27,6 +28,7 @@ def _func_stem(datatype="func"):
 _MNI = f"space-{TEMPLATE}_res-{FUNC_RES}"
 FUNC_OUT = {
     "confounds": _func_stem() + "_desc-confounds_timeseries.tsv",
+    "motion_qc": _func_stem() + "_desc-confounds_timeseries.json",   # motion QC (FD, largest rotation/translation)
     "xfm": _func_stem() + "_from-bold_to-T1w_mode-image_xfm.mat",
     "preproc": _func_stem() + f"_{_MNI}_desc-preproc_bold.nii.gz",
     **{s: _func_stem() + f"_{_MNI}_stat-{s}_boldmap.nii.gz" for s in ("alff", "falff", "reho")},
@@ -105,8 +107,9 @@ rule func_run:
         "../../envs/func.yaml"
     threads: config["threads"]
     resources:
-        mem_mb=4000,
-        runtime=20,
+        # from the BOLD series' size (brainfuse.resources, measured by benchmarks/bench_real.py)
+        mem_mb=lambda wildcards, input: bf_resources.func(input.bold)["mem_mb"],
+        runtime=lambda wildcards, input: bf_resources.func(input.bold)["runtime"],
     shell:
         "{BRAINFUSE} func --bold {input.bold} --t1w {input.t1w} --t1w-mask {input.mask}"
         " --anat-dir {params.anat_dir} --template {input.template} --template-mask {input.template_mask}"
