@@ -7,22 +7,33 @@ One process per subject handles every DWI run of the subject (e.g. dir-AP and di
    ``registration: torch`` (default; ``brainfuse.motion``, batched): b0s rigid (SSD); diffusion-weighted
    (DW) volumes to their mean (SSD, rigid, then affine when ``dw_dof`` is affine, for eddy-current shear/scale),
    optionally ``refine_iterations`` rounds against their leave-one-out tensor prediction (eddy's idea; one
-   batched problem, one reference per volume), then their mean placed on the b0 reference once (``dw_to_b0``:
-   ANTs mutual information both ways by default, or SSD against the b0 mapped to DW contrast; the only
-   cross-contrast step: no model can tell a common shift of all DW volumes from a shifted MD map).
+   batched problem, one reference per volume), then their frame placed on the b0 reference once (``dw_to_b0``,
+   ``place_dw_frame``). No tensor model can tell a common shift of all DW volumes from a shifted MD map, so
+   this is either the one cross-contrast step (ANTs mutual information both ways; SSD against the b0 mapped
+   to DW contrast) or the eddy-current model alone (``zero_gradient``: the transforms regressed on the
+   gradient direction, the zero-gradient intercept put on the b0). Default ``auto``: the cross-contrast
+   step where its two measures agree within 0.1 voxel (phantom: 0.08-0.16 mm apart at 2 mm, error
+   0.10-0.14 mm), else the eddy model (real single-b0 scans: 0.7-2.0 mm apart, and both pulled the DW frame
+   0.5-2.5 mm along z in both phase-encode directions on two vendors; the issue's 20-slice slab showed the
+   same step in every run and lost its bottom slice).
    ``registration: ants``: per-volume ``ants.registration`` (Rigid for b0s; ``dw_dof`` for DW volumes, to
    their mean, then that mean onto the b0 as above), the textbook tool; about 10x slower. Other runs are
    placed on the first run's reference by a rigid b0-to-b0 registration composed with their own corrections.
-   Measured (phantom, 2 b0 + 30 directions, 3 mm): mean displacement error about 0.2 mm with mutual
-   information, 0.16 mm with mapped_ssd, mostly the cross-contrast step's bias; on the XA30 data the DW volumes carry real eddy-current shifts
-   along the phase-encode axis (about -2.8 mm x g_z for AP, +2.7 mm for PA) that the correction removes
-   (log-tensor fit residual halves).
+   On the XA30 data the DW volumes carry real eddy-current shifts along the phase-encode axis (about -2.8 mm
+   x g_z for AP, +2.7 mm for PA) that the correction removes (log-tensor fit residual halves). Real-data
+   check, each series fitted alone, PA's b0 registered onto AP's: after correction the AP and PA maps agree
+   better (Canon: FA r 0.73 -> 0.77, MD r 0.82 -> 0.83, MADs lower; XA30: FA r 0.67 -> 0.75, MD r 0.74
+   -> 0.73: the raw series' eddy misalignment blurs MD, and blur alone lifts that r to 0.75).
 3. B-vectors rotated by each volume's rotation (polar part of its affine): ``g' = R^T g`` in world axes,
    read and written in FSL's convention (image axes, x flipped when det(affine) > 0).
 4. Brain mask (dipy ``median_otsu`` on the mean b0); tensor fit (dipy ``TensorModel``, WLS or OLS) of all
-   runs together, restricted to b <= ``max_bval``; FA, MD, AD, RD and colour FA.
-5. Mean b0 -> T1w rigid (ANTs, mutual information, brain-masked), appended to the anat transforms to
-   bring the maps to the template grid; QC figures.
+   runs together, restricted to b <= ``max_bval``; FA, MD, AD, RD and colour FA. Field of view: a voxel some
+   corrected volume sampled outside its acquired slab is fitted from the volumes that cover it, or left out
+   (``outside_fov``); eigenvalues clipped to [0, ``max_diffusivity``]; both counted in the maps' sidecars
+   (``QualityControl``) and the log.
+5. Mean b0 -> T1w rigid (ANTs, mutual information, brain-masked; the T1w brain cropped and brought to the
+   DWI voxel size first), appended to the anat transforms to bring the maps to the template grid; QC
+   figures (FA in world proportions).
 
 Transforms: ``T_k`` (4x4, world RAS mm) maps a reference-space point to where it is in volume k (ANTs'
 fixed -> moving sense, ``brainfuse.motion``'s convention); the corrected volume is volume k sampled at T_k(x).
@@ -54,18 +65,23 @@ DEFAULTS = {
     "dw_dof": "rigid",           # rigid | affine for diffusion-weighted volumes (b0s are always rigid). Affine
                                  # added ~0.4 mm spurious scale/shear on the phantom (contrast differs per
                                  # direction) and lowered the XA30 tensor residual only 0.020 -> 0.018.
-    "dw_to_b0": "mutual_information",  # the one cross-contrast step, DW frame onto the b0: mutual_information
-                                 # (ANTs, both ways) | mapped_ssd (dw_frame_to_b0): mapped_ssd is closer on the
-                                 # phantom (0.16 vs 0.2 mm) but moved the XA30 DW frame 2.3 mm along z (r with the
-                                 # scanner FA 0.63, mutual information 0.75): not the default until understood;
-                                 # none (eddy's --dont_peas): XA30 r 0.82/0.99 with the scanner FA/ADC (interior
-                                 # slices; MI 0.77/0.87) but 0.6-0.87 mm on the phantom, whose DW volumes drift
+    "dw_to_b0": "auto",          # DW frame onto the b0 (place_dw_frame): auto | mutual_information | mapped_ssd |
+                                 # zero_gradient | none. Single-b0 phantom at 2 mm: MI 0.18, mapped_ssd 0.10-0.16,
+                                 # auto 0.10-0.14, none 0.6-0.86, zero_gradient 0.64-0.98 mm (its head drifts from
+                                 # the b0, which only a cross-contrast step can see); Canon/XA30 AP-PA agreement:
+                                 # zero_gradient best (the one that improves Canon's FA and MD r and MAD)
     "refine_iterations": 0,      # torch: rounds of registration to the leave-one-out tensor prediction (3
                                  # rounds: phantom scatter between DW volumes 0.1 -> 0.05-0.09 mm, ~3x the time)
     "b0_threshold": 50,          # s/mm^2: volumes at or below are b0s
     "max_bval": 1500,            # s/mm^2: tensor fit uses b <= this (the DTI regime)
     "fit_method": "WLS",         # WLS | OLS
     "interpolation": 3,          # spline order used to resample corrected volumes
+    "max_diffusivity": 3.5e-3,   # mm^2/s: tensor eigenvalues clipped to [0, this] (free water ~3e-3 at 37 C)
+    "outside_fov": "covering",   # covering | exclude: a voxel some corrected volume sampled outside its field of
+                                 # view is fitted from the volumes covering it (when they still determine a
+                                 # tensor) or left out. Canon cut to a 10-slice slab, 2 volumes 1 slice lower:
+                                 # those 1,757 voxels |FA - full-FOV fit| 0.033 from the covering volumes, as
+                                 # those volumes give without the motion; 0.097 taking every volume's samples
 }
 PARAM_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 MAPS = ("fa", "md", "ad", "rd")
@@ -166,27 +182,50 @@ def rotate_bvecs(bvecs, transforms, affine_in, affine_out=None) -> np.ndarray:
     return fsl_axes(affine_in if affine_out is None else affine_out).T @ g
 
 
+FOV_MARGIN = 0.5   # voxels: a slice covers half a spacing either side of its centre (the acquired slab's edge)
+
+
+def _sample_coords(vol_affine, T, ref_affine, grid):
+    M = np.linalg.inv(vol_affine) @ T @ ref_affine
+    return M[:3, :3] @ grid + M[:3, 3:]
+
+
+def _inside(coords, vol_shape) -> np.ndarray:
+    n = np.asarray(vol_shape[:3], float)[:, None]
+    return ((coords >= -FOV_MARGIN) & (coords <= n - 1 + FOV_MARGIN)).all(0)
+
+
 def resample(volumes, vol_affine, transforms, ref_affine, ref_shape, order: int = 3, support=None) -> np.ndarray:
     """Volume k (of (I, J, K, N)) sampled at ``T_k(x)`` for each voxel centre x of the reference grid.
 
+    Within half a voxel outside the edge voxel centres (still inside the acquired slab) the edge value is
+    extended (zero padding there would darken the edge slices of any moved volume); beyond, the result is 0:
+    nothing was acquired there (``fov_coverage`` flags those points).
     ``support``: optional reference-grid mask where ``order`` is used; trilinear elsewhere (the background:
     a cubic spline costs ~4x trilinear per voxel and the head is a third of the field of view)."""
     grid = np.indices(ref_shape).reshape(3, -1).astype(np.float64)
     out = np.empty(tuple(ref_shape) + (volumes.shape[3],), np.float32)
     inside = None if support is None or order <= 1 else np.asarray(support, bool).ravel()
     for k in range(volumes.shape[3]):
-        M = np.linalg.inv(vol_affine) @ transforms[k] @ ref_affine
+        c = _sample_coords(vol_affine, transforms[k], ref_affine, grid)
         if inside is None:
-            out[..., k] = ndimage.map_coordinates(volumes[..., k], M[:3, :3] @ grid + M[:3, 3:], order=order,
-                                                  mode="constant", cval=0.0).reshape(ref_shape)
-            continue
-        coeffs = ndimage.spline_filter(volumes[..., k], order=order, output=np.float32, mode="constant")
-        flat = np.empty(grid.shape[1], np.float32)
-        for sel, o, src in ((inside, order, coeffs), (~inside, 1, volumes[..., k])):
-            flat[sel] = ndimage.map_coordinates(src, M[:3, :3] @ grid[:, sel] + M[:3, 3:], order=o, mode="constant",
-                                                cval=0.0, prefilter=False)
+            flat = ndimage.map_coordinates(volumes[..., k], c, order=order, mode="nearest").astype(np.float32)
+        else:
+            coeffs = ndimage.spline_filter(volumes[..., k], order=order, output=np.float32, mode="nearest")
+            flat = np.empty(grid.shape[1], np.float32)
+            for sel, o, src in ((inside, order, coeffs), (~inside, 1, volumes[..., k])):
+                flat[sel] = ndimage.map_coordinates(src, c[:, sel], order=o, mode="nearest", prefilter=False)
+        flat[~_inside(c, volumes.shape)] = 0.0
         out[..., k] = flat.reshape(ref_shape)
     return np.clip(out, 0, None)
+
+
+def fov_coverage(vol_shape, vol_affine, transforms, ref_affine, ref_shape) -> np.ndarray:
+    """(I, J, K, N) bool on the reference grid: where volume k's sample point ``T_k(x)`` lies inside its acquired
+    field of view (edge voxel centres + half a voxel). False: ``resample`` had nothing to sample there."""
+    grid = np.indices(ref_shape).reshape(3, -1).astype(np.float64)
+    return np.stack([_inside(_sample_coords(vol_affine, T, ref_affine, grid), vol_shape).reshape(ref_shape)
+                     for T in transforms], -1)
 
 
 def signal_support(ref) -> np.ndarray:
@@ -243,6 +282,7 @@ class Correction:
     transforms: np.ndarray    # (N, 4, 4) reference world -> volume world
     reference: np.ndarray     # mean of the run's aligned b0s, on the run's own grid
     mask: np.ndarray | None = None   # brain_mask(reference), when computed
+    placement: dict = field(default_factory=dict)   # how the DW frame was put on the b0 (place_dw_frame's info)
 
 
 def _tensor_predict(corr, bvals, bvecs, mask, b0):
@@ -307,18 +347,93 @@ def dw_frame_to_b0(ref, mean_dw, mask, affine, rounds: int = 2) -> np.ndarray:
     return S[0]
 
 
-def place_dw_frame(dw_data, T_dw, ref, mask, affine, method: str, work) -> np.ndarray:
-    """Rigid S (b0 reference -> DW frame) for the mean of the aligned DW volumes: ANTs mutual information both
-    ways (averaged: halves one direction's interpolation bias) or ``dw_frame_to_b0`` (``mapped_ssd``)."""
-    if method == "none":    # the DW volumes' mean frame is taken as the b0's (FSL eddy's --dont_peas)
+def zero_gradient_frame(T_dw, g_world, radius: float = 50.0) -> np.ndarray:
+    """Rigid S (b0 reference -> DW frame) from the eddy-current model alone, no cross-contrast step: each DW
+    volume's transform is regressed on its gradient direction (eddy fields, hence eddy shifts, scale linearly
+    with the gradient and flip with its sign), and the intercept, the frame an undistorted zero-gradient image
+    would have, is put on the b0. Assumes the head did not move between the b0 and most DW volumes: the
+    regression is least absolute deviations (IRLS on each volume's displacement over ``radius`` mm), so a few
+    volumes after a jerk do not drag the block. Directions that do not span 3D (< 4 volumes, coplanar): the
+    same fit with the intercept alone."""
+    from .motion import rotation_part
+
+    T_dw, g = np.asarray(T_dw, float), np.asarray(g_world, float)
+    X = np.c_[np.ones(len(T_dw)), g.T]
+    if len(T_dw) < 4 or np.linalg.matrix_rank(X, tol=1e-3 * np.sqrt(len(T_dw))) < 4:
+        X = X[:, :1]
+    Y = T_dw[:, :3, :].reshape(len(T_dw), 12)
+    scale = np.tile([radius, radius, radius, 1.0], 3)      # rows of [L | t]: linear part x radius, in mm
+    w = np.ones(len(T_dw))
+    for _ in range(20):
+        coef = np.linalg.lstsq(X * w[:, None], Y * w[:, None], rcond=None)[0]
+        r = np.linalg.norm((Y - X @ coef) * scale, axis=1)
+        w = 1 / np.sqrt(np.maximum(r, 1e-3))       # sqrt: weighted least squares on w^2 = 1 / |r|
+    C = np.eye(4)
+    C[:3] = coef[0].reshape(3, 4)
+    C[:3, :3] = rotation_part(C[None])[0]          # the block is a head position: rigid
+    return np.linalg.inv(C)
+
+
+def _frame_distance(S1, S2, mask, affine) -> float:
+    """Mean displacement (mm) between two placements over the mask's voxel centres."""
+    from .motion import mean_displacement_error
+
+    pts = np.argwhere(mask) @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    return float(mean_displacement_error(S1[None], S2[None], pts))
+
+
+def _average_rigid(S1, S2) -> np.ndarray:
+    from scipy.linalg import expm, logm
+
+    return np.real(expm((logm(S1) + logm(S2)) / 2))
+
+
+def place_dw_frame(dw_data, T_dw, ref, mask, affine, method: str, work, g_world=None, info: dict | None = None,
+                   log=print) -> np.ndarray:
+    """Rigid S (b0 reference -> DW frame) for the aligned DW volumes (``T[dw] = T[dw] @ S``); ``dw_to_b0``:
+
+    * ``auto``: both cross-contrast measures below; where they agree within a tenth of a voxel (the phantom's
+      accuracy) their average, else ``zero_gradient``. Each is biased differently by the b0 / DW contrast
+      (phantom at 2 mm: 0.08-0.16 mm apart, both within 0.1-0.2 mm of the truth); on real single-b0 scans
+      (Canon, XA30, AP and PA) they were 0.7-2.0 mm apart and both pulled the DW frame 0.5-2.5 mm along z.
+    * ``mutual_information``: ANTs MI both ways, averaged (halves one direction's interpolation bias);
+    * ``mapped_ssd``: ``dw_frame_to_b0``; ``zero_gradient``: ``zero_gradient_frame`` (eddy model only);
+    * ``none``: the DW volumes' mean frame is taken as the b0's (FSL eddy's --dont_peas).
+    ``info`` receives what was done (method used, the two measures' disagreement in mm)."""
+    from . import motion
+
+    info = {} if info is None else info
+    if method not in ("auto", "mutual_information", "mapped_ssd", "zero_gradient", "none"):
+        raise ValueError(f"dwi dw_to_b0={method!r}: choose auto, mutual_information, mapped_ssd, zero_gradient or none")
+    info["requested"] = method
+    if method == "none":
+        info["used"] = "none"
         return np.eye(4)
-    if method == "mapped_ssd":
-        from . import motion
-        return dw_frame_to_b0(ref, motion.resample_series(dw_data, affine, T_dw).mean(3), mask, affine)
-    if method != "mutual_information":
-        raise ValueError(f"dwi dw_to_b0={method!r}: choose mutual_information, mapped_ssd or none")
-    mean_dw = resample(dw_data, affine, T_dw, affine, ref.shape, order=3).mean(3)
-    return symmetric_rigid(ref * mask, mean_dw * mask, affine, work)
+    if method in ("auto", "zero_gradient") and g_world is None:
+        raise ValueError(f"dwi dw_to_b0={method!r} needs the DW volumes' gradient directions (g_world)")
+    if method == "zero_gradient":
+        info["used"] = "zero_gradient"
+        return zero_gradient_frame(T_dw, g_world)
+    S = {}
+    if method in ("auto", "mapped_ssd"):
+        S["mapped_ssd"] = dw_frame_to_b0(ref, motion.resample_series(dw_data, affine, T_dw).mean(3), mask, affine)
+    if method in ("auto", "mutual_information"):
+        mean_dw = resample(dw_data, affine, T_dw, affine, ref.shape, order=3).mean(3)
+        S["mutual_information"] = symmetric_rigid(ref * mask, mean_dw * mask, affine, work)
+    if method != "auto":
+        info["used"] = method
+        return S[method]
+    vox = float(np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)).min())
+    d = _frame_distance(S["mapped_ssd"], S["mutual_information"], mask, affine)
+    info["cross_contrast_disagreement_mm"] = round(d, 3)
+    if d <= 0.1 * vox:
+        info["used"] = "cross_contrast"
+        log(f"[dwi]   DW frame: the two cross-contrast measures agree within {d:.2f} mm: their average")
+        return _average_rigid(S["mapped_ssd"], S["mutual_information"])
+    info["used"] = "zero_gradient"
+    log(f"[dwi]   DW frame: the two cross-contrast measures disagree by {d:.2f} mm (> 0.1 voxel): "
+        f"placed by the eddy-current model (zero gradient) instead")
+    return zero_gradient_frame(T_dw, g_world)
 
 
 def correct_run_torch(run: Run, p: dict, work: str, log=print) -> Correction:
@@ -350,10 +465,12 @@ def correct_run_torch(run: Run, p: dict, work: str, log=print) -> Correction:
                                        similarity="ssd", init=T[dw], levels=motion.DEFAULT_LEVELS[-1:],
                                        max_iter=(10,)).transforms
     log(f"[dwi]   DW volumes aligned among themselves in {time.perf_counter() - t:.1f} s")
-    # ... then that frame onto the b0 reference once: the only cross-contrast step (no model can tell a
-    # common shift of all DW volumes from a shifted MD map)
-    T[dw] = T[dw] @ place_dw_frame(data[..., dw], T[dw], ref, mask, A, p["dw_to_b0"], work)
-    return Correction(T, ref, mask)
+    # ... then that frame onto the b0 reference once (no tensor model can tell a common shift of all DW
+    # volumes from a shifted MD map): the cross-contrast step or the eddy-current model, see place_dw_frame
+    placement = {}
+    T[dw] = T[dw] @ place_dw_frame(data[..., dw], T[dw], ref, mask, A, p["dw_to_b0"], work,
+                                   fsl_axes(A) @ run.bvecs[:, dw], placement, log)
+    return Correction(T, ref, mask, placement)
 
 
 def correct_run_ants(run: Run, p: dict, work: str, log=print) -> Correction:
@@ -375,13 +492,16 @@ def correct_run_ants(run: Run, p: dict, work: str, log=print) -> Correction:
     kind = {"affine": "Affine", "rigid": "Rigid"}[p["dw_dof"]]
     for k in dw:
         T[k], _ = _ants_register(fixed, _ants_image(data[..., k], A), kind, work)
-    T[dw] = T[dw] @ place_dw_frame(data[..., dw], T[dw], ref, mask, A, p["dw_to_b0"], work)
-    return Correction(T, ref)
+    placement = {}
+    T[dw] = T[dw] @ place_dw_frame(data[..., dw], T[dw], ref, mask, A, p["dw_to_b0"], work,
+                                   fsl_axes(A) @ run.bvecs[:, dw], placement, log)
+    return Correction(T, ref, None, placement)
 
 
 def correct_runs(runs: list[Run], p: dict, work: str, log=print, info: dict | None = None):
     """Per-run corrections composed onto the first run's b0 reference: list of (N, 4, 4) transforms.
-    ``info`` (optional dict) receives ``mask``: the brain mask of that reference (None if not computed)."""
+    ``info`` (optional dict) receives ``mask``: the brain mask of that reference (None if not computed), and
+    ``placement``: per run, how its DW frame was put on its b0 (``place_dw_frame``)."""
     method = {"torch": correct_run_torch, "ants": correct_run_ants}[p["registration"]]
     out, ref0 = [], None
     for i, run in enumerate(runs):
@@ -395,6 +515,8 @@ def correct_runs(runs: list[Run], p: dict, work: str, log=print, info: dict | No
         else:  # this run's reference frame onto the first run's (b0 to b0, rigid; grids may differ)
             S, _ = _ants_register(_ants_image(ref0, runs[0].affine), _ants_image(c.reference, run.affine), "Rigid", work)
             T = T @ S
+        if info is not None:
+            info.setdefault("placement", []).append(c.placement)
         out.append(T)
         log(f"[dwi] {os.path.basename(run.path)}: {len(run.bvals)} volumes corrected ({p['registration']}) "
             f"in {time.perf_counter() - t:.1f} s")
@@ -427,19 +549,75 @@ def shell_limit(bvals, max_bval=DEFAULTS["max_bval"], b0_threshold=DEFAULTS["b0_
     return limit
 
 
-def fit_tensor(data, bvals, bvecs, mask, max_bval=DEFAULTS["max_bval"], fit_method="WLS",
-               b0_threshold=DEFAULTS["b0_threshold"]) -> dict:
-    """dipy tensor fit on volumes with b <= shell_limit(max_bval): fa, md, ad, rd, colour FA (float32, 0 outside mask)."""
-    from dipy.core.gradients import gradient_table
-    from dipy.reconst.dti import TensorModel, color_fa
+def _design(bvals, bvecs) -> np.ndarray:
+    """Log-linear tensor design matrix (ln S0, Dxx, Dyy, Dzz, Dxy, Dxz, Dyz) of each volume."""
+    g, b = np.asarray(bvecs, float), np.asarray(bvals, float)
+    return np.stack([np.ones_like(b), *(-b * g[i] * g[j] * (1 if i == j else 2)
+                                         for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)))], 1)
 
-    keep = np.asarray(bvals) <= shell_limit(bvals, max_bval, b0_threshold)
-    gt = gradient_table(np.asarray(bvals)[keep], bvecs=np.asarray(bvecs)[:, keep].T, b0_threshold=b0_threshold)
-    fit = TensorModel(gt, fit_method=fit_method).fit(data[..., keep], mask=mask)
-    fa = np.clip(np.nan_to_num(fit.fa), 0, 1)
-    maps = {"fa": fa, "md": fit.md, "ad": fit.ad, "rd": fit.rd}
-    maps = {k: np.where(mask, np.nan_to_num(v), 0).astype(np.float32) for k, v in maps.items()}
-    maps["cfa"] = np.where(mask[..., None], color_fa(fa, np.nan_to_num(fit.evecs)), 0).astype(np.float32)
+
+def fit_tensor(data, bvals, bvecs, mask, max_bval=DEFAULTS["max_bval"], fit_method="WLS",
+               b0_threshold=DEFAULTS["b0_threshold"], coverage=None, max_diffusivity=DEFAULTS["max_diffusivity"],
+               outside_fov=DEFAULTS["outside_fov"], qc: dict | None = None) -> dict:
+    """dipy tensor fit on volumes with b <= shell_limit(max_bval): fa, md, ad, rd, colour FA (float32, 0 outside
+    the fitted voxels).
+
+    ``coverage`` ((I, J, K, N) bool, ``fov_coverage``): a voxel that some volume sampled outside its acquired field
+    of view is fitted from the volumes that cover it when they still determine a tensor (``outside_fov:
+    covering``: a b0 and a full-rank design), else left out (``exclude``: always left out). Eigenvalues are
+    clipped to [0, ``max_diffusivity``] (mm^2/s; free water at body temperature is ~3e-3) before the maps are
+    computed, so every map is physically bounded and FA stays in [0, 1]. ``qc`` (optional dict) receives the
+    counts: voxels fitted, left out, fitted from a subset, clipped below 0 / above the limit."""
+    from dipy.core.gradients import gradient_table
+    from dipy.reconst.dti import (TensorModel, axial_diffusivity, color_fa, fractional_anisotropy,
+                                  mean_diffusivity, radial_diffusivity)
+
+    bvals, bvecs, mask = np.asarray(bvals, float), np.asarray(bvecs, float), np.asarray(mask, bool)
+    keep = np.flatnonzero(bvals <= shell_limit(bvals, max_bval, b0_threshold))
+    evals = np.zeros(mask.shape + (3,))
+    evecs = np.zeros(mask.shape + (3, 3))
+    groups = [(mask, keep)]                                # (voxels, volumes fitted there)
+    left_out = subset = 0
+    if coverage is not None:
+        cov = np.asarray(coverage, bool)[..., keep]
+        full = cov.all(-1)
+        partial = mask & ~full
+        groups = [(mask & full, keep)]
+        if partial.any():
+            patterns, inverse = np.unique(cov[partial], axis=0, return_inverse=True)
+            where = np.argwhere(partial)
+            X = _design(bvals[keep], bvecs[:, keep])
+            for i, pat in enumerate(patterns):
+                sel = where[inverse.ravel() == i]
+                ok = outside_fov == "covering" and (bvals[keep][pat] <= b0_threshold).any() \
+                    and np.linalg.matrix_rank(X[pat], tol=1e-6 * np.abs(X).max()) == X.shape[1]
+                if not ok:
+                    left_out += len(sel)
+                    continue
+                vox = np.zeros(mask.shape, bool)
+                vox[tuple(sel.T)] = True
+                groups.append((vox, keep[pat]))
+                subset += len(sel)
+    for vox, vols in groups:
+        if not vox.any():
+            continue
+        gt = gradient_table(bvals[vols], bvecs=bvecs[:, vols].T, b0_threshold=b0_threshold)
+        fit = TensorModel(gt, fit_method=fit_method).fit(data[vox][:, vols])
+        evals[vox], evecs[vox] = np.nan_to_num(fit.evals), np.nan_to_num(fit.evecs)
+    fitted = np.zeros(mask.shape, bool)
+    for vox, _ in groups:
+        fitted |= vox
+    below, above = fitted & (evals < 0).any(-1), fitted & (evals > max_diffusivity).any(-1)
+    evals = np.clip(evals, 0, max_diffusivity)
+    fa = np.clip(np.nan_to_num(fractional_anisotropy(evals)), 0, 1)
+    maps = {"fa": fa, "md": mean_diffusivity(evals), "ad": axial_diffusivity(evals), "rd": radial_diffusivity(evals)}
+    maps = {k: np.where(fitted, np.nan_to_num(v), 0).astype(np.float32) for k, v in maps.items()}
+    maps["cfa"] = np.where(fitted[..., None], color_fa(fa, evecs), 0).astype(np.float32)
+    if qc is not None:
+        qc.update({"fitted": fitted, "VoxelsInMask": int(mask.sum()), "VoxelsFitted": int(fitted.sum()),
+                   "VoxelsExcludedOutsideFieldOfView": int(left_out), "VoxelsFittedFromCoveringVolumes": int(subset),
+                   "VoxelsClippedBelowZero": int(below.sum()), "VoxelsClippedAboveMaxDiffusivity": int(above.sum()),
+                   "MaxDiffusivity": float(max_diffusivity)})
     return maps
 
 
@@ -460,19 +638,56 @@ def to_template(images: dict, transforms: list[str], template, work: str) -> dic
     return out
 
 
-def register_to_t1w(mean_b0, mask, affine, t1w_path, t1w_mask_path, work: str):
-    """Mean b0 -> T1w rigid (mutual information, both brain-masked): (.mat path in ``work``, RAS matrix)."""
+def t1w_for_registration(t1w_path, t1w_mask_path, voxel_mm: float):
+    """The T1w brain as the b0 registration sees it: masked, cropped to the mask's box (+2 target voxels) and,
+    when finer than ``voxel_mm``, Gaussian anti-aliased (sigma (f - 1) / 2 source voxels, f the shrink factor,
+    as skimage's rescale) and sampled every ``voxel_mm`` along its own axes. Returns (data, affine).
+
+    The DWI carries no detail finer than its own voxels: registering to a native 0.5 mm T1w (160x460x512)
+    took 915-1,175 s, most of it ITK's finest level on tens of millions of voxels."""
     t1 = nib.load(str(t1w_path))
-    t1d = np.asarray(t1.dataobj, np.float32)
+    data, A = np.asarray(t1.dataobj, np.float32), t1.affine.astype(float)
+    zooms = np.sqrt((A[:3, :3] ** 2).sum(0))
     if t1w_mask_path and os.path.exists(str(t1w_mask_path)):
-        t1d = t1d * (np.asarray(nib.load(str(t1w_mask_path)).dataobj) > 0)
-    M, mat = _ants_register(_ants_image(t1d, t1.affine), _ants_image(mean_b0 * mask, affine), "Rigid", work)
+        m = np.asarray(nib.load(str(t1w_mask_path)).dataobj) > 0
+        if m.shape != data.shape[:3]:
+            raise InputError(f"{t1w_mask_path}: shape {m.shape} differs from the T1w {t1w_path} {data.shape[:3]}; "
+                             "give the brain mask anat wrote with this T1w")
+        if m.any():
+            pad = np.ceil(2 * voxel_mm / zooms).astype(int)
+            idx = np.argwhere(m)
+            lo, hi = np.maximum(idx.min(0) - pad, 0), np.minimum(idx.max(0) + pad + 1, m.shape)
+            box = tuple(slice(int(a_), int(b_)) for a_, b_ in zip(lo, hi))
+            data = data[box] * m[box]
+            A = A @ np.r_[np.c_[np.eye(3), lo], [[0, 0, 0, 1]]]
+    f = voxel_mm / zooms
+    if (f > 1 + 1e-3).any():
+        f = np.maximum(f, 1.0)
+        data = ndimage.gaussian_filter(data, (f - 1) / 2, mode="constant")
+        shape = np.maximum(np.floor((np.asarray(data.shape) - 1) / f).astype(int) + 1, 1)
+        # new voxel i at old voxel f * i: same first voxel centre, spacing f along each T1w axis
+        data = ndimage.affine_transform(data, np.diag(f), output_shape=tuple(shape), order=1, mode="nearest")
+        A = A @ np.diag(np.r_[f, 1.0])
+    return data, A
+
+
+def register_to_t1w(mean_b0, mask, affine, t1w_path, t1w_mask_path, work: str, voxel_mm: float | None = None):
+    """Mean b0 -> T1w rigid (mutual information, both brain-masked): (.mat path in ``work``, RAS matrix).
+
+    The T1w brain is cropped and brought to ``voxel_mm`` first (default: the DWI voxel, at least 2 mm, as
+    func.bold_to_t1w). dcm_qa_philips_enh (1 mm MPRAGE, 2 mm DTI, one thread): 81 s at the native T1w
+    resolution, 3.8 s so, results 0.28 mm apart; that T1w upsampled to 0.5 mm: 15 s (benchmarks/bench_dwi.py)."""
+    if voxel_mm is None:
+        voxel_mm = max(2.0, float(np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)).mean()))
+    t1d, t1a = t1w_for_registration(t1w_path, t1w_mask_path, voxel_mm)
+    M, mat = _ants_register(_ants_image(t1d, t1a), _ants_image(mean_b0 * mask, affine), "Rigid", work)
     return mat, M
 
 
 # -------------------------------------------------------------------------------------------- QC
 def qc_fa(fa, cfa, affine, out_png, title):
-    """FA and colour FA, three orthogonal slices through the brain centre (RAS display)."""
+    """FA and colour FA, three orthogonal slices through the brain centre, in world proportions (RAS display):
+    each panel's pixel aspect is its two axes' voxel sizes, so thick slices are not squashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -481,15 +696,18 @@ def qc_fa(fa, cfa, affine, out_png, title):
     ornt = nib.orientations.io_orientation(affine)
     tr = lambda a: nib.orientations.apply_orientation(a, ornt)
     fa_r, cfa_r = tr(fa), tr(cfa)
+    vox = np.empty(3)
+    vox[ornt[:, 0].astype(int)] = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))   # voxel size per RAS axis
     c = [int(round(x)) for x in ndimage.center_of_mass(fa_r > 0.05)]
     fig, axes = plt.subplots(2, 3, figsize=(10, 6.5), facecolor="black")
     for col, ax_i in enumerate((0, 1, 2)):
         sl = [slice(None)] * 3
         sl[ax_i] = c[ax_i]
+        u, v = [a for a in range(3) if a != ax_i]      # rot90: rows along v (top = high), columns along u
         for row, (img, kw) in enumerate(((fa_r, dict(cmap="gray", vmin=0, vmax=1)), (cfa_r, {}))):
             a = img[tuple(sl)]
             a = np.rot90(a) if a.ndim == 2 else np.rot90(np.clip(a, 0, 1), axes=(0, 1))
-            axes[row, col].imshow(a, **kw)
+            axes[row, col].imshow(a, aspect=vox[v] / vox[u], interpolation="nearest", **kw)
             axes[row, col].axis("off")
     fig.suptitle(title, color="white")
     fig.tight_layout()
@@ -566,8 +784,10 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
     torch.set_num_threads(threads)
     p = {**DEFAULTS, **(params or {})}
     if p["registration"] not in ("torch", "ants") or p["dw_dof"] not in ("affine", "rigid") \
-            or p["fit_method"] not in ("WLS", "OLS"):
-        raise ValueError(f"dwi settings: registration torch|ants, dw_dof affine|rigid, fit_method WLS|OLS; got {p}")
+            or p["fit_method"] not in ("WLS", "OLS") or p["outside_fov"] not in ("exclude", "covering") \
+            or not 0 < p["max_diffusivity"] < 1:
+        raise ValueError(f"dwi settings: registration torch|ants, dw_dof affine|rigid, fit_method WLS|OLS, outside_fov "
+                         f"exclude|covering, 0 < max_diffusivity (mm^2/s) < 1; got {p}")
     sub = check_label(sub, "subject label")
     ses = check_label(ses, "session label") if ses else None
     dwi_paths = sorted(str(x) for x in dwi_paths)
@@ -599,10 +819,12 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
         A0, shape0 = runs[0].affine, runs[0].data.shape[:3]
         support = signal_support(ref)
         center = np.asarray(A0 @ np.r_[(np.asarray(shape0) - 1) / 2, 1.0])[:3]
-        all_data, all_bvals, all_bvecs, tables = [], [], [], {}
+        all_data, all_bvals, all_bvecs, all_cov, tables = [], [], [], [], {}
         code = code_version("dwi")
-        for run, T, fp in zip(runs, transforms_runs, final["runs"]):
+        placements = info.get("placement", [{}] * len(runs))
+        for run, T, fp, placed in zip(runs, transforms_runs, final["runs"], placements):
             corr = resample(run.data, run.affine, T, A0, shape0, order=p["interpolation"], support=support)
+            all_cov.append(fov_coverage(run.data.shape, run.affine, T, A0, shape0))
             bvecs = rotate_bvecs(run.bvecs, T, run.affine, A0)
             table = motion_table(T, center)
             tables[os.path.basename(fp["preproc"]).split("_desc-")[0]] = table
@@ -620,6 +842,7 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
                                         "rotated by each volume's rotation (FSL convention, this image's axes).",
                          "RegistrationMethod": p["registration"], "DiffusionWeightedDOF": p["dw_dof"],
                          "MeanFramewiseDisplacement": float(table["framewise_displacement"].mean()),
+                         "DWFramePlacement": placed,
                          "GeneratedBy": [{"Name": "brainfuse dwi", "CodeVersion": code}]})
             bf_io.save_json(side, stage("json", sidecar(fp["preproc"])))
             all_data.append(corr)
@@ -634,11 +857,18 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
         mask = info.get("mask") if len(runs) == 1 and info.get("mask") is not None else brain_mask(mean_b0)
         t0 = time.perf_counter()
         limit = shell_limit(bvals, p["max_bval"], p["b0_threshold"])
-        maps = fit_tensor(data, bvals, bvecs, mask, limit, p["fit_method"], p["b0_threshold"])
+        qc = {}
+        maps = fit_tensor(data, bvals, bvecs, mask, limit, p["fit_method"], p["b0_threshold"],
+                          coverage=np.concatenate(all_cov, 3), max_diffusivity=p["max_diffusivity"],
+                          outside_fov=p["outside_fov"], qc=qc)
+        qc.pop("fitted")
         timings["tensor_fit_s"] = time.perf_counter() - t0
+        log(f"[dwi] sub-{sub}: tensor fit QC: " + ", ".join(f"{k} {v}" for k, v in qc.items()))
         used = int((bvals <= limit).sum())
         meta = {"Model": "tensor (dipy TensorModel)", "FitMethod": p["fit_method"], "MaxBValue": limit,
                 "VolumesUsed": used, "Sources": [os.path.basename(x) for x in dwi_paths],
+                # voxels a corrected volume sampled outside its acquired field of view; eigenvalues clipped
+                "QualityControl": qc, "OutsideFieldOfView": p["outside_fov"],
                 "GeneratedBy": [{"Name": "brainfuse dwi", "CodeVersion": code}]}
         units = {"fa": "arbitrary", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "cfa": "arbitrary"}
         for m in (*MAPS, "cfa"):
