@@ -87,3 +87,20 @@ def test_index_refuses_bad_folder_labels(tmp_path):
         bids.index_bids(tmp_path)
     with pytest.raises(FileNotFoundError, match="dataset_description"):
         bids.index_bids(tmp_path / "sub-01")
+
+
+@pytest.mark.parametrize("stage", ["anat", "dwi", "func"])
+def test_module_defaults_equal_the_schema_defaults(stage):
+    """The stage modules' DEFAULTS (used by the CLI and the library) and the schema's (used by the workflow) agree:
+    a default changed in one place only would give a library user and a workflow user different results."""
+    import importlib
+
+    from brainfuse import config as bf_config
+
+    module = importlib.import_module(f"brainfuse.{stage}")
+    schema = bf_config.load_schema()["properties"][stage]["properties"]
+    shared = set(module.DEFAULTS) & set(schema)
+    assert shared, stage
+    differ = {k: (module.DEFAULTS[k], schema[k].get("default")) for k in shared
+              if module.DEFAULTS[k] != schema[k].get("default")}
+    assert not differ, f"{stage}: module DEFAULTS vs schema default: {differ}"
