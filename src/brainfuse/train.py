@@ -347,7 +347,7 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
         log(f"[train] resuming {preset} fold {fold} in phase {phase} after epoch {state['epoch']}")
 
     log(f"[train] {preset} fold {fold}: {len(rows['train'])} train / {len(rows['val'])} val / {len(rows['test'])} "
-        f"test{' (then refit on train + val)' if refit else ''}, device {dev}, "
+        f"test{' (then refit on train + val)' if refit else ''}, device {dev} ({torch.get_num_threads()} CPU threads), "
         f"{sum(p.numel() for p in P['model'].parameters()):,} parameters")
     t0 = time.time()
 

@@ -11,7 +11,29 @@ TRAIN_PRESETS = config["model"]["presets"]
 FOLDS = list(range(config["cv"]["n_folds"]))
 # Only the cv section feeds the splits: changing epochs must not redraw them.
 CV_SETTINGS = shlex.quote(json.dumps({"cv": config["cv"]}, sort_keys=True))
-TRAIN_SETTINGS = shlex.quote(json.dumps({"model": config["model"], "cv": config["cv"]}, sort_keys=True))
+# Job resources do not change a model: moving training to other nodes must not rerun it.
+_JOB_KEYS = {"threads", "mem_mb", "runtime", "gpus", "partition"}
+_MODEL = {k: v for k, v in config["model"].items() if k not in _JOB_KEYS}
+TRAIN_SETTINGS = shlex.quote(json.dumps({"model": _MODEL, "cv": config["cv"]}, sort_keys=True))
+
+
+def model_job_resources():
+    """Cluster resources of the training and predict jobs, from the model section (never the SLURM profile):
+    a GPU (gres, which the slurm plugin passes to sbatch) only when model.device asks for CUDA, so that CPU-only
+    clusters, which refuse a gres request, train too; the partition only when model.partition names one."""
+    m = config["model"]
+    res = {"mem_mb": m["mem_mb"], "runtime": m["runtime"]}
+    if m["device"].startswith("cuda"):
+        if not m["gpus"]:
+            raise WorkflowError(f"config model.device is {m['device']!r} but model.gpus is 0: "
+                                "set model.gpus >= 1, or model.device to cpu or auto")
+        res["gres"] = f"gpu:{m['gpus']}"
+    if m["partition"]:
+        res["slurm_partition"] = m["partition"]
+    return res
+
+
+MODEL_JOB_RESOURCES = model_job_resources()
 COHORT = [f"{TENSORS}/cohort.json", f"{TENSORS}/manifest.tsv"]
 _fold_dir = f"{MODELS}/{{preset}}/fold-{{fold}}"
 
@@ -58,12 +80,10 @@ rule train_fold:
         f"{LOGS}/train_fold{_CANARY.replace('/', '_')}/{{preset}}_fold-{{fold}}.log",
     conda:
         "../../envs/train.yaml"
-    threads: 1
+    # = the CPUs asked from SLURM (the plugin's cpus-per-task) and torch's thread count (--threads)
+    threads: config["model"]["threads"]
     resources:
-        mem_mb=4000,
-        runtime=60,
-        # SLURM GPU request ('gres', not 'gpu': the slurm plugin refuses both, and profiles/slurm sets gres)
-        gres=f"gpu:{config['model']['gpus']}" if config["model"]["gpus"] else "",
+        **MODEL_JOB_RESOURCES,
     shell:
         "{BRAINFUSE} train fold --tensors {TENSORS} --splits {input.splits} --fold {wildcards.fold}"
         " --preset {wildcards.preset} --settings {params.settings} --device {params.device}"
@@ -157,11 +177,9 @@ rule predict:
         f"{LOGS}/predict{_CANARY.replace('/', '_')}.log",
     conda:
         "../../envs/train.yaml"
-    threads: 1
+    threads: config["model"]["threads"]     # torch reads OMP_NUM_THREADS, which Snakemake sets to this
     resources:
-        mem_mb=4000,
-        runtime=30,
-        gres=f"gpu:{config['model']['gpus']}" if config["model"]["gpus"] else "",
+        **MODEL_JOB_RESOURCES,
     shell:
         "{BRAINFUSE} predict --tensors {TENSORS} --models {params.models} --preset {params.preset}"
         " {params.summary} --device {params.device} --out {output} > {log} 2>&1"
