@@ -64,3 +64,18 @@ def job_counts(output: str) -> Counter:
             break
         counts[parts[0]] = int(parts[1])
     return counts
+
+
+def brainfuse_cli(*argv, log=None) -> str:
+    """Run ``python -m brainfuse <argv>`` as a rule does (its own process); fail with the output's tail. ``log``:
+    a file that receives the output."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NIPYPE_NO_ET": "1"}
+    done = subprocess.run([sys.executable, "-m", "brainfuse", *map(str, argv)], env=env, capture_output=True,
+                          text=True)
+    if log is not None:
+        Path(log).write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, f"brainfuse {argv[0]} failed:\n{(done.stdout + done.stderr)[-3000:]}"
+    return done.stdout + done.stderr

@@ -9,8 +9,6 @@ motion estimates of a still volunteer stay small.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -19,20 +17,11 @@ import pytest
 
 from brainfuse import anat, templates
 from brainfuse.bids import TEMPLATE, bids_path
-from conftest import REPO
+from conftest import brainfuse_cli
 from test_anat import ANTS_SYN_MNI_R
 
 RES = 3
 SUB = "philips"
-
-
-def _run(*argv, log):
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NIPYPE_NO_ET": "1"}
-    done = subprocess.run([sys.executable, "-m", "brainfuse", *map(str, argv)], env=env, capture_output=True,
-                          text=True)
-    log.write_text(done.stdout + done.stderr)
-    assert done.returncode == 0, f"brainfuse {argv[0]} failed:\n{(done.stdout + done.stderr)[-3000:]}"
-    return done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +35,22 @@ def philips(shared_data, tmp_path_factory):
     tpl = templates.build(RES, work / "resources")
     atlas = work / "resources" / f"tpl-{TEMPLATE}" / f"tpl-{TEMPLATE}_res-{RES}_atlas-brainfuse_dseg.nii.gz"
     atlas_tsv = atlas.with_name(f"tpl-{TEMPLATE}_atlas-brainfuse_dseg.tsv")
-    _run("func", "atlas", "--gm", tpl["GM"], "--mask", tpl["mask"], "--out", atlas, "--tsv", atlas_tsv,
+    brainfuse_cli("func", "atlas", "--gm", tpl["GM"], "--mask", tpl["mask"], "--out", atlas, "--tsv", atlas_tsv,
          "--n-parcels", 100, log=logs / "atlas.log")
-    _run("convert", "--dicom-dir", site / "In", "--bids-dir", bids, "--subject", SUB,
+    brainfuse_cli("convert", "--dicom-dir", site / "In", "--bids-dir", bids, "--subject", SUB,
          "--manifest", work / "manifest.tsv", "--work-dir", work, log=logs / "convert.log")
     bold = bids_path(bids, SUB, "func", "bold", task="rest")
     os.makedirs(os.path.dirname(bold), exist_ok=True)
     shutil.copyfile(site / "Nifti" / "2101_WIP_fcMRI_cl.nii.gz", bold)
     shutil.copyfile(site / "Nifti" / "2101_WIP_fcMRI_cl.json", bold.replace(".nii.gz", ".json"))
     t1w = bids_path(bids, SUB, "anat", "T1w")
-    _run("anat", "--t1w", t1w, "--out-dir", deriv, "--subject", SUB, "--template-dir", os.path.dirname(tpl["T1w"]),
+    brainfuse_cli("anat", "--t1w", t1w, "--out-dir", deriv, "--subject", SUB, "--template-dir", os.path.dirname(tpl["T1w"]),
          "--res", RES, log=logs / "anat.log")
     a = anat.output_paths(deriv, SUB, None, RES)
     dwis = sorted((bids / f"sub-{SUB}" / "dwi").glob("*_dwi.nii.gz"))
-    _run("dwi", "--dwi", *dwis, "--sub", SUB, "--out", deriv, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
+    brainfuse_cli("dwi", "--dwi", *dwis, "--sub", SUB, "--out", deriv, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
          "--transforms", a["warp"], a["affine"], "--template", tpl["T1w"], "--res", RES, log=logs / "dwi.log")
-    _run("func", "--bold", bold, "--t1w", a["preproc"], "--t1w-mask", a["mask"], "--anat-dir", os.path.dirname(a["preproc"]),
+    brainfuse_cli("func", "--bold", bold, "--t1w", a["preproc"], "--t1w-mask", a["mask"], "--anat-dir", os.path.dirname(a["preproc"]),
          "--template", tpl["T1w"], "--template-mask", tpl["mask"], "--wm", a["mni_WM"], "--csf", a["mni_CSF"],
          "--atlas", atlas, "--atlas-tsv", atlas_tsv, "--deriv", deriv, "--res", RES, log=logs / "func.log")
     return {"work": work, "bids": bids, "deriv": deriv, "anat": a, "dwis": dwis, "bold": bold}

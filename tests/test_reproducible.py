@@ -4,23 +4,15 @@
 are the ones the rules run, one process each, one thread, as the workflow runs them by default.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 
 from brainfuse import anat, atlas, templates
 from brainfuse.bids import TEMPLATE, bids_path
-from conftest import REPO
+from conftest import brainfuse_cli
 
 RES = 3
 SUB = "002"
-
-
-def _run(*argv):
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NIPYPE_NO_ET": "1"}
-    done = subprocess.run([sys.executable, "-m", "brainfuse", *map(str, argv)], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
 
 
 def _files(root):
@@ -43,7 +35,7 @@ def test_dwi_twice_is_byte_identical(subject):
     root, work, tpl, a = subject
     dwi = bids_path(root / "bids", SUB, "dwi", "dwi", dir="AP")
     for run in ("run1", "run2"):
-        _run("dwi", "--dwi", dwi, "--sub", SUB, "--out", work / run, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
+        brainfuse_cli("dwi", "--dwi", dwi, "--sub", SUB, "--out", work / run, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
              "--transforms", a["warp"], a["affine"], "--template", tpl["T1w"], "--res", RES, "--threads", 1)
     first, second = _files(work / "run1"), _files(work / "run2")
     assert len(first) >= 15 and first.keys() == second.keys()
@@ -55,7 +47,7 @@ def test_func_twice_is_byte_identical(subject):
     root, work, tpl, a = subject
     bold = bids_path(root / "bids", SUB, "func", "bold", task="rest")
     for run in ("func1", "func2"):
-        _run("func", "--bold", bold, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
+        brainfuse_cli("func", "--bold", bold, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
              "--anat-dir", os.path.dirname(a["preproc"]), "--template", tpl["T1w"], "--template-mask", tpl["mask"],
              "--wm", a["mni_WM"], "--csf", a["mni_CSF"], "--atlas", tpl["atlas"], "--atlas-tsv", tpl["atlas_tsv"],
              "--deriv", work / run, "--res", RES, "--threads", 1)

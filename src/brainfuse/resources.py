@@ -13,6 +13,7 @@ the resources again once the file is there (an upstream rule or the convert chec
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
 
@@ -30,12 +31,16 @@ CONVERT = {"mem_mb": 2000, "runtime": 30}   # not from the folder: counting a 1,
 
 
 def _mvalues(paths) -> float:
+    return _mvalues_of(tuple(str(p) for p in paths))
+
+
+@functools.lru_cache(maxsize=None)      # each rule asks twice per job (mem_mb, runtime): read each header once
+def _mvalues_of(paths: tuple) -> float:
     import nibabel as nib
     import numpy as np
 
     total = 0.0
     for path in paths:
-        path = str(path)
         if not os.path.exists(path):
             raise FileNotFoundError(errno.ENOENT, "input not written yet", path)
         total += float(np.prod(nib.load(path).shape))
