@@ -9,6 +9,16 @@ from snakemake.utils import min_version
 min_version("9.0")
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
+from brainfuse.config import ConfigError, read_yaml
+
+# Read once more ourselves first: a YAML error then names the file, line and column, which Snakemake's loader
+# does not. (A --configfile is loaded by Snakemake's command line before this file runs: it cannot be checked here.)
+if Path("config/config.yaml").is_file():
+    try:
+        read_yaml("config/config.yaml")
+    except ConfigError as e:
+        raise WorkflowError(str(e)) from None
+
 configfile: "config/config.yaml"
 
 

@@ -1,7 +1,9 @@
 """Scale of the workflow's DAG: `snakemake -n` on a 1,000-subject BIDS tree against the same for 10 subjects.
 
-The tree holds empty files with BIDS names (T1w, dwi + bval/bvec, bold + sidecars): building the DAG only
-reads names. Target: <= 20 s for 1,000 subjects on 2 cores (the dataset is indexed once at parse time).
+The tree holds files with BIDS names (T1w, dwi + bval/bvec, bold + sidecars): building the DAG reads names
+and, for the jobs' declared resources (brainfuse.resources), each image's header, so every image is one tiny
+valid NIfTI (empty files would stop the dry run). Target: <= 20 s for 1,000 subjects on 2 cores (the dataset
+is indexed once at parse time).
 
     .venv/bin/python benchmarks/bench_dag.py [--subjects 1000] [--baseline 10] [--target all]
 """
@@ -19,8 +21,18 @@ sys.path.insert(0, str(REPO / "src"))
 from brainfuse.bids import bids_path  # noqa: E402
 
 
+def _tiny_nifti() -> bytes:
+    import nibabel as nib
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2, 2), np.int16), np.eye(4)), f"{tmp}/x.nii.gz")
+        return Path(f"{tmp}/x.nii.gz").read_bytes()
+
+
 def build_tree(root: Path, n: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
+    image = _tiny_nifti()
     (root / "dataset_description.json").write_text(json.dumps({"Name": "bench", "BIDSVersion": "1.9.0"}))
     rows = ["participant_id\tdiagnosis\tage\tsex"]
     for i in range(n):
@@ -30,7 +42,8 @@ def build_tree(root: Path, n: int) -> None:
                  bids_path(root, sub, "func", "bold", task="rest"))]
         for f in files:
             f.parent.mkdir(parents=True, exist_ok=True)
-            for ext in (".nii.gz", ".json") + ((".bval", ".bvec") if f.parent.name == "dwi" else ()):
+            f.write_bytes(image)
+            for ext in (".json",) + ((".bval", ".bvec") if f.parent.name == "dwi" else ()):
                 Path(str(f).replace(".nii.gz", ext)).touch()
     (root / "participants.tsv").write_text("\n".join(rows) + "\n")
 

@@ -79,3 +79,21 @@ def brainfuse_cli(*argv, log=None) -> str:
         Path(log).write_text(done.stdout + done.stderr)
     assert done.returncode == 0, f"brainfuse {argv[0]} failed:\n{(done.stdout + done.stderr)[-3000:]}"
     return done.stdout + done.stderr
+
+
+def brainfuse_error(*argv, env: dict | None = None) -> str:
+    """Run ``python -m brainfuse <argv>`` expecting it to refuse its input: a non-zero exit, no traceback, and
+    one line ``brainfuse <command>…`` last on stderr, which is returned (tests assert it names file and problem)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NIPYPE_NO_ET": "1", **(env or {})}
+    env.pop("BRAINFUSE_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "brainfuse", *map(str, argv)], env=env, capture_output=True,
+                          text=True)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, f"brainfuse {argv[0]} accepted the input:\n{output[-3000:]}"
+    assert "Traceback" not in output, f"brainfuse {argv[0]} printed a traceback:\n{output[-3000:]}"
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith(f"brainfuse {argv[0]}"), f"no one-line error last:\n{output[-3000:]}"
+    return lines[-1]

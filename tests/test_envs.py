@@ -106,7 +106,7 @@ def test_env_lists_every_third_party_package_the_rule_imports(smk, rule, block):
     conda, pip = env_packages((RULES / conda_path).resolve())
     listed = set(conda) | set(pip)
     for command in commands:
-        module = COMMANDS[command].split(".", 1)[1]
+        module = COMMANDS[command][0].split(".", 1)[1]
         missing = {PACKAGE_OF.get(n, n).lower() for n in third_party_imports(module)} - listed
         assert not missing, f"{smk}: rule {rule} runs `brainfuse {command}`, whose code imports {sorted(missing)}, " \
                             f"missing from {conda_path}"

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainfuse import demo
+from brainfuse import demo, stageqc
+from brainfuse import io as bf_io
 from brainfuse import tensors as T
 from brainfuse.bids import TEMPLATE, bids_path
 from brainfuse.provenance import code_version, file_sha256
@@ -356,6 +357,12 @@ def test_workflow_caches_gathers_and_reruns_only_the_changed_subject(tmp_path, g
                 (bids / f"sub-{sub}" / datatype / f"sub-{sub}_{suffix}.nii.gz").write_bytes(b"")
     write_participants(bids / "participants.tsv", list(HAS))
     write_derivatives(out / "derivatives" / "brainfuse", grid)
+    for sub, avail in HAS.items():      # the image stages' QC records, inputs of the caches (sub-002's T1w flagged)
+        for datatype, ok in (("anat", True), ("dwi", avail["dwi"]), ("func", avail["bold"])):
+            if ok:
+                flags = ["MNI correlation 0.41 < 0.60"] if (sub, datatype) == ("002", "anat") else []
+                bf_io.save_json({"qc_pass": not flags, "flags": flags, "metrics": {}, "thresholds": {}},
+                                stageqc.qc_path(out / "derivatives" / "brainfuse", sub, None, datatype))
     write_mask(str(tmp_path / T.template_mask_path(RES)), grid)     # resources/ of this working directory
     args = ["--cores", "2", "--allowed-rules", "tensors_subject", "tensors_gather", "tensors",
             "--config", f"bids_dir={bids}", f"output_dir={out}"]
@@ -367,6 +374,8 @@ def test_workflow_caches_gathers_and_reruns_only_the_changed_subject(tmp_path, g
     assert counts["tensors_subject"] == 3 and counts["tensors_gather"] == 1, log[-2000:]
     c = T.load_cohort(out / "tensors")
     assert c.manifest.has_DTI.tolist() == [True, False, True] and c.present.shape == (3, 6)
+    assert c.manifest.qc_pass.tolist() == ["True", "False", "True"]
+    assert "WARNING:   sub-002: FAILED - T1w: MNI correlation 0.41 < 0.60" in log      # on the console, not only the log
 
     assert "Nothing to be done" in snakemake(tmp_path, "tensors", "-n", *args)
     # a new FA map for sub-003 (a touch alone is not a change: Snakemake compares checksums of small inputs)

@@ -33,8 +33,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from . import stageqc
 from .antsconfig import load_ants
 from .bids import TEMPLATE, bids_path, check_label
+from .errors import BrainfuseError
+from .inputs import as_stage_error, check_anisotropy, check_finite, load_nifti
 from .provenance import code_version
 from .templates import outputs as template_outputs
 
@@ -61,13 +64,20 @@ DEFAULTS = {
     "processing_mm": 2.0,              # N4 and Atropos on a copy at this voxel size when the T1w is finer (Atropos
                                        # took ~790 s on a 0.5 mm T1w, 40-80 s on the 1 mm Philips one, 8 s at 2 mm;
                                        # its 3 mm MNI GM map correlates 0.85 with the 1 mm segmentation's)
+    # Input check and QC thresholds (schema: why these values). Not processing parameters: left out of the
+    # outputs' provenance, so that outputs stay byte-identical when only a threshold changes.
+    "max_voxel_anisotropy": 3.0,       # longest / shortest voxel edge; 1 x 1 x 6 mm registered with MNI r -0.05
+    "min_mni_correlation": 0.4,        # phantom 0.82-0.83, real xa30 0.63, Philips 0.67; failed 1x1x6 mm: -0.05
+    "min_mni_mask_dice": 0.85,         # phantom 0.99, real > 0.95; failed 1x1x6 mm: 0.57
+    "brain_volume_ml": [800.0, 2800.0],   # mask volume: Philips 1290, xa30 1200-2100, phantom 1800-2010 ml
 }
+CHECK_KEYS = ("max_voxel_anisotropy", "min_mni_correlation", "min_mni_mask_dice", "brain_volume_ml")
 SKULLSTRIP_SIGMAS = (3.0, 1.0)          # head -> head-target SyN (flow, total): a smooth field carries the mask; the
                                        # synthetic head has no detail for a finer one to follow
 MAX_VOXEL_MM, MIN_VOXEL_MM = 8.0, 0.2
 
 
-class InputError(ValueError):
+class InputError(BrainfuseError):
     """A T1w image brainfuse cannot process; the message names the file."""
 
 
@@ -88,6 +98,7 @@ def output_paths(deriv, sub: str, ses: str | None, res: int) -> dict:
         "logjacobian": a("T1w", space=TEMPLATE, res=res, desc="logjacobian"),
         "qc_mask": fig("brainmask"),
         "qc_reg": fig("reg"),
+        "qc_json": stageqc.qc_path(deriv, sub, ses, "anat"),   # qc_pass, flags, metrics, thresholds (stageqc)
     }
     for t in TISSUES:
         out[f"{t}"] = a("probseg", label=t)
@@ -118,36 +129,62 @@ def to_mni_transforms(anat_dir, sub: str | None = None, ses: str | None = None) 
     p = output_paths(root, sub, ses, 0)
     missing = [x for x in (p["warp"], p["affine"]) if not os.path.exists(x)]
     if missing:
-        raise FileNotFoundError(f"anat transforms missing for sub-{sub}: {missing}")
+        raise InputError(f"anat transforms of sub-{sub} missing ({len(missing)} of 2)", path=missing[0],
+                         fix="run the anat stage for this subject first")
     return [p["warp"], p["affine"]]
 
 
 # ------------------------------------------------------------------------------------------- checks
-def check_t1w(path) -> nib.Nifti1Image:
-    """Load a T1w NIfTI and refuse what cannot be a usable 3D structural image (error names the file)."""
+def check_t1w(path, max_anisotropy: float = DEFAULTS["max_voxel_anisotropy"]) -> nib.Nifti1Image:
+    """Load a T1w NIfTI and refuse what cannot be a usable 3D structural image: truncated or unreadable, not 3D,
+    implausible or too anisotropic voxels, NaN/Inf, empty (InputError naming the file)."""
     path = str(path)
-    try:
-        img = nib.load(path)
-    except Exception as e:  # nibabel raises several types for unreadable files
-        raise InputError(f"{path}: cannot be read as NIfTI ({e})") from None
-    shape = img.shape
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) != 3:
-        raise InputError(f"{path}: a T1w image must be 3D, this one has shape {img.shape}")
-    if min(shape) < 8:
-        raise InputError(f"{path}: too few voxels along an axis for a head image (shape {shape})")
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-    if not np.all((zooms >= MIN_VOXEL_MM) & (zooms <= MAX_VOXEL_MM)):
-        raise InputError(f"{path}: voxel size {zooms.tolist()} mm is outside {MIN_VOXEL_MM}-{MAX_VOXEL_MM} mm")
-    if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-6:
-        raise InputError(f"{path}: its affine (voxel to world) is singular or not finite")
-    data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
-    if not np.isfinite(data).all():
-        raise InputError(f"{path}: contains {int((~np.isfinite(data)).sum())} NaN/Inf voxels")
-    if not (data > 0).any() or np.ptp(data) == 0:
-        raise InputError(f"{path}: the image is empty (all voxels {float(data.flat[0])})")
+    with as_stage_error(InputError):
+        img, data = load_nifti(path, "T1w image", ndim=(3, 4, 5, 6, 7), dtype=np.float32)
+        shape = img.shape
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) != 3:
+            raise InputError(f"a T1w image must be 3D, this one has shape {img.shape}", path=path,
+                             fix="give one 3D volume (e.g. the first echo, or the echoes' RMS)")
+        if min(shape) < 8:
+            raise InputError(f"too few voxels along an axis for a head image (shape {shape})", path=path,
+                             fix="check that this is the whole T1w series, not one slice")
+        zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+        if not np.all((zooms >= MIN_VOXEL_MM) & (zooms <= MAX_VOXEL_MM)):
+            raise InputError(f"voxel size {zooms.tolist()} mm is outside {MIN_VOXEL_MM}-{MAX_VOXEL_MM} mm", path=path,
+                             fix="check the header's voxel size (pixdim) or convert the image again")
+        check_anisotropy(zooms, path, "T1w", max_anisotropy, "anat.max_voxel_anisotropy")
+        data = data.reshape(shape)
+        check_finite(data, path, "T1w image")
+        if not (data > 0).any():
+            raise InputError(f"the T1w image has no voxel above 0 (max {float(data.max()):g})", path=path,
+                             fix="check the export; a T1w image holds positive intensities")
     return nib.Nifti1Image(data, img.affine, img.header)
+
+
+def qc_flags(metrics: dict, p: dict, figures: dict | None) -> tuple[list, dict, dict]:
+    """(flags, metrics, thresholds) of the QC record: registration and brain-mask plausibility (``p``: the
+    anat settings; ``figures``: the QC figure paths a flag points at, None when they will not be written)."""
+    m = {"mni_correlation": round(metrics["mni_correlation"], 4), "mni_mask_dice": round(metrics["mni_mask_dice"], 4),
+         "mask_volume_ml": round(metrics["mask_volume_ml"], 1),
+         "voxel_anisotropy": round(max(metrics["native_voxel_mm"]) / min(metrics["native_voxel_mm"]), 3)}
+    t = {k: p[k] for k in CHECK_KEYS}
+    reg, mask = (("the registration figure", "the brain mask figure") if figures is None else
+                 (os.path.basename(figures["qc_reg"]), os.path.basename(figures["qc_mask"])))
+    flags = []
+    if not m["mni_correlation"] >= t["min_mni_correlation"]:       # NaN fails too
+        flags.append(f"MNI correlation {m['mni_correlation']:.3f} is below anat.min_mni_correlation "
+                     f"{t['min_mni_correlation']:g}: registration to the template failed or is poor; check {reg} "
+                     f"and the T1w's orientation, field of view and voxel size")
+    if not m["mni_mask_dice"] >= t["min_mni_mask_dice"]:
+        flags.append(f"brain mask Dice {m['mni_mask_dice']:.3f} with the template's is below anat.min_mni_mask_dice "
+                     f"{t['min_mni_mask_dice']:g}: registration failed or is poor; check {reg} and {mask}")
+    lo, hi = t["brain_volume_ml"]
+    if not lo <= m["mask_volume_ml"] <= hi:
+        flags.append(f"brain mask volume {m['mask_volume_ml']:.0f} ml is outside anat.brain_volume_ml {lo:g}-{hi:g} "
+                     f"ml: a wrong voxel size in the header, or a failed skull strip; check {mask}")
+    return flags, m, t
 
 
 # ----------------------------------------------------------------------------------------- pipeline
@@ -157,22 +194,26 @@ def _dice(a, b) -> float:
 
 
 def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int, threads: int = 1,
-            params: dict | None = None, log=print) -> dict:
+            params: dict | None = None, log=print, strict: bool = False) -> dict:
     """Run every step for one T1w image; write all outputs atomically; return paths, step timings, QC metrics.
 
     Cost follows the working grids, not the input: N4 and Atropos run on a copy at ``processing_mm`` when the
     T1w is finer, affine and SyN on a copy at the template resolution; the native-grid outputs are resampled
     from those (the N4 bias field, the brain mask and the tissue maps are smooth on that scale).
+
+    QC (``qc_flags``): below a threshold, a ``WARNING`` log line and a flag in the QC JSON; with ``strict``,
+    a :class:`~brainfuse.stageqc.QCError` before any output is renamed into place.
     """
     p = {**DEFAULTS, **(params or {})}
     sub = check_label(sub, "subject label")
     ses = check_label(ses, "session label") if ses else None
     res = int(res)
-    img = check_t1w(t1w_path)                     # before `import ants`: bad input fails in a second
+    img = check_t1w(t1w_path, p["max_voxel_anisotropy"])   # before `import ants`: bad input fails in a second
     tpl_files = template_outputs(res, Path(template_dir).parent)
     missing = [f for f in tpl_files.values() if not os.path.exists(f)]
     if missing:
-        raise FileNotFoundError(f"template files missing (run `brainfuse templates --res {res}`): {missing}")
+        raise InputError(f"template files missing ({len(missing)} of {len(tpl_files)})", path=missing[0],
+                         fix=f"run `brainfuse templates --res {res}` (or the workflow's templates rule)")
     ants = load_ants(threads)      # seeded: the affine's metric samples a random 20 % of voxels
     final = output_paths(out_dir, sub, ses, res)
     anat_dir = Path(final["preproc"]).parent
@@ -193,7 +234,12 @@ def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int
         images = _native_and_mni(ants, g, tpl, reg, seg)
         clock.tick("to_mni")
         metrics = _metrics(ants, g, tpl, reg, images)
+        flags, qc_metrics, thresholds = qc_flags(metrics, p, None if strict else final)   # strict: no figures
+        label = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+        stageqc.settle(flags, strict=strict, label=label, stage="anat", path=t1w_path, log=log)
         staged = _stage_outputs(ants, images, reg, final, work, sub, tpl_files)
+        staged["qc_json"] = str(work / Path(final["qc_json"]).name)
+        stageqc.save(staged["qc_json"], flags, qc_metrics, thresholds)
         staged.update(_stage_sidecars(final, work, t1w_path, tpl_files, p, res, g, metrics, ants.__version__))
         clock.tick("write")
         Path(final["qc_mask"]).parent.mkdir(parents=True, exist_ok=True)
@@ -395,7 +441,7 @@ def _stage_sidecars(final: dict, work: Path, t1w_path, tpl_files: dict, p: dict,
     sources = [os.path.abspath(str(t1w_path))]
     provenance = {"GeneratedBy": [{"Name": "brainfuse anat", "CodeVersion": code_version("anat"),
                                    "Software": {"antspyx": ants_version}}],
-                  "Parameters": {**p, "resolution_mm": res,
+                  "Parameters": {**{k: v for k, v in p.items() if k not in CHECK_KEYS}, "resolution_mm": res,
                                  "registration_resolution_mm": float(min(g["reg"].spacing)),
                                  "processing_resolution_mm": float(min(g["proc"].spacing))}}
     tpl_rel = {k: os.path.abspath(v) for k, v in tpl_files.items()}
@@ -489,16 +535,15 @@ def cli(argv=None):
     ap.add_argument("--res", type=int, required=True, help="template resolution (mm)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--params", default="{}", help="JSON of the config's anat section (overrides defaults)")
+    ap.add_argument("--strict", action="store_true", help="a QC threshold not met stops the subject (else: WARNING "
+                    "in the log, flag in the QC JSON)")
     args = ap.parse_args(argv)
     params = json.loads(args.params)
     unknown = set(params) - set(DEFAULTS)
     if unknown:
         ap.error(f"unknown anat parameters {sorted(unknown)}")
-    try:
-        out = process(args.t1w, args.out_dir, args.subject, args.session, args.template_dir, args.res,
-                      args.threads, params, log=lambda m: print(m, file=sys.stderr))
-    except InputError as e:
-        print(f"brainfuse anat: {e}", file=sys.stderr)
-        return 1
+    # errors reach brainfuse.cli, which prints them as one line
+    out = process(args.t1w, args.out_dir, args.subject, args.session, args.template_dir, args.res,
+                  args.threads, params, log=lambda m: print(m, file=sys.stderr), strict=args.strict)
     print(json.dumps({"timings": out["timings"], "metrics": out["metrics"]}), file=sys.stderr)
     return 0

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import BrainfuseError
+
 # Entity order from the BIDS specification (Appendix: entity table), the ones brainfuse uses.
 ENTITY_ORDER = (
     "sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo",
@@ -24,7 +26,7 @@ TEMPLATE = "MNI152NLin2009aSym"   # nilearn's packaged ICBM152 2009a symmetric t
 IMAGING = {"T1w": ("anat", "T1w"), "dwi": ("dwi", "dwi"), "bold": ("func", "bold")}
 
 
-class LabelError(ValueError):
+class LabelError(BrainfuseError):
     """A subject/session/entity label that is not BIDS-valid (letters and digits only)."""
 
 
@@ -101,6 +103,41 @@ class Session:
         return bool(self.images.get(modality))
 
 
+class DatasetError(BrainfuseError):
+    """An input folder (bids_dir, dicom_dir) brainfuse cannot index."""
+
+
+def check_input_dir(path, key: str) -> Path:
+    """The folder a config key names: refuse a missing path or a file, naming the key."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{key} does not exist", path=path, fix=f"set {key} to your dataset's folder")
+    if not path.is_dir():
+        raise DatasetError(f"{key} is a file, not a folder", path=path, fix=f"set {key} to your dataset's folder")
+    return path
+
+
+def check_bids_root(root) -> Path:
+    """A BIDS dataset root: a folder holding dataset_description.json (the BIDS specification requires it)."""
+    root = check_input_dir(root, "bids_dir")
+    if not (root / "dataset_description.json").is_file():
+        raise DatasetError("not a BIDS dataset root (no dataset_description.json)", path=root,
+                           fix="point bids_dir at the folder holding dataset_description.json and the sub-* folders")
+    return root
+
+
+def folder_label(path, what: str = "subject") -> str:
+    """The label of a sub-/ses- (or DICOM subject) folder; refuse the folder by name when it is not BIDS-valid."""
+    path = Path(path)
+    try:
+        return check_label(path.name, f"{what} label")
+    except LabelError as e:
+        prefix = next((p for p in ("sub-", "ses-") if path.name.startswith(p)), "")
+        fixed = prefix + (re.sub("[^A-Za-z0-9]", "", path.name[len(prefix):]) or "01")
+        raise LabelError(f"folder name {path.name!r} is not a valid {what} label (letters and digits only)",
+                         path=path, fix=f"rename the folder (e.g. {fixed})") from e
+
+
 def index_bids(root, subjects=None) -> list[Session]:
     """Index T1w, dwi and bold images of a BIDS tree in one pass.
 
@@ -115,12 +152,12 @@ def index_bids(root, subjects=None) -> list[Session]:
     with os.scandir(root) as it:
         sub_dirs = sorted(e.name for e in it if e.is_dir() and e.name.startswith("sub-"))
     for sub_dir in sub_dirs:
-        sub = check_label(sub_dir, f"subject folder {root / sub_dir}")
+        sub = folder_label(root / sub_dir, "subject")
         if wanted is not None and sub not in wanted:
             continue
         ses_dirs = sorted(e.name for e in os.scandir(root / sub_dir) if e.is_dir() and e.name.startswith("ses-"))
         for ses_dir in ses_dirs or [None]:
-            ses = check_label(ses_dir, f"session folder {root / sub_dir / ses_dir}") if ses_dir else None
+            ses = folder_label(root / sub_dir / ses_dir, "session") if ses_dir else None
             base = root / sub_dir / (ses_dir or "")
             session = Session(sub, ses)
             for modality, (datatype, suffix) in IMAGING.items():
@@ -135,7 +172,9 @@ def index_bids(root, subjects=None) -> list[Session]:
     if wanted is not None:
         missing = wanted - {s.sub for s in sessions}
         if missing:
-            raise FileNotFoundError(f"{root}: subjects {sorted(missing)} requested in config are not in the dataset")
+            raise FileNotFoundError(f"{root}: config key 'subjects' names {', '.join(sorted(missing))} but the "
+                                    "dataset has no such sub-<label> folder; correct the labels, or leave subjects "
+                                    "empty for all")
     return sessions
 
 

@@ -6,34 +6,72 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 
-# command -> module exposing ``cli(argv) -> int | None``
+from .errors import debug_enabled, one_line
+
+# command -> (module exposing ``cli(argv) -> int | None``, one-line summary for the top-level help)
 COMMANDS = {
-    "demo": "brainfuse.demo",
-    "convert": "brainfuse.convert",
-    "templates": "brainfuse.templates",
-    "anat": "brainfuse.anat",
-    "dwi": "brainfuse.dwi",
-    "func": "brainfuse.func",
-    "tensors": "brainfuse.tensors",
-    "train": "brainfuse.train",
-    "evaluate": "brainfuse.evaluate",
-    "predict": "brainfuse.predict",
+    "demo": ("brainfuse.demo", "generate the phantom cohort (BIDS, DICOM export, ground truth)"),
+    "convert": ("brainfuse.convert", "DICOM -> BIDS with dcm2niix: de-identified, with a series manifest"),
+    "templates": ("brainfuse.templates", "MNI152NLin2009aSym template, mask and tissues at a resolution"),
+    "anat": ("brainfuse.anat", "T1w: N4, brain mask, tissues, SyN to the template, QC"),
+    "dwi": ("brainfuse.dwi", "DWI: motion/eddy with b-vector rotation, tensor maps to the template, QC"),
+    "func": ("brainfuse.func", "BOLD: motion, confounds, denoising, ALFF/fALFF/ReHo, connectivity"),
+    "qc": ("brainfuse.stageqc", "a subject's func QC record (flags, metrics) from its runs' motion QC"),
+    "tensors": ("brainfuse.tensors", "cache and check model inputs: per-subject arrays, manifest, tables"),
+    "train": ("brainfuse.train", "participant-grouped CV splits and one fold of one MoE preset or baseline"),
+    "evaluate": ("brainfuse.evaluate", "scores with CIs, missing-modality grid, ablations, report figures"),
+    "predict": ("brainfuse.predict", "predict new subjects with the trained models"),
 }
+
+
+def _version() -> str:
+    """The release and a hash of every source file (a checkout between releases is told apart)."""
+    import hashlib
+    from pathlib import Path
+
+    from . import __version__
+
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return f"brainfuse {__version__} (code {h.hexdigest()[:12]})"
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    return ("usage: brainfuse [--version] [--debug] <command> [options]\n\n"
+            "DICOM or BIDS to a cross-validated multimodal mixture-of-experts model.\n\ncommands:\n" +
+            "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()) +
+            "\n\nRun `brainfuse <command> --help` for a command's options. Errors are one line; --debug (or "
+            "BRAINFUSE_DEBUG=1) adds the traceback.")
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)
+    argv = [a for a in argv if a != "--debug"]
+    if argv[:1] == ["--version"]:
+        print(_version())
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: brainfuse <command> [options]\n\ncommands:\n" +
-              "\n".join(f"  {name}" for name in COMMANDS) +
-              "\n\nRun `brainfuse <command> --help` for a command's options.")
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"brainfuse: unknown command {command!r} (known: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[command]).cli(rest) or 0
+    try:
+        return importlib.import_module(COMMANDS[command][0]).cli(rest) or 0
+    except KeyboardInterrupt:
+        print(f"brainfuse {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:      # one line for the user; the traceback only when asked for
+        if debug:
+            traceback.print_exc()
+        print(f"brainfuse {command}: error: {one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

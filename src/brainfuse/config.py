@@ -8,13 +8,14 @@ import jsonschema
 import yaml
 
 from .bids import LabelError, check_label
+from .errors import BrainfuseError
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = REPO / "config" / "config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(BrainfuseError):
     """A configuration value that brainfuse cannot run with; the message names the key."""
 
 
@@ -91,10 +92,38 @@ def validate(config: dict) -> dict:
     return config
 
 
+def read_yaml(path) -> dict:
+    """A YAML config file as a dict, or ConfigError naming the file, line and column (Snakemake's own loader
+    names neither). Tabs get their own advice: YAML never indents with them, and they do not show in an editor."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file ({e.strerror or e})", path=path,
+                          fix="check the path") from None
+    except UnicodeDecodeError:
+        raise ConfigError("not a text (UTF-8) file", path=path, fix="give a YAML config file") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = (getattr(e, "problem", None) or str(e)).strip()
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        fix = ("replace the tab with spaces (YAML indents with spaces only)" if "\t" in line or "'\\t'" in problem
+               else "correct the YAML syntax there")
+        raise ConfigError(f"{where}invalid YAML ({problem})", path=path, fix=fix) from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"the file holds a YAML {type(config).__name__}, not keys and values", path=path,
+                          fix="write one 'key: value' per line at the top level (see config/config.yaml)")
+    return config
+
+
 def load(path=DEFAULT_CONFIG, **overrides) -> dict:
     """Read a YAML config, apply overrides (top-level keys), validate."""
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
+    config = read_yaml(path)
     config.update(overrides)
     return validate(config)
 

@@ -3,8 +3,12 @@
 Steps for one subject (:func:`convert_subject`):
 
 1. Pre-scan every file with pydicom (pixel data deferred): non-DICOM files, unreadable or truncated DICOM,
-   non-image objects (reports, DICOMDIR) and incomplete series (by their slice geometry) are found here and
-   get manifest rows. Symbolic links to folders are followed, each real folder read once.
+   non-image objects (reports, DICOMDIR) and incomplete series are found here and get manifest rows. A series
+   is refused (no BIDS file) when one of its files is damaged (told by the file's own header, its series UID
+   in its raw bytes, or its folder and name), when its slices lack geometry, or when its slice positions and
+   volumes fall short of its geometry or of the counts its header gives (ImagesInAcquisition, GE/Philips
+   slice counts, NumberOfTemporalPositions) - a missing end slice included. Symbolic links to folders are
+   followed, each real folder read once.
 2. Each series (SeriesInstanceUID) is converted on its own by dcm2niix (``-z y -ba y -b y``) from a folder
    of links to its files, so a bad series cannot take the others down and outputs map to series exactly.
 3. Every image dcm2niix writes is mapped to a BIDS name by the first matching rule (:data:`DEFAULT_RULES`
@@ -48,6 +52,7 @@ from . import io as bf_io
 from .bids import LabelError, bids_path, check_label, with_ext
 from .deid import Scrubber, identifying_values, scrub_nifti, scrub_sidecar
 from .deid import as_text as _text
+from .errors import BrainfuseError
 
 log = logging.getLogger("brainfuse.convert")
 
@@ -109,8 +114,12 @@ RULE_ENTITIES = {"task", "acq", "ce", "rec", "dir", "run", "echo"}
 DATATYPES = {"anat", "func", "dwi", "fmap", "perf"}
 
 
-class ConvertConfigError(ValueError):
+class ConvertConfigError(BrainfuseError):
     """A convert.* configuration value that cannot be used; the message names the key."""
+
+
+class ConvertInputError(BrainfuseError):
+    """A DICOM folder, clinical table or manifest convert cannot use; the message names the file."""
 
 
 @dataclass
@@ -135,7 +144,10 @@ def _check_rule(rule, where: str) -> dict:
             try:
                 re.compile(str(pattern))
             except re.error as e:
-                raise ConvertConfigError(f"config key '{where}.{part}.{key}': invalid regular expression ({e})") from None
+                named = f" (rule {rule['name']!r})" if rule.get("name") else ""
+                raise ConvertConfigError(f"config key '{where}.{part}.{key}'{named}: invalid regular expression "
+                                         f"{str(pattern)!r} ({e})",
+                                         fix="fix the pattern (Python re syntax; quote it in YAML)") from None
     if "match" not in rule:
         raise ConvertConfigError(f"config key '{where}.match': required (use {{}} to match every series)")
     action = rule.get("action", "convert")
@@ -171,9 +183,11 @@ def load_mapping(section: dict | None = None) -> Mapping:
     ``deny_keys`` (extra sidecar keys to remove, default []).
     """
     section = dict(section or {})
-    unknown = set(section) - {"rules", "default_rules", "task", "deny_keys"}
+    known = ("rules", "default_rules", "task", "deny_keys")
+    unknown = set(section) - set(known)
     if unknown:
-        raise ConvertConfigError(f"config key 'convert.{sorted(unknown)[0]}': unknown key")
+        raise ConvertConfigError(f"config key 'convert.{sorted(unknown)[0]}': unknown key",
+                                 fix=f"the convert section takes {', '.join(known)} (check the spelling)")
     rules = section.get("rules") or []
     if not isinstance(rules, list):
         raise ConvertConfigError("config key 'convert.rules': must be a list of rules")
@@ -243,20 +257,8 @@ class DicomFile:
     mosaic: bool
     orientation: tuple | None = None
     derived: bool = False
-
-
-@dataclass
-class Series:
-    uid: str
-    files: list = field(default_factory=list)
-
-    @property
-    def first(self) -> DicomFile:
-        return self.files[0]
-
-    @property
-    def number(self):
-        return self.first.series_number
+    acquisition_images: int | None = None   # ImagesInAcquisition: slices of one volume, or of all volumes (GE)
+    phase: bool = False
 
 
 @dataclass
@@ -264,6 +266,23 @@ class BadFile:
     path: Path
     decision: str       # skipped (not DICOM) | failed (corrupt)
     reason: str
+    series_uid: str | None = None       # the series a damaged file belongs to, where that can be told
+    info: DicomFile | None = None       # what its header said, when that much was readable
+
+
+@dataclass
+class Series:
+    uid: str
+    files: list = field(default_factory=list)
+    damaged: list = field(default_factory=list)     # BadFiles of this series: it cannot be converted whole
+
+    @property
+    def first(self) -> DicomFile:
+        return self.files[0] if self.files else self.damaged[0].info
+
+    @property
+    def number(self):
+        return self.first.series_number
 
 
 def _int(value):
@@ -273,9 +292,31 @@ def _int(value):
         return None
 
 
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}   # uncompressed pixels
+
+
+def _pixel_bytes_needed(ds) -> int | None:
+    """Bytes the uncompressed pixel data of ``ds`` must hold (Rows x Columns x samples x bits x frames),
+    None when that cannot be told (compressed, or a size field missing)."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if syntax not in _NATIVE_SYNTAXES:
+        return None
+    try:
+        rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        samples, frames = int(ds.get("SamplesPerPixel") or 1), int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    needed = (rows * cols * samples * frames * bits + 7) // 8
+    return needed + needed % 2          # values are padded to an even length
+
+
 def read_header(path: Path):
-    """(pydicom dataset, None) or (None, BadFile). Pixel data are not read, but their extent is checked
-    against the file size, and an image object without pixel data is reported as truncated."""
+    """(dataset, problem): (ds, None) for a readable file; (None, BadFile) for a file that is not DICOM or
+    whose header cannot be read; (ds, BadFile) for a damaged image whose header could be read (its series
+    is known: that series is incomplete). Pixel data are not read, but their extent is checked against the
+    file size and against Rows x Columns x frames, and an image object without pixel data counts as
+    truncated."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.tag import Tag
@@ -285,21 +326,28 @@ def read_header(path: Path):
     except InvalidDicomError:
         return None, BadFile(path, "skipped", "not a DICOM file")
     except Exception as e:  # pydicom raises many kinds on damaged files
-        return None, BadFile(path, "failed", f"corrupt DICOM: unreadable header ({type(e).__name__})")
+        return None, BadFile(path, "failed", f"corrupt DICOM: unreadable header ({type(e).__name__}: "
+                                             f"cut short or overwritten)")
     try:
         meta = getattr(ds, "file_meta", None)
         sop = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else "") or "")
         if sop == _DICOMDIR_SOP or path.name.upper() == "DICOMDIR":
             return None, BadFile(path, "skipped", "DICOMDIR (index of the export, no image)")
+        damaged = ds if ds.get("SeriesInstanceUID") else None
         pixel = next((ds._dict[Tag(t)] for t in _PIXEL_TAGS if Tag(t) in ds._dict), None)
         if pixel is not None:
             length, tell = getattr(pixel, "length", None), getattr(pixel, "value_tell", None)
             size = path.stat().st_size
             if length is not None and tell is not None and length != 0xFFFFFFFF and tell + length > size:
-                return None, BadFile(path, "failed",
-                                     f"corrupt DICOM: truncated pixel data ({max(size - tell, 0)} of {length} bytes)")
+                kept = max(size - tell, 0)
+                return damaged, BadFile(path, "failed", f"corrupt DICOM: truncated pixel data ({kept} of {length} bytes)")
+            needed = _pixel_bytes_needed(ds) if Tag(_PIXEL_TAGS[0]) in ds._dict else None
+            if needed and length not in (None, 0xFFFFFFFF) and length < needed:
+                return damaged, BadFile(path, "failed",
+                                        f"corrupt DICOM: pixel data hold {length} bytes, its Rows x Columns x frames "
+                                        f"need {needed}")
         elif sop in _IMAGE_SOP or "Rows" in ds:
-            return None, BadFile(path, "failed", "corrupt DICOM: image object without pixel data (truncated file?)")
+            return damaged, BadFile(path, "failed", "corrupt DICOM: image object without pixel data (truncated file?)")
         if not ds.get("SeriesInstanceUID"):
             return None, BadFile(path, "failed", "corrupt DICOM: no SeriesInstanceUID (truncated file?)")
         return ds, None
@@ -357,7 +405,9 @@ def _describe(ds, path: Path) -> DicomFile:
         frames=_int(get("NumberOfFrames")) or 1, temporal_positions=_int(get("NumberOfTemporalPositions")),
         locations=locations, locations_key=locations_key, mosaic="MOSAIC" in image_type.upper(),
         orientation=_floats(get("ImageOrientationPatient"), 6, 4),
-        derived=bool(re.search(r"(^|\\)DERIVED(\\|$)", image_type, re.I)))
+        derived=bool(re.search(r"(^|\\)DERIVED(\\|$)", image_type, re.I)),
+        acquisition_images=_int(get("ImagesInAcquisition")),
+        phase=bool(re.search(r"(^|\\)(P|PHASE)(\\|$)", image_type, re.I)))
 
 
 def _walk(top: Path):
@@ -376,8 +426,60 @@ def _walk(top: Path):
         yield Path(root), sorted(files)
 
 
+def _name_shape(name: str) -> str:
+    """A file name with its numbers blanked: the slices of a series share one (IM_0001.dcm, IM_0002.dcm)."""
+    return re.sub(r"\d+", "#", name.lower())
+
+
+def _uid_in_bytes(path: Path, uids) -> str | None:
+    """The one known SeriesInstanceUID that a damaged file holds as element (0020,000E) (explicit or implicit
+    VR, either byte order), found in its raw bytes where pydicom cannot parse them; None if none or several."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(8 << 20)          # the series UID precedes any large element
+    except OSError:
+        return None
+    found = set()
+    for uid in uids:
+        value = uid.encode("ascii", "replace")
+        start = data.find(value)
+        while start >= 0:
+            # the tag 8 bytes before the value: explicit VR (tag, 'UI', 2-byte length) or implicit (4-byte length)
+            if start >= 8 and data[start - 8:start - 4] in (b"\x20\x00\x0e\x00", b"\x00\x20\x00\x0e"):
+                found.add(uid)
+            start = data.find(value, start + 1)
+    return found.pop() if len(found) == 1 else None
+
+
+def _attribute_damaged(series: dict, bad: list) -> None:
+    """Give each damaged file the series it belongs to, so that series is refused rather than converted a
+    slice short: from its own header (``read_header``), else from the series' UID in its raw bytes, else -
+    for a damaged DICOM file, or a file cut to less than a DICOM preamble - from its folder when that folder
+    holds exactly one series and the file is named like that series' files."""
+    by_folder = defaultdict(lambda: (set(), set()))      # folder -> (series UIDs, name shapes of their files)
+    for s in series.values():
+        for f in s.files:
+            uids, shapes = by_folder[f.path.parent]
+            uids.add(s.uid)
+            shapes.add(_name_shape(f.path.name))
+    for b in bad:
+        if b.series_uid is None and b.decision == "failed":
+            b.series_uid = _uid_in_bytes(b.path, series)
+        if b.series_uid is None and b.path.parent in by_folder:
+            uids, shapes = by_folder[b.path.parent]
+            short = b.decision == "skipped" and b.reason == "not a DICOM file" and b.path.stat().st_size < 132
+            if len(uids) == 1 and _name_shape(b.path.name) in shapes and (b.decision == "failed" or short):
+                b.series_uid = next(iter(uids))
+                if short:
+                    b.decision, b.reason = "failed", (f"corrupt DICOM: {b.path.stat().st_size} bytes, cut short "
+                                                      f"before its header (named like the series' files)")
+        if b.series_uid is not None:
+            series.setdefault(b.series_uid, Series(b.series_uid)).damaged.append(b)
+
+
 def scan(dicom_dir) -> tuple[list[Series], list[BadFile], Scrubber]:
-    """Every file under ``dicom_dir``: series (by SeriesInstanceUID), bad files, identifying values."""
+    """Every file under ``dicom_dir``: series (by SeriesInstanceUID), bad files, identifying values.
+    A damaged file that can be told to belong to a series is also listed in that series' ``damaged``."""
     dicom_dir = Path(dicom_dir)
     scrubber = Scrubber()
     series: dict[str, Series] = {}
@@ -389,13 +491,19 @@ def scan(dicom_dir) -> tuple[list[Series], list[BadFile], Scrubber]:
                 bad.append(BadFile(path, "skipped", "not a regular file"))
                 continue
             ds, problem = read_header(path)
+            if ds is not None:
+                for v in identifying_values(ds):
+                    scrubber.add(v)
             if problem:
+                if ds is not None:
+                    problem.info = _describe(ds, path)
+                    problem.series_uid = problem.info.series_uid
                 bad.append(problem)
                 continue
-            for v in identifying_values(ds):
-                scrubber.add(v)
             info = _describe(ds, path)
             series.setdefault(info.series_uid, Series(info.series_uid)).files.append(info)
+    if bad:
+        _attribute_damaged(series, bad)
     ordered = sorted(series.values(), key=lambda s: (s.number if s.number is not None else 10**9, str(s.first.path)))
     return ordered, bad, scrubber
 
@@ -415,12 +523,40 @@ def check_complete(series: Series) -> str | None:
     return _check_instances(files)
 
 
+# Classic (one slice per file) MR and CT images: each file must say where its slice lies.
+_CLASSIC_SOP = {"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.2"}
+
+
+def check_geometry_present(series: Series) -> str | None:
+    """Why the slices of a classic MR/CT series cannot be placed (no ImagePositionPatient or
+    ImageOrientationPatient in some files), or None. dcm2niix would still write an image, with a made-up
+    orientation and slice order."""
+    files = [f for f in series.files if f.has_pixels and f.sop_class in _CLASSIC_SOP and f.frames == 1]
+    for key, attr in (("ImagePositionPatient", "position"), ("ImageOrientationPatient", "orientation")):
+        lacking = [f for f in files if getattr(f, attr) is None]
+        if lacking:
+            example = f"{lacking[0].path.parent.name}/{lacking[0].path.name}"
+            return (f"no slice geometry: {key} missing (or not 3/6 numbers) in {len(lacking)} of {len(series.files)} "
+                    f"files (e.g. {example}), so slices cannot be placed or ordered; export the series again with "
+                    f"its full headers (a de-identification tool may have removed {key})")
+    return None
+
+
 def _check_instances(files) -> str | None:
     instances = sorted(f.instance for f in files if f.instance is not None)
     n = len(files)
     if len(instances) == n and len(set(instances)) == n and instances[-1] - instances[0] + 1 > n:
         missing = instances[-1] - instances[0] + 1 - n
         return f"incomplete series: {n} files, instance numbers {instances[0]}..{instances[-1]} ({missing} missing)"
+    # The end of the series: files holding one volume each (mosaic; multi-frame unless their count divides the
+    # header's, as files of several volumes each would) against the number of volumes the header gives.
+    ntp = {f.temporal_positions for f in files}
+    frames = {f.frames for f in files}
+    if len(ntp) == 1 and len(frames) == 1 and not any(f.derived for f in files):
+        expected = next(iter(ntp)) or 0
+        if n < expected and (all(f.mosaic for f in files) or expected % n):
+            return (f"incomplete series: {n} files holding whole volumes, the header (NumberOfTemporalPositions) "
+                    f"says {expected} volumes: {expected - n} missing")
     return None
 
 
@@ -480,6 +616,15 @@ def _check_geometry(files) -> str | None:
     expected_t = max((f.temporal_positions or 0) for f in files)
     if expected_t > 1 and volumes < expected_t and len({f.temporal_positions for f in files}) == 1:
         return f"incomplete series: {volumes} volumes, the header says {expected_t}"
+    # ImagesInAcquisition (standard, any vendor) counts the images of one volume (Siemens: each volume is an
+    # acquisition) or of all volumes (GE): a complete series has a number of positions that divides it and a
+    # number of files it divides. Phase and derived images may count differently: not judged by it.
+    images = max((f.acquisition_images or 0) for f in files)
+    positions = len(per_position)
+    if (images and coords is not None and positions < images and not (images % positions == 0 and n % images == 0)
+            and not any(f.derived or f.phase for f in files)):
+        return (f"incomplete series: {n} images over {positions} slice positions, the header (ImagesInAcquisition) "
+                f"says {images} images per acquisition: slice positions missing at an end of the stack")
     return None
 
 
@@ -497,7 +642,9 @@ def dcm2niix_binary() -> str:
         pass
     found = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
     if not os.access(found, os.X_OK):
-        raise FileNotFoundError("dcm2niix not found (pip install dcm2niix)")
+        raise ConvertInputError("dcm2niix not found (neither the dcm2niix package's binary nor one on PATH)",
+                                fix="install it (pip install dcm2niix, or conda install -c conda-forge dcm2niix) or "
+                                    "run with the convert environment (envs/convert.yaml)")
     return found
 
 
@@ -526,11 +673,14 @@ def run_dcm2niix(files, out_dir: Path, timeout: int = 600) -> tuple[int, str]:
 _VARIANT_RE = re.compile(r"^img(?P<variant>.*)\.nii\.gz$")
 
 
-def _messages(text: str, scrubber: Scrubber, work: Path) -> list[str]:
-    """dcm2niix warnings/errors, without paths or identifying values."""
+def _messages(text: str, scrubber: Scrubber, work: Path, sources=()) -> list[str]:
+    """dcm2niix warnings/errors, without the work folder or identifying values; the links dcm2niix read
+    (``in/000003.dcm``) named by the source files they stand for (``sources``: relative paths)."""
     out = []
+    link = re.compile(re.escape(str(work / "in")) + r"/(\d{6})\.dcm")
     for line in text.splitlines():
         if re.search(r"warning|error|unable|missing|not stacked|corrupt|abort", line, re.I):
+            line = link.sub(lambda m: sources[int(m[1])] if int(m[1]) < len(sources) else m[0], line)
             line = line.replace(str(work), "").strip()
             out.append(scrubber.clean(line)[:300])
     return out
@@ -732,29 +882,113 @@ def _row(subject, session, series: Series | None, scrubber: Scrubber, dicom_dir:
         f = series.first
         row.update(series_number=f.series_number if f.series_number is not None else "",
                    series_description=scrubber.clean(f.description), protocol_name=scrubber.clean(f.protocol),
-                   image_type=f.image_type, n_files=len(series.files),
-                   source=scrubber.clean(os.path.relpath(f.path.parent, dicom_dir)))
+                   image_type=f.image_type, n_files=len(series.files) + len(series.damaged),
+                   source=scrubber.clean(os.path.relpath(f.path.parent, dicom_dir)), _series=series.uid)
     row.update({k: scrubber.clean(v) if isinstance(v, str) else v for k, v in values.items()})
     return row
 
 
+_HEADER_FIELDS = {"SeriesDescription", "ProtocolName", "ImageType"}
+
+
+def _skipped_by_header(rules, series: Series) -> dict | None:
+    """The skip rule that decides a series from its header alone (localizer, derived, phase ...), else None:
+    None as soon as a rule that could come first needs what only dcm2niix tells (sidecar fields, volumes)."""
+    f = series.first
+    fields = {"SeriesDescription": f.description, "ProtocolName": f.protocol, "ImageType": f.image_type}
+    for rule in rules:
+        keys = {k for part in ("match", "exclude") for key in rule.get(part, {}) for k in key.split("|")}
+        if not rule.get("match") or not keys <= _HEADER_FIELDS or rule.get("min_volumes"):
+            return None
+        if match_rule(rule, fields):
+            return rule if rule.get("action", "convert") == "skip" else None
+    return None
+
+
+def _damaged_reason(series: Series, dicom_dir: Path) -> str:
+    """Why a series with damaged files is refused: the files, what is wrong, what to do."""
+    damaged = sorted(series.damaged, key=lambda b: str(b.path))
+    first = damaged[0]
+    more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+    total = len(series.files) + len(damaged)
+    what = ("damaged series: its only file is unreadable" if total == 1 else
+            f"damaged series: all {total} files are unreadable" if not series.files else
+            f"incomplete series: {len(damaged)} of its {total} files unreadable, converting the rest would "
+            f"silently lose slices")
+    return (f"{what}: {os.path.relpath(first.path, dicom_dir)}: {first.reason}{more}; copy the whole series again "
+            f"from the scanner or PACS")
+
+
+def _looks_t1w(series: Series, sidecar: dict | None = None) -> bool:
+    f = series.first
+    names = f"{f.description} {f.protocol}"
+    if re.search(_T1_NOT, names, re.I):
+        return False
+    return bool(re.search(_T1_NAMES, names, re.I)
+                or re.search(r"^anat\\.*_T1w$", _text((sidecar or {}).get("BidsGuess")), re.I))
+
+
+def _no_t1w(tag: str, series_list, cands, rows, scrubber: Scrubber, dicom_dir: Path) -> str:
+    """The line for a subject without a converted T1w: the series that looked like one, why each was not
+    converted, and the convert.rules entry that would accept a skipped one. Notes it on their manifest rows."""
+    found, rule_hint = [], None
+    by_series = {}
+    for c in cands:
+        by_series.setdefault(c.series.uid, c)
+    for series in series_list:
+        c = by_series.get(series.uid)
+        if not _looks_t1w(series, c.sidecar if c else None):
+            continue
+        if c is not None:
+            if (c.rule or {}).get("name") in ("localizer", "phase"):
+                continue
+            decision, reason = c.decision, c.reason
+        else:
+            row = next((r for r in rows if r.get("_series") == series.uid), None)
+            if row is None:
+                continue
+            decision, reason = row["decision"], row["reason"]
+        desc = scrubber.clean(series.first.description)
+        folder = scrubber.clean(os.path.relpath(series.first.path.parent, dicom_dir))
+        verb = "failed" if decision == "failed" else f"was {decision}"
+        found.append(f"series {series.number} '{desc}' (folder {folder}) {verb}: {reason}")
+        if decision == "skipped" and rule_hint is None and desc:
+            rule_hint = (f"if it is the T1w to use, add to convert.rules: {{match: {{SeriesDescription: "
+                         f"'^{re.escape(desc)}$'}}, datatype: anat, suffix: T1w}}")
+            if c is not None:
+                c.notes.append("the subject has no other T1w: add a convert.rules entry to convert this one")
+    if not found:
+        return (f"{tag} has no T1w: no series is named like one; if one of its series is a T1w, add a "
+                f"convert.rules entry for it; until then {tag} goes on without anatomy (stages that need a T1w "
+                f"leave it out)")
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    return (f"{tag} has no T1w: " + "; ".join(found[:3]) + more + "; " + (rule_hint + "; " if rule_hint else "")
+            + f"until then {tag} goes on without anatomy (stages that need a T1w leave it out)")
+
+
 def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = None, mapping=None,
-                    work_dir=None, timeout: int = 600) -> pd.DataFrame:
+                    work_dir=None, timeout: int = 600, strict: bool = False) -> pd.DataFrame:
     """Convert one subject's (or session's) DICOM folder into ``bids_root``; return its manifest rows.
 
     ``mapping``: a :class:`Mapping`, the config's ``convert`` section (dict) or None (defaults).
     Every series found gets at least one row (decision converted / skipped / failed, with a reason);
     files that are not DICOM or are corrupt get one row each. Nothing is written for a series that fails.
+    A subject without a converted T1w gets one warning naming the series that looked like one and why each
+    was not converted; ``strict``: raise that line instead, before any BIDS file is written.
     """
     subject = check_label(subject, "subject label")
     session = check_label(session, "session label") if session else None
     mapping = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
     dicom_dir, bids_root = Path(dicom_dir), Path(bids_root)
     if not dicom_dir.is_dir():
-        raise FileNotFoundError(f"{dicom_dir}: DICOM folder of sub-{subject} does not exist")
+        problem = "is a file, not a folder" if dicom_dir.exists() else "does not exist"
+        raise ConvertInputError(f"DICOM folder of sub-{subject} {problem}", path=dicom_dir,
+                                fix="point --dicom-dir (or the config's dicom_dir) at a folder holding one folder "
+                                    "of DICOM files per subject")
     tag = f"sub-{subject}" + (f"_ses-{session}" if session else "")
     # The subject's folder exists afterwards even when nothing converts (it is a workflow output).
-    (bids_root / f"sub-{subject}" / (f"ses-{session}" if session else "")).mkdir(parents=True, exist_ok=True)
+    subject_dir = bids_root / f"sub-{subject}" / (f"ses-{session}" if session else "")
+    subject_dir.mkdir(parents=True, exist_ok=True)
     series_list, bad, scrubber = scan(dicom_dir)
     if scrubber.found(subject) or scrubber.found(session or ""):
         log.warning("%s: the subject/session label contains a value of the patient's DICOM headers: "
@@ -765,9 +999,12 @@ def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = No
         rows.append(_row(subject, session, None, scrubber, dicom_dir, decision=b.decision, reason=b.reason, source=rel))
         (log.warning if b.decision == "failed" else log.info)("%s: %s: %s: %s", tag, b.decision, rel, b.reason)
     if not series_list:
-        reason = f"nothing usable: no DICOM image series among {len(bad)} files" if bad else "nothing usable: the folder holds no files"
+        reason = (f"nothing usable: no DICOM image series among {len(bad)} files" if bad
+                  else "nothing usable: the folder holds no files")
         rows.append(_row(subject, session, None, scrubber, dicom_dir, decision="failed", reason=reason, source="."))
-        log.error("%s: %s", tag, reason)
+        # An error line, but no failed job: one subject's empty export must not stop the others.
+        log.error("%s: %s in %s: the subject is carried on with no images; copy its DICOM export there and rerun",
+                  tag, reason, scrubber.clean(str(dicom_dir)))
         return _frame(rows)
 
     work_root = Path(tempfile.mkdtemp(prefix=f"brainfuse-convert-{tag}-", dir=work_dir))
@@ -776,21 +1013,30 @@ def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = No
         for index, series in enumerate(series_list):
             label = f"{tag}: series {series.number} '{scrubber.clean(series.first.description)}'"
             images = [f for f in series.files if f.has_pixels]
+            problem = _damaged_reason(series, dicom_dir) if series.damaged else None
+            if problem is None and images:
+                problem = check_geometry_present(series) or check_complete(series)
+                if problem and problem.startswith("incomplete"):
+                    problem += "; copy the whole series again from the scanner or PACS"
+            if problem:
+                skip = _skipped_by_header(mapping.rules, series)
+                if skip is None:
+                    rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="failed", reason=problem))
+                    log.error("%s failed: %s", label, scrubber.clean(problem))
+                else:       # the rules skip it whatever dcm2niix would write (localizer, derived...): no failure
+                    reason = f"{skip.get('reason') or 'skipped by rule'} (rule {skip['name']}); {problem}"
+                    rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="skipped", reason=reason))
+                    log.info("%s skipped: %s", label, scrubber.clean(reason))
+                continue
             if not images:
                 what = _NON_IMAGE_SOP.get(series.first.sop_class, "no pixel data")
                 rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="skipped",
                                  reason=f"not an image ({what}; SOP class {series.first.sop_class})"))
                 log.info("%s skipped: not an image", label)
                 continue
-            problem = check_complete(series)
-            if problem:
-                problem += "; copy the whole series again from the scanner or PACS"
-                rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="failed", reason=problem))
-                log.error("%s failed: %s", label, problem)
-                continue
             work = work_root / f"series{index:04d}"
             rc, text = run_dcm2niix([f.path for f in images], work, timeout)
-            messages = _messages(text, scrubber, work)
+            messages = _messages(text, scrubber, work, [os.path.relpath(f.path, dicom_dir) for f in images])
             for m in messages:
                 log.info("%s: dcm2niix: %s", label, m)
             produced = sorted((work / "out").glob("img*.nii.gz"))
@@ -838,6 +1084,12 @@ def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = No
             cands.extend(series_cands)
 
         keep = [c for c in cands if c.decision == "converted"]
+        if not any(c.suffix == "T1w" for c in keep):
+            problem = _no_t1w(tag, series_list, cands, rows, scrubber, dicom_dir)
+            if strict:
+                raise ConvertInputError(problem, path=scrubber.clean(str(dicom_dir)),
+                                        fix="or set strict: false to carry the subject on without anatomy")
+            log.warning("%s", problem)
         _assign_dirs(keep)
         _assign_runs(keep)
         for c in cands:
@@ -861,6 +1113,14 @@ def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = No
                 (log.error if c.decision == "failed" else log.info)("%s %s: %s", label, c.decision, reason)
     finally:
         shutil.rmtree(work_root, ignore_errors=True)
+    # Outside Snakemake (which empties the subject's folder first) an earlier run's images may remain, e.g. of a
+    # series refused now: say so rather than let them pass for this run's.
+    written = {bids_root / p for r in rows for p in str(r.get("outputs") or "").split(";") if p}
+    stale = sorted(p for p in subject_dir.rglob("*.nii.gz") if p not in written)
+    if stale:
+        log.warning("%s: %d image(s) in %s were not written by this conversion (left from an earlier run?), e.g. %s; "
+                    "remove that folder and rerun so that only this run's images remain", tag, len(stale),
+                    scrubber.clean(str(subject_dir)), scrubber.clean(os.path.relpath(stale[0], bids_root)))
     frame = _frame(rows)
     if not (frame["decision"] == "converted").any():
         log.warning("%s: no series converted (%d rows in the manifest)", tag, len(frame))
@@ -875,16 +1135,20 @@ def _frame(rows) -> pd.DataFrame:
 
 
 def produced_files(manifest: pd.DataFrame) -> dict:
-    """What one subject's conversion produced: {'images': {modality: [...]}, 'files': [...]}, paths
-    relative to the BIDS root (the checkpoint's view of a subject)."""
+    """What one subject's conversion produced: {'images': {modality: [...]}, 'files': [...], 'missing': [...]},
+    paths relative to the BIDS root (the checkpoint's view of a subject). Every modality brainfuse uses
+    (T1w, dwi, bold) is a key of 'images', with [] when none converted, and is then listed in 'missing'.
+    The same rule as the workflow's: a subject has a modality iff a manifest row has decision 'converted'
+    and that modality's suffix."""
     from .bids import IMAGING
 
     by_suffix = {suffix: modality for modality, (_, suffix) in IMAGING.items()}
-    images, files = defaultdict(list), []
+    images, files = {modality: [] for modality in IMAGING}, []
     for _, row in manifest[manifest["decision"] == "converted"].iterrows():
         files += [p for p in str(row["outputs"]).split(";") if p]
-        images[by_suffix.get(row["suffix"], row["suffix"])].append(row["bids_name"])
-    return {"images": {k: sorted(v) for k, v in images.items()}, "files": sorted(files)}
+        images.setdefault(by_suffix.get(row["suffix"], row["suffix"]), []).append(row["bids_name"])
+    return {"images": {k: sorted(v) for k, v in images.items()}, "files": sorted(files),
+            "missing": [m for m in IMAGING if not images[m]]}
 
 
 def write_manifest(manifest: pd.DataFrame, path) -> None:
@@ -892,7 +1156,39 @@ def write_manifest(manifest: pd.DataFrame, path) -> None:
 
 
 def read_manifest(path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    from .inputs import read_tsv
+
+    return read_tsv(path, "conversion manifest", required=("subject", "decision", "suffix", "bids_name"),
+                    fix="rerun `brainfuse convert` for this subject (it writes the manifest)",
+                    dtype=str, keep_default_na=False)
+
+
+def read_clinical(path) -> pd.DataFrame:
+    """The user's clinical table (participants.tsv): tab-separated, a participant_id column of BIDS labels
+    (with or without ``sub-``), each once. Returns it with participant_id as ``sub-<label>``."""
+    from .inputs import read_tsv
+
+    what = "clinical table (participants_tsv)"
+    clinical = read_tsv(path, what, required=("participant_id",), dtype=str, keep_default_na=False)
+    ids = []
+    for i, value in enumerate(clinical["participant_id"]):
+        try:
+            ids.append("sub-" + check_label(str(value).strip(), "participant_id"))
+        except LabelError as e:
+            raise ConvertInputError(f"line {i + 2}, column participant_id: {e}", path=path,
+                                    fix="use letters and digits only (e.g. sub-01 or 01), as the DICOM folder "
+                                        "names are") from None
+    clinical["participant_id"] = ids
+    lines = defaultdict(list)
+    for i, value in enumerate(ids):
+        lines[value].append(i + 2)
+    repeated = {k: v for k, v in lines.items() if len(v) > 1}
+    if repeated:
+        first = sorted(repeated, key=lambda k: repeated[k][0])[0]
+        more = f" (and {len(repeated) - 1} more participant(s))" if len(repeated) > 1 else ""
+        raise ConvertInputError(f"participant_id {first} on lines {', '.join(map(str, repeated[first]))}{more}",
+                                path=path, fix="keep one row per participant")
+    return clinical
 
 
 # --------------------------------------------------------------------------------------------------
@@ -908,10 +1204,36 @@ def write_dataset_files(bids_root, manifest, clinical_tsv=None, name: str = "bra
     from . import __version__
 
     bids_root = Path(bids_root)
-    bids_root.mkdir(parents=True, exist_ok=True)
     if not isinstance(manifest, pd.DataFrame):
         paths = [manifest] if isinstance(manifest, (str, os.PathLike)) else list(manifest)
         manifest = pd.concat([read_manifest(p) for p in paths], ignore_index=True) if paths else _frame([])
+    # Every input is read and checked before anything is written.
+    converted = manifest[manifest["decision"] == "converted"]
+    subjects = sorted(set(converted["subject"]))
+    empty = sorted(set(manifest["subject"]) - set(subjects))
+    if empty:
+        log.warning("participants: %d subject(s) with nothing converted are left out of participants.tsv "
+                    "(see their rows in the manifest for why): %s", len(empty), ", ".join(empty[:10]))
+    table = pd.DataFrame({"participant_id": subjects})
+    sidecar = None
+    if clinical_tsv:
+        clinical = read_clinical(clinical_tsv)
+        extra = sorted(set(clinical["participant_id"]) - set(subjects))
+        missing = sorted(set(subjects) - set(clinical["participant_id"]))
+        if extra:
+            log.warning("participants: %d row(s) of %s have no converted images and are left out (e.g. %s)",
+                        len(extra), clinical_tsv, ", ".join(extra[:3]))
+        if missing:
+            log.warning("participants: %d converted subject(s) are not in %s: their clinical columns are n/a "
+                        "(e.g. %s)", len(missing), clinical_tsv, ", ".join(missing[:3]))
+        table = table.merge(clinical, on="participant_id", how="left")
+        side = Path(re.sub(r"\.tsv$", ".json", str(clinical_tsv)))
+        if side.exists() and side != Path(clinical_tsv):
+            from .inputs import read_json
+
+            sidecar = read_json(side, "participants sidecar (column descriptions)")
+    table = table.fillna("n/a").replace("", "n/a")
+    bids_root.mkdir(parents=True, exist_ok=True)
     bf_io.save_json({
         "Name": name, "BIDSVersion": "1.10.0", "DatasetType": "raw",
         "GeneratedBy": [{"Name": "brainfuse", "Version": __version__,
@@ -922,35 +1244,6 @@ def write_dataset_files(bids_root, manifest, clinical_tsv=None, name: str = "bra
     if not readme.exists():
         readme.write_text("Converted from DICOM by brainfuse (dcm2niix, de-identified sidecars).\n"
                           "Every series found, converted or not, is listed in the conversion manifest.\n")
-    converted = manifest[manifest["decision"] == "converted"]
-    subjects = sorted(set(converted["subject"]))
-    table = pd.DataFrame({"participant_id": subjects})
-    sidecar = None
-    if clinical_tsv:
-        clinical = pd.read_csv(clinical_tsv, sep="\t", dtype=str, keep_default_na=False)
-        if "participant_id" not in clinical.columns:
-            raise ValueError(f"{clinical_tsv}: no participant_id column")
-        ids = []
-        for i, value in enumerate(clinical["participant_id"]):
-            try:
-                ids.append("sub-" + check_label(str(value).strip(), "participant_id"))
-            except LabelError as e:
-                raise ValueError(f"{clinical_tsv}: row {i + 2}: {e}") from None
-        clinical["participant_id"] = ids
-        dup = clinical["participant_id"][clinical["participant_id"].duplicated()].tolist()
-        if dup:
-            raise ValueError(f"{clinical_tsv}: participant_id repeated: {sorted(set(dup))[:5]}")
-        extra = sorted(set(clinical["participant_id"]) - set(subjects))
-        missing = sorted(set(subjects) - set(clinical["participant_id"]))
-        if extra:
-            log.warning("participants: %d rows of the clinical table have no converted images (e.g. %s)", len(extra), extra[:3])
-        if missing:
-            log.warning("participants: %d converted subjects are not in the clinical table (e.g. %s)", len(missing), missing[:3])
-        table = table.merge(clinical, on="participant_id", how="left")
-        side = Path(re.sub(r"\.tsv$", ".json", str(clinical_tsv)))
-        if side.exists() and side != Path(clinical_tsv):
-            sidecar = json.loads(side.read_text())
-    table = table.fillna("n/a").replace("", "n/a")
     bf_io.save_tsv(table, bids_root / "participants.tsv")
     if sidecar is not None:
         bf_io.save_json(sidecar, bids_root / "participants.json")
@@ -1036,7 +1329,16 @@ def verify(converted_root, reference_root, manifest, identity: dict | None = Non
 def _convert_section(config_path=None, params=None) -> dict:
     """The ``convert`` section: from ``--params`` (JSON, what the workflow passes) or a config YAML."""
     if params:
-        return json.loads(params)
+        try:
+            section = json.loads(params)
+        except json.JSONDecodeError as e:
+            raise ConvertConfigError(f"--params is not valid JSON (column {e.colno}: {e.msg}): {params[:80]!r}",
+                                     fix="pass the convert: section as a JSON object, e.g. "
+                                         "--params '{\"task\": \"rest\", \"rules\": []}'") from None
+        if not isinstance(section, dict):
+            raise ConvertConfigError(f"--params must be a JSON object (the convert: section), "
+                                     f"not {type(section).__name__}", fix="e.g. --params '{\"task\": \"rest\"}'")
+        return section
     if not config_path:
         return {}
     from .config import load
@@ -1064,11 +1366,7 @@ def _cli_dataset(argv) -> int:
     _setup_logging(args.log)
     frames = [read_manifest(p) for p in args.subject_manifests]
     manifest = pd.concat(frames, ignore_index=True) if frames else _frame([])
-    try:
-        write_dataset_files(args.bids_dir, manifest, args.participants_tsv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"brainfuse convert dataset: {e}", file=sys.stderr)
-        return 2
+    write_dataset_files(args.bids_dir, manifest, args.participants_tsv)
     write_manifest(manifest, args.manifest)
     log.info("dataset: %d subjects, %s", manifest["subject"].nunique(), manifest["decision"].value_counts().to_dict())
     return 0
@@ -1085,9 +1383,11 @@ def _cli_verify(argv) -> int:
     ap.add_argument("--log")
     args = ap.parse_args(argv)
     _setup_logging(args.log)
+    from .inputs import read_json
+
     identity = {}
     for i, p in enumerate(args.identity):
-        identity.update({f"{k}{i}": v for k, v in json.loads(Path(p).read_text()).items() if k != "PatientSex"})
+        identity.update({f"{k}{i}": v for k, v in read_json(p, "DICOM identity file").items() if k != "PatientSex"})
     manifest = pd.concat([read_manifest(p) for p in args.manifests], ignore_index=True)
     table = verify(args.converted, args.reference, manifest, identity)
     problems = []
@@ -1122,14 +1422,15 @@ def cli(argv=None) -> int:
     ap.add_argument("--outputs", help="also write a JSON listing the BIDS files produced")
     ap.add_argument("--work-dir", help="where dcm2niix writes before files are moved (default: system temp)")
     ap.add_argument("--log", help="also write log lines to this file")
+    ap.add_argument("--strict", action="store_true",
+                    help="fail (no BIDS files, no manifest) when the subject has no usable T1w, instead of "
+                         "warning and carrying it on without anatomy")
     args = ap.parse_args(argv)
     _setup_logging(args.log)
-    try:
-        mapping = load_mapping(_convert_section(args.config, args.params))
-        manifest = convert_subject(args.dicom_dir, args.bids_dir, args.subject, args.session, mapping, args.work_dir)
-    except (ConvertConfigError, LabelError, FileNotFoundError, ValueError) as e:
-        print(f"brainfuse convert: {e}", file=sys.stderr)
-        return 2
+    # Errors (bad settings, no such folder, --strict without a T1w) reach `brainfuse`'s one-line handler.
+    mapping = load_mapping(_convert_section(args.config, args.params))
+    manifest = convert_subject(args.dicom_dir, args.bids_dir, args.subject, args.session, mapping, args.work_dir,
+                               strict=args.strict)
     write_manifest(manifest, args.manifest)
     if args.outputs:
         info = {"subject": f"sub-{check_label(args.subject)}",

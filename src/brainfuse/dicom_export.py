@@ -38,13 +38,14 @@ from pydicom.datadict import keyword_dict
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from . import io as bf_io
+from .errors import BrainfuseError
 
 LPS = np.diag([-1.0, -1.0, 1.0])     # RAS (NIfTI world) <-> LPS (DICOM patient) coordinates
 MANUFACTURER = "SIEMENS"             # dcm2niix reads PE polarity / slice times from CSA for Siemens only
 _UID_ROOT = "1.2.826.0.1.3680043.8.498."   # pydicom's root, as generate_uid uses by default
 
 
-class ExportError(ValueError):
+class ExportError(BrainfuseError):
     """An image that cannot be written as a DICOM series (names the file and the problem)."""
 
 
@@ -275,6 +276,9 @@ def export_series(nifti_path, out_dir, series_number: int, description: str, pat
         ds.RescaleType = "US"
     if nt > 1:
         ds.NumberOfTemporalPositions = nt
+    # slices per acquisition (one volume; AcquisitionNumber counts volumes), as Siemens writes it: the convert
+    # stage checks a series' ends against it (dcm2niix's output does not change with it)
+    ds.ImagesInAcquisition = nz
 
     csa = {}
     if pe_positive is not None:

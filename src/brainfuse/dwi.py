@@ -56,8 +56,11 @@ import pandas as pd
 from scipy import ndimage
 
 from . import io as bf_io
+from . import stageqc
 from .antsconfig import load_ants
 from .bids import TEMPLATE, bids_path, check_label, parse_name, sidecar, with_ext
+from .errors import BrainfuseError
+from .inputs import as_stage_error, check_anisotropy, check_finite, load_nifti, read_sidecar
 from .provenance import code_version
 
 DEFAULTS = {
@@ -82,6 +85,12 @@ DEFAULTS = {
                                  # tensor) or left out. Canon cut to a 10-slice slab, 2 volumes 1 slice lower:
                                  # those 1,757 voxels |FA - full-FOV fit| 0.033 from the covering volumes, as
                                  # those volumes give without the motion; 0.097 taking every volume's samples
+    # input check and QC thresholds (schema: why these values)
+    "max_voxel_anisotropy": 6.0,       # longest / shortest voxel edge: real 1.0 (XA30, Canon 3 mm iso), clinical
+                                       # 2D DWI 0.9 x 0.9 x 5 mm = 5.6
+    "qc_max_clipped_fraction": 0.2,    # fitted voxels with an eigenvalue clipped to [0, max_diffusivity]: real
+                                       # 0.06-1.6 %, phantom 2.2 %; b-values 10x too low 99.97 %
+    "qc_max_mean_fd_mm": 5.0,          # a run's mean FD (mm; includes eddy shifts): real 1.7-3.0, phantom 0.6-0.9
 }
 PARAM_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 MAPS = ("fa", "md", "ad", "rd")
@@ -89,7 +98,7 @@ LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (ITK)
 UNITS = ("mm", "sec")  # NIfTI xyzt units of every image written
 
 
-class InputError(ValueError):
+class InputError(BrainfuseError):
     """A DWI run brainfuse cannot process; the message names the file and the problem."""
 
 
@@ -106,25 +115,30 @@ class Run:
     dtype: str = "float32"    # data type the corrected series is written in (the input's, when plain integers)
 
 
-def load_run(path, b0_threshold: float = DEFAULTS["b0_threshold"]) -> Run:
-    """Read one DWI run with its .bval/.bvec, refusing anything the correction cannot use."""
+def load_run(path, b0_threshold: float = DEFAULTS["b0_threshold"],
+             max_anisotropy: float = DEFAULTS["max_voxel_anisotropy"]) -> Run:
+    """Read one DWI run with its .bval/.bvec, refusing anything the correction cannot use (InputError naming the
+    file): truncated or unreadable image, not 4D, too anisotropic voxels, .bval/.bvec missing, unreadable or
+    not one per volume, no b0, NaN/Inf or empty image, malformed sidecar."""
     path = str(path)
-    try:
-        img = nib.load(path)
-    except Exception as e:  # nibabel raises several types for unreadable files
-        raise InputError(f"{path}: cannot be read as NIfTI ({e})") from None
-    if len(img.shape) != 4 or img.shape[3] < 2:
-        raise InputError(f"{path}: a DWI run must be a 4D image with several volumes, got shape {img.shape}")
+    with as_stage_error(InputError):
+        img, _ = load_nifti(path, "DWI image", ndim=(3, 4), data=False)
+        if len(img.shape) != 4 or img.shape[3] < 2:
+            raise InputError(f"a DWI run must be a 4D image with several volumes, got shape {img.shape}", path=path,
+                             fix="give the whole series (b0s and diffusion-weighted volumes in one 4D file)")
+        check_anisotropy(img.header.get_zooms()[:3], path, "DWI", max_anisotropy, "dwi.max_voxel_anisotropy")
     n = img.shape[3]
     files = {}
     for ext in (".bval", ".bvec"):
         f = with_ext(path, ext)
         if not os.path.exists(f):
-            raise InputError(f"{f}: missing ({ext} file of the DWI run {path})")
+            raise InputError(f"missing ({ext} file of the DWI run {os.path.basename(path)})", path=f,
+                             fix="convert the series again (dcm2niix writes .bval/.bvec next to the image)")
         try:
             files[ext] = np.atleast_1d(np.loadtxt(f, ndmin=1 if ext == ".bval" else 2))
-        except ValueError as e:
-            raise InputError(f"{f}: not a table of numbers ({e})") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(f"not a table of numbers ({str(e).splitlines()[0][:120]})", path=f,
+                             fix="write one line of numbers per row, separated by spaces (FSL format)") from None
     bvals = files[".bval"].ravel().astype(float)
     bvecs = files[".bvec"]
     if bvals.size != n:
@@ -138,7 +152,9 @@ def load_run(path, b0_threshold: float = DEFAULTS["b0_threshold"]) -> Run:
     if not np.isfinite(bvals).all() or not np.isfinite(bvecs).all() or (bvals < 0).any():
         raise InputError(f"{with_ext(path, '.bval')}/.bvec: non-finite or negative values")
     if not (bvals <= b0_threshold).any():
-        raise InputError(f"{with_ext(path, '.bval')}: no b0 volume (b <= {b0_threshold}); one is needed as reference")
+        raise InputError(f"no b0 volume (b <= {b0_threshold:g}; lowest b-value {bvals.min():g}); one is needed as the "
+                         f"motion reference", path=with_ext(path, ".bval"),
+                         fix="check the .bval file, or raise dwi.b0_threshold if your b0s are written as low b-values")
     dw = bvals > b0_threshold
     norms = np.linalg.norm(bvecs[:, dw], axis=0)
     if (np.abs(norms - 1) > 0.1).any():
@@ -147,12 +163,10 @@ def load_run(path, b0_threshold: float = DEFAULTS["b0_threshold"]) -> Run:
     bvecs = bvecs.astype(float).copy()
     bvecs[:, dw] /= norms
     bvecs[:, ~dw] = 0.0
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if not np.isfinite(data).all():
-        raise InputError(f"{path}: image contains NaN or infinite values")
-    side = {}
-    if os.path.exists(sidecar(path)):
-        side = json.loads(Path(sidecar(path)).read_text())
+    with as_stage_error(InputError):
+        _, data = load_nifti(path, "DWI image", ndim=(4,), dtype=np.float32)   # read to the end: truncation
+        check_finite(data, path, "DWI image")
+        side = read_sidecar(path, "DWI sidecar")
     ents = parse_name(os.path.basename(path)) or {}
     slope, inter = img.header.get_slope_inter()
     dtype = img.get_data_dtype()
@@ -613,8 +627,9 @@ def fit_tensor(data, bvals, bvecs, mask, max_bval=DEFAULTS["max_bval"], fit_meth
     maps = {"fa": fa, "md": mean_diffusivity(evals), "ad": axial_diffusivity(evals), "rd": radial_diffusivity(evals)}
     maps = {k: np.where(fitted, np.nan_to_num(v), 0).astype(np.float32) for k, v in maps.items()}
     maps["cfa"] = np.where(fitted[..., None], color_fa(fa, evecs), 0).astype(np.float32)
-    if qc is not None:
-        qc.update({"fitted": fitted, "VoxelsInMask": int(mask.sum()), "VoxelsFitted": int(fitted.sum()),
+    if qc is not None:     # "fitted" and "clipped" (voxel masks) are for the caller, not for the sidecars
+        qc.update({"fitted": fitted, "clipped": below | above,
+                   "VoxelsInMask": int(mask.sum()), "VoxelsFitted": int(fitted.sum()),
                    "VoxelsExcludedOutsideFieldOfView": int(left_out), "VoxelsFittedFromCoveringVolumes": int(subset),
                    "VoxelsClippedBelowZero": int(below.sum()), "VoxelsClippedAboveMaxDiffusivity": int(above.sum()),
                    "MaxDiffusivity": float(max_diffusivity)})
@@ -761,6 +776,7 @@ def output_paths(deriv, sub: str, ses: str | None, res: int, runs=()) -> dict:
     out["xfm"] = d("xfm", ".mat", **{"from": "dwi", "to": "T1w", "mode": "image"})
     out["qc_fa"] = bids_path(deriv, sub, "figures", "dwi", ".png", ses=ses, desc="fa")
     out["qc_motion"] = bids_path(deriv, sub, "figures", "dwi", ".png", ses=ses, desc="motion")
+    out["qc_json"] = stageqc.qc_path(deriv, sub, ses, "dwi")     # qc_pass, flags, metrics, thresholds (stageqc)
     out["runs"] = []
     for r in runs:
         e = run_prefix(r)
@@ -775,13 +791,32 @@ SAFE_SIDECAR_KEYS = ("PhaseEncodingDirection", "TotalReadoutTime", "EffectiveEch
                      "EchoTime", "MagneticFieldStrength", "Manufacturer")   # acquisition only, nothing identifying
 
 
-def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transforms, template, res: int,
-            params: dict | None = None, threads: int = 1, log=print) -> dict:
-    """Correct, fit and normalise every DWI run of one subject; all outputs written atomically."""
-    load_ants(threads)       # ITK's thread count (read at import) and the registration seed
-    import torch
+def qc_flags(tables: dict, qc: dict, p: dict) -> tuple[list, dict, dict]:
+    """(flags, metrics, thresholds) of the subject's QC record: the share of fitted voxels whose eigenvalues were
+    clipped (a wrong gradient table, corrupted volumes or failed correction push it up) and each run's mean FD."""
+    fitted = max(int(qc["VoxelsFitted"]), 1)
+    m = {"clipped_fraction": round(int(qc["clipped"].sum()) / fitted, 4), "voxels_fitted": int(qc["VoxelsFitted"]),
+         "mean_fd_mm": round(max(float(t["framewise_displacement"].mean()) for t in tables.values()), 4),
+         "max_fd_mm": round(max(float(t["framewise_displacement"].max()) for t in tables.values()), 4)}
+    t = {"max_clipped_fraction": p["qc_max_clipped_fraction"], "max_mean_fd_mm": p["qc_max_mean_fd_mm"]}
+    flags = []
+    if not m["clipped_fraction"] <= t["max_clipped_fraction"]:
+        flags.append(f"{m['clipped_fraction']:.1%} of the fitted voxels have a tensor eigenvalue outside [0, "
+                     f"{p['max_diffusivity']:g}] mm^2/s (dwi.qc_max_clipped_fraction {t['max_clipped_fraction']:g}): "
+                     f"check the .bval/.bvec (order, units, axes), the FA figure and the motion figure")
+    for run, table in tables.items():
+        fd = float(table["framewise_displacement"].mean())
+        if not fd <= t["max_mean_fd_mm"]:
+            flags.append(f"{run}: mean framewise displacement {fd:.2f} mm is above dwi.qc_max_mean_fd_mm "
+                         f"{t['max_mean_fd_mm']:g}: much head motion; check the motion figure and the FA map")
+    return flags, m, t
 
-    torch.set_num_threads(threads)
+
+def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transforms, template, res: int,
+            params: dict | None = None, threads: int = 1, log=print, strict: bool = False) -> dict:
+    """Correct, fit and normalise every DWI run of one subject; all outputs written atomically. QC
+    (``qc_flags``) below a threshold: a ``WARNING`` log line and a flag in the QC JSON; with ``strict``, a
+    :class:`~brainfuse.stageqc.QCError` before anything is renamed into place."""
     p = {**DEFAULTS, **(params or {})}
     if p["registration"] not in ("torch", "ants") or p["dw_dof"] not in ("affine", "rigid") \
             or p["fit_method"] not in ("WLS", "OLS") or p["outside_fov"] not in ("exclude", "covering") \
@@ -793,11 +828,22 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
     dwi_paths = sorted(str(x) for x in dwi_paths)
     for f in [t1w, template, *transforms]:
         if not os.path.exists(str(f)):
-            raise FileNotFoundError(f"{f}: missing (needed to bring the DWI maps to {TEMPLATE})")
-    runs = [load_run(x, p["b0_threshold"]) for x in dwi_paths]
+            raise InputError(f"missing (needed to bring the DWI maps to {TEMPLATE})", path=f,
+                             fix="run the anat stage (and `brainfuse templates`) first")
+    runs = [load_run(x, p["b0_threshold"], p["max_voxel_anisotropy"]) for x in dwi_paths]
+    if not any((r.bvals > p["b0_threshold"]).any() for r in runs):      # one b0-only run among others is fine
+        names = ", ".join(map(os.path.basename, dwi_paths))
+        raise InputError(f"no diffusion-weighted volume: every b-value of {names} is <= dwi.b0_threshold "
+                         f"{p['b0_threshold']:g}", path=with_ext(dwi_paths[0], ".bval"),
+                         fix="check the .bval files (a b0-only series for distortion correction belongs in fmap/)")
     prefixes = [json.dumps(run_prefix(x), sort_keys=True) for x in dwi_paths]
     if len(set(prefixes)) != len(prefixes):
         raise InputError(f"DWI runs {dwi_paths} are not told apart by acq/dir/run entities")
+    # after the input checks: bad input fails in a second, without loading ANTs and torch
+    load_ants(threads)       # ITK's thread count (read at import) and the registration seed
+    import torch
+
+    torch.set_num_threads(threads)
     final = output_paths(out_dir, sub, ses, res, dwi_paths)
     dwi_dir = Path(final["fa"]).parent
     dwi_dir.mkdir(parents=True, exist_ok=True)
@@ -861,9 +907,13 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
         maps = fit_tensor(data, bvals, bvecs, mask, limit, p["fit_method"], p["b0_threshold"],
                           coverage=np.concatenate(all_cov, 3), max_diffusivity=p["max_diffusivity"],
                           outside_fov=p["outside_fov"], qc=qc)
-        qc.pop("fitted")
+        flags, qc_metrics, thresholds = qc_flags(tables, qc, p)
+        qc.pop("fitted"), qc.pop("clipped")
         timings["tensor_fit_s"] = time.perf_counter() - t0
         log(f"[dwi] sub-{sub}: tensor fit QC: " + ", ".join(f"{k} {v}" for k, v in qc.items()))
+        label = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+        stageqc.settle(flags, strict=strict, label=label, stage="dwi", path=dwi_paths[0], log=log)
+        stageqc.save(stage("qc_json", final["qc_json"]), flags, qc_metrics, thresholds)
         used = int((bvals <= limit).sum())
         meta = {"Model": "tensor (dipy TensorModel)", "FitMethod": p["fit_method"], "MaxBValue": limit,
                 "VolumesUsed": used, "Sources": [os.path.basename(x) for x in dwi_paths],
@@ -915,11 +965,13 @@ def cli(argv=None):
     ap.add_argument("--res", type=int, required=True)
     ap.add_argument("--params", default="{}", help="JSON of the config's dwi section")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--strict", action="store_true", help="a QC threshold not met stops the subject (else: WARNING "
+                    "in the log, flag in the QC JSON)")
     args = ap.parse_args(argv)
     try:
         process(args.dwi, args.out, args.sub, args.ses, args.t1w, args.t1w_mask, args.transforms, args.template,
-                args.res, json.loads(args.params), args.threads)
-    except (InputError, FileNotFoundError) as e:
+                args.res, json.loads(args.params), args.threads, strict=args.strict)
+    except (BrainfuseError, FileNotFoundError) as e:    # called in-process by tests too: one line, exit 1
         print(f"brainfuse dwi: error: {e}", file=sys.stderr)
         return 1
     return 0

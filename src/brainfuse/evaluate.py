@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from . import bayes as bf_bayes  # noqa: E402
 from . import io as bf_io  # noqa: E402
 from . import splits as bf_splits  # noqa: E402
 from . import train as bf_train  # noqa: E402
+from .inputs import read_json, read_tsv  # noqa: E402
 
 RESULT_COLUMNS = ["analysis", "model", "condition", "metric", "value", "ci_low", "ci_high", "n"]
 MAIN_METRIC = {"classification": "balanced_accuracy", "regression": "r2"}
@@ -249,14 +249,21 @@ def fold_models(models_dir, presets, folds):
             yield preset, fold, path
 
 
-def grid_and_ablations(cohort, y, table, models_dir, presets, folds, settings, log=print) -> pd.DataFrame:
+def load_models(models_dir, presets, folds) -> dict:
+    """(preset, fold) -> (checkpoint, model), every one read (and checked) before any analysis runs."""
+    return {(preset, fold): bf_train.load_checkpoint(path)
+            for preset, fold, path in fold_models(models_dir, presets, folds)}
+
+
+def grid_and_ablations(cohort, y, table, models_dir, presets, folds, settings, log=print,
+                       models: dict | None = None) -> pd.DataFrame:
     """Long table: analysis (grid | ablation), model, condition, participant row, scores."""
     task = cohort.task
     keys = bf_train.row_keys(cohort)
     labelled = [k if ok else None for k, ok in zip(keys, bf_train.targets(cohort, settings["cv"])[1])]
     records = []
     for preset, fold, path in fold_models(models_dir, presets, folds):
-        ckpt, model = bf_train.load_checkpoint(path)
+        ckpt, model = models[preset, fold] if models else bf_train.load_checkpoint(path)
         test = bf_splits.fold_indices(table, fold, labelled)["test"]
         data = bf_train.cohort_data(ckpt, cohort, test)
         names = [m["name"] for m in ckpt["modalities"]]
@@ -388,11 +395,11 @@ def plot_utilisation(preds: pd.DataFrame, preset: str, classes: list, names: lis
     return True
 
 
-def plot_training(models_dir, presets, folds, path):
+def plot_training(models_dir, presets, folds, path, models: dict | None = None):
     fig, axes = plt.subplots(1, len(presets), figsize=(3 * len(presets), 2.8), squeeze=False, sharey=True)
     for ax, preset in zip(axes[0], presets):
         for _, fold, ck in fold_models(models_dir, [preset], folds):
-            h = torch.load(ck, map_location="cpu", weights_only=True)["history"]
+            h = (models[preset, fold] if models else bf_train.load_checkpoint(ck))[0]["history"]
             ax.plot([e["epoch"] for e in h], [e["val_loss"] for e in h], label=f"fold {fold}", lw=1)
         ax.set_title(preset, fontsize=9)
         ax.set_xlabel("epoch")
@@ -402,12 +409,39 @@ def plot_training(models_dir, presets, folds, path):
     bf_io.save_figure(fig, path, dpi=110)
 
 
+# ------------------------------------------------------------------------------------------------- QC
+def qc_table(cohort) -> pd.DataFrame | None:
+    """participant_id, session, qc_pass, qc_flags of each cohort row (image QC carried by the tensors stage);
+    None for cohorts without those columns."""
+    man = cohort.manifest
+    if "qc_pass" not in man.columns:
+        return None
+    keys = bf_train.row_keys(cohort)
+    return pd.DataFrame({"participant_id": [k[0] for k in keys], "session": [k[1] for k in keys],
+                         "qc_pass": man["qc_pass"].astype(str).to_numpy(),
+                         "qc_flags": man["qc_flags"].astype(str).to_numpy()})
+
+
+def qc_flagged(preds: pd.DataFrame) -> pd.DataFrame:
+    """The evaluated rows whose image QC failed or raised flags: index (participant_id, session), columns
+    qc_pass ("True"/"False") and qc_flags."""
+    if "qc_pass" not in preds.columns:
+        return pd.DataFrame(columns=["qc_pass", "qc_flags"])
+    rows = preds.drop_duplicates(["participant_id", "session"])
+    bad = rows[(rows.qc_pass == "False") | (rows.qc_flags.fillna("n/a") != "n/a")]
+    return bad.set_index(["participant_id", "session"])[["qc_pass", "qc_flags"]]
+
+
+def unit_name(key) -> str:
+    pid, ses = key
+    return pid + (f"_ses-{ses}" if ses not in ("", "n/a") else "")
+
+
 # ------------------------------------------------------------------------------------------- driver
 def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: dict, out_dir,
              bayes: dict | None = None, log=print) -> pd.DataFrame:
     out_dir = Path(out_dir)
     figs = out_dir / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
     cv, task = settings["cv"], cohort.task
     y, labelled = bf_train.targets(cohort, cv)
     keys = bf_train.row_keys(cohort)
@@ -419,11 +453,14 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
     n_boot, seed = int(cv["bootstrap"]), int(cv["seed"])
     results = []
 
-    # models: out-of-fold test predictions, each checked against the splits
+    # models: every checkpoint read first (a damaged one stops the run here), out-of-fold test predictions,
+    # each checked against the splits
+    models = load_models(models_dir, presets, folds)
     preds = []
     for preset, fold, path in fold_models(models_dir, presets, folds):
-        p = pd.read_csv(path.parent / "predictions.tsv", sep="\t", dtype={"participant_id": str, "session": str},
-                        keep_default_na=False)
+        p = read_tsv(path.parent / "predictions.tsv", "predictions of a trained fold",
+                     required=("participant_id", "session", "target"), fix="delete the fold's folder and rerun train",
+                     dtype={"participant_id": str, "session": str}, keep_default_na=False)
         test = table[(table.fold == fold) & (table.set == "test")]
         expected = set(zip(test.participant_id, test.session))
         got = set(zip(p.participant_id, p.session))
@@ -433,11 +470,28 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
         preds.append(p)
     preds = pd.concat(preds, ignore_index=True)
     preds["target"] = pd.to_numeric(preds["target"])
+    qc = qc_table(cohort)
+    if qc is not None:
+        preds = preds.merge(qc, on=["participant_id", "session"], how="left")
+    flagged = qc_flagged(preds)
     for preset in presets:
         p = preds[preds.preset == preset]
         stats = bootstrap(task, p.target.to_numpy(), scores_of(p, task, classes), n_boot, seed, p.participant_id)
         results += rows_for("cv", preset, "all", stats, len(p))
         log(f"[evaluate] {preset}: " + ", ".join(f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in stats.items()))
+        if len(flagged):        # the same models judged on the rows whose image QC passed only
+            p = p[~p.set_index(["participant_id", "session"]).index.isin(flagged.index)]
+            if len(p) >= 2:
+                stats = bootstrap(task, p.target.to_numpy(), scores_of(p, task, classes), n_boot, seed,
+                                  p.participant_id)
+                results += rows_for("cv", preset, "QC passed", stats, len(p))
+    # flagged rows listed in the results (analysis qc: value 1 = passed with flags, 0 = failed)
+    for key, ok, flags in zip(flagged.index, flagged.qc_pass, flagged.qc_flags):
+        results += rows_for("qc", "image QC", f"{unit_name(key)}: {flags}", {"qc_pass": float(ok == "True")}, 1)
+    if len(flagged):
+        log(f"[evaluate] WARNING: image QC flagged {len(flagged)} evaluated rows (results.tsv: analysis qc; "
+            f"condition 'QC passed': the metrics without them): "
+            + "; ".join(f"{unit_name(k)} ({f})" for k, f in zip(flagged.index, flagged.qc_flags)))
 
     # the demo's Bayes rule on the same subjects: the ceiling this cohort allows (nothing fitted)
     ref = bayes_reference(bayes, keys, y, labelled, classes) if task == "classification" and not cv["permute_labels"] else None
@@ -467,7 +521,7 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
 
     # missing-modality grid and ablations (point estimates; n = rows evaluated)
     if cv["missing_grid"] or cv["ablations"]:
-        recs = grid_and_ablations(cohort, y, table, models_dir, presets, folds, settings, log)
+        recs = grid_and_ablations(cohort, y, table, models_dir, presets, folds, settings, log, models)
         df = pd.DataFrame(recs)
         if len(df):
             for (analysis, model, cond), g in df.groupby(["analysis", "model", "condition"], sort=False):
@@ -477,18 +531,22 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
 
     res = pd.DataFrame(results, columns=RESULT_COLUMNS)
     metric = MAIN_METRIC[task]
-    cvres = res[(res.analysis == "cv") & (res.metric == metric)]
+    cvres = res[(res.analysis == "cv") & (res.metric == metric) & (res.condition == "all")]
     best = cvres.sort_values("value", ascending=False).iloc[0]
     summary = {"task": task, "metric": metric, "best_preset": best.model, "best_value": float(best.value),
                "best_ci": [float(best.ci_low), float(best.ci_high)], "classes": classes, "n": int(best.n),
                "permuted_labels": bool(cv["permute_labels"]),
                "presets": {m: float(v) for m, v in zip(cvres.model, cvres.value)}}
+    if len(flagged):
+        summary["qc_flagged"] = [f"{unit_name(k)}: {'failed' if ok == 'False' else 'passed'}; {f}"
+                                 for k, ok, f in zip(flagged.index, flagged.qc_pass, flagged.qc_flags)]
     if bayes:
         summary["bayes_accuracy"] = bayes.get("bayes_accuracy")
         if cohort_bayes is not None:
             summary["cohort_bayes"] = cohort_bayes
 
     # figures
+    figs.mkdir(parents=True, exist_ok=True)
     chance = 1.0 / n_classes if task == "classification" else 0.0
     plot_metrics(res, task, figs / "cv_performance.png", bayes if task == "classification" else None, chance)
     if task == "classification":
@@ -507,7 +565,7 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
                                xlabel="" if wide else label, ylabel=label if wide else "")
     for preset in presets:
         plot_utilisation(preds, preset, classes, names, figs / f"utilisation_{preset}.png")
-    plot_training(models_dir, presets, folds, figs / "training_curves.png")
+    plot_training(models_dir, presets, folds, figs / "training_curves.png", models)
 
     # write last, atomically: the rule's outputs appear only when everything succeeded
     bf_io.save_tsv(preds, out_dir / "predictions.tsv")
@@ -533,7 +591,7 @@ def cli(argv=None):
     settings = bf_train.settings_from_json(args.settings)
     cohort = bf_train.load(args.tensors)
     table = bf_splits.read_splits(args.splits)
-    bayes = json.loads(Path(args.bayes).read_text()) if args.bayes else None
+    bayes = read_json(args.bayes, "demo truth (bayes.json)", fix="rerun the demo rule") if args.bayes else None
     evaluate(cohort, table, args.models, args.presets, settings, args.out, bayes,
              log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0

@@ -35,8 +35,11 @@ import pandas as pd
 
 from . import io as bf_io
 from . import motion
+from . import stageqc
 from .antsconfig import load_ants
 from .bids import TEMPLATE, bids_path, parse_name, sidecar
+from .errors import BrainfuseError
+from .inputs import as_stage_error, check_anisotropy, check_finite, load_nifti, plausible_tr, read_sidecar
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
@@ -58,6 +61,9 @@ DEFAULTS = {
     "acompcor": False,          # add a_comp_cor_00..04 (nipype ACompCor on WM+CSF)
     "n_acompcor": 5,
     "motion_device": "cpu",
+    # input checks (schema: why these values)
+    "repetition_time_s": [0.2, 10.0],   # plausible RepetitionTime (s); 2000 is a TR in milliseconds
+    "max_voxel_anisotropy": 4.0,        # longest / shortest voxel edge: real BOLD 1.0-2.0 (Philips 2.26 x 2.26 x 2.5)
 }
 
 
@@ -71,32 +77,68 @@ QC_MAX_FD_MM = 5.0
 QC_MIN_CORRELATION = 0.5
 MIN_TISSUE_VOXELS = 10       # WM / CSF voxels in the BOLD field of view for their mean signals
 MIN_BRAIN_VOXELS = 100       # template brain voxels in the BOLD field of view
+# Frequencies of the run's spectrum inside alff_band: fewer leave ALFF / fALFF undefined (none: NaN and 0, as a TR
+# in milliseconds gave) or one or two noisy Fourier coefficients. 3 = 20 volumes at TR 2 s (min_volumes' default).
+MIN_ALFF_BINS = 3
 
 
-class FuncInputError(ValueError):
+class FuncInputError(BrainfuseError):
     """A BOLD input brainfuse cannot process; the message names the file."""
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def load_bold(path, min_volumes: int = DEFAULTS["min_volumes"]):
-    """The BOLD image and its RepetitionTime (s, from the JSON sidecar), or FuncInputError naming the file."""
+def load_bold(path, min_volumes: int | None = None, cfg: dict | None = None):
+    """The BOLD image (its data read, checked and held in memory as float32) and its RepetitionTime (s, from
+    the JSON sidecar), or FuncInputError naming the file: truncated or unreadable, not 4D, too few volumes
+    (``min_volumes``) or too short a run for ALFF, too anisotropic voxels, NaN/Inf or empty, a malformed
+    sidecar, RepetitionTime missing or outside ``repetition_time_s``. All before motion correction."""
+    cfg = {**DEFAULTS, **(cfg or {})}
+    min_volumes = cfg["min_volumes"] if min_volumes is None else min_volumes
     path = str(path)
-    try:
-        img = nib.load(path)
-    except Exception as e:  # nibabel's messages do not always name the file
-        raise FuncInputError(f"{path}: cannot read the BOLD image ({e})") from None
-    if img.ndim != 4 or img.shape[3] == 1:
-        raise FuncInputError(f"{path}: expected a 4D BOLD series, got an image of shape {img.shape}")
-    if img.shape[3] < min_volumes:
-        raise FuncInputError(f"{path}: only {img.shape[3]} volumes, at least {min_volumes} are needed "
-                             f"(func.min_volumes)")
-    side = sidecar(path)
-    if not os.path.exists(side):
-        raise FuncInputError(f"{path}: no JSON sidecar {side}: RepetitionTime is needed")
-    tr = json.loads(Path(side).read_text()).get("RepetitionTime")
-    if not isinstance(tr, (int, float)) or tr <= 0:
-        raise FuncInputError(f"{side}: RepetitionTime is missing or not a positive number ({tr!r})")
-    return img, float(tr)
+    with as_stage_error(FuncInputError):
+        img, data = load_nifti(path, "BOLD series", ndim=(3, 4), dtype=np.float32)
+        if img.ndim != 4 or img.shape[3] == 1:
+            raise FuncInputError(f"expected a 4D BOLD series (volumes over time), got an image of shape {img.shape}",
+                                 path=path, fix="give the whole series, not one volume (an sbref is not a run)")
+        if img.shape[3] < min_volumes:
+            raise FuncInputError(f"only {img.shape[3]} volumes, at least {min_volumes} are needed (func.min_volumes)",
+                                 path=path, fix="leave this run out, or lower func.min_volumes (at least 10)")
+        check_anisotropy(img.header.get_zooms()[:3], path, "BOLD", cfg["max_voxel_anisotropy"],
+                         "func.max_voxel_anisotropy")
+        side = sidecar(path)
+        meta = read_sidecar(path, "BOLD sidecar")
+        tr = meta.get("RepetitionTime")
+        if tr is None:
+            z = img.header.get_zooms()[3]
+            unit = {"sec": "s", "msec": "ms", "usec": "us"}.get(img.header.get_xyzt_units()[1], "(unit not set)")
+            hint = f" (the NIfTI header says {z:g} {unit}; BIDS wants it in the sidecar)" if z > 0 else ""
+            if not os.path.exists(side):
+                raise FuncInputError(f"no JSON sidecar {side}: RepetitionTime is needed{hint}", path=path,
+                                     fix="write the sidecar (dcm2niix does) with \"RepetitionTime\" in seconds")
+            raise FuncInputError(f"RepetitionTime is missing{hint}", path=side,
+                                 fix="add \"RepetitionTime\": <seconds> to the sidecar")
+        lo, hi = cfg["repetition_time_s"]
+        tr = plausible_tr(tr, side, lo, hi)
+        check_finite(data, path, "BOLD series")
+    _check_alff_band(img.shape[3], tr, cfg["alff_band"], path)
+    return nib.Nifti1Image(data, img.affine, img.header), tr
+
+
+def _check_alff_band(n: int, tr: float, band, path) -> None:
+    """Refuse a run too short for ALFF / fALFF: fewer than MIN_ALFF_BINS frequencies of its spectrum in the band."""
+    lo, hi = band
+
+    def bins(m):
+        f = np.fft.rfftfreq(m, tr)
+        return int(((f >= lo) & (f <= hi)).sum())
+
+    if bins(n) >= MIN_ALFF_BINS:
+        return
+    need = next((m for m in range(n + 1, 100 * n + 1000) if bins(m) >= MIN_ALFF_BINS), None)
+    fix = f"use a run of at least {need} volumes ({need * tr:.0f} s)" if need else "check func.alff_band"
+    raise FuncInputError(f"{n} volumes x TR {tr:g} s = {n * tr:.0f} s is too short for ALFF / fALFF: its spectrum "
+                         f"has {bins(n)} frequencies in func.alff_band {lo:g}-{hi:g} Hz, {MIN_ALFF_BINS} are needed",
+                         path=path, fix=fix)
 
 
 def run_prefix(bold_path) -> dict:
@@ -462,17 +504,20 @@ def motion_qc(conf, mc, cfg=None) -> dict:
 
 
 def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_tsv, deriv, res,
-        wm=None, csf=None, t1w_mask=None, cfg=None, bold_to_t1w_mat=None, log=print) -> dict:
+        wm=None, csf=None, t1w_mask=None, cfg=None, bold_to_t1w_mat=None, log=print, strict: bool = False,
+        loaded=None) -> dict:
     """Process one BOLD run; returns the output paths (see ``outputs``) and a summary.
 
     t1w / t1w_mask: the subject's T1w (N4) and brain mask; template / template_mask: the MNI grid at the
     working resolution; mni_transforms: ANTs list template -> T1w (``brainfuse.anat.to_mni_transforms``);
     wm / csf: MNI-space probability maps (the subject's from anat, or the template's); atlas: MNI labels.
     bold_to_t1w_mat: use this transform instead of registering (tests, reruns).
+    strict: a motion QC warning stops the run (QCError) before anything is written.
+    loaded: ``load_bold(bold_path, cfg=cfg)`` when the caller has it already (the CLI checks first).
     """
     cfg = {**DEFAULTS, **(cfg or {})}
     t0 = time.time()
-    img, tr = load_bold(bold_path, cfg["min_volumes"])
+    img, tr = loaded if loaded is not None else load_bold(bold_path, cfg=cfg)
     out = outputs(deriv, bold_path, res)
     for p in out.values():
         Path(p).parent.mkdir(parents=True, exist_ok=True)
@@ -484,6 +529,9 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
         log(f"[func] motion + native confounds: {data.shape[3]} volumes in {time.time() - t0:.1f} s, "
             f"mean FD {qc['MeanFramewiseDisplacement']:.2f} mm, max FD {qc['MaxFramewiseDisplacement']:.2f} mm, "
             f"max rotation {qc['MaxRotation']:.2f} deg, max translation {qc['MaxTranslation']:.2f} mm")
+        if strict:
+            stageqc.settle(qc["Warnings"], strict=True, label=Path(bold_path).name.split("_bold.nii")[0],
+                           stage="func (motion)", path=bold_path)
         for w in qc["Warnings"]:
             log(f"[func] WARNING: {bold_path}: {w}")
         keep = None
@@ -716,18 +764,19 @@ def cli(argv=None):
     ap.add_argument("--res", type=int, required=True)
     ap.add_argument("--params", default="{}", help="JSON of the config's func section")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--strict", action="store_true", help="a motion QC warning stops the run (else: WARNING in the "
+                    "log and a flag in the subject's QC JSON)")
     args = ap.parse_args(argv)
     if not args.mni_xfm and not args.anat_dir:
         ap.error("give --anat-dir or --mni-xfm")
+    cfg = json.loads(args.params)
+    loaded = load_bold(args.bold, cfg=cfg)     # before ANTs loads: bad input fails in seconds
     import torch
 
     torch.set_num_threads(args.threads)
     load_ants(args.threads)
-    try:
-        run(args.bold, args.t1w, args.template, args.template_mask, _mni_list(args), args.atlas, args.atlas_tsv,
-            args.deriv, args.res, wm=args.wm, csf=args.csf, t1w_mask=args.t1w_mask, cfg=json.loads(args.params),
-            log=lambda m: print(m, file=sys.stderr))
-    except FuncInputError as e:
-        print(f"brainfuse func: error: {e}", file=sys.stderr)
-        return 1
+    # errors reach brainfuse.cli, which prints them as one line
+    run(args.bold, args.t1w, args.template, args.template_mask, _mni_list(args), args.atlas, args.atlas_tsv,
+        args.deriv, args.res, wm=args.wm, csf=args.csf, t1w_mask=args.t1w_mask, cfg=cfg,
+        log=lambda m: print(m, file=sys.stderr), strict=args.strict, loaded=loaded)
     return 0

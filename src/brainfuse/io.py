@@ -70,8 +70,10 @@ def atomic_path(path, *, keep_extension: bool = False, name: str | None = None, 
         if folder is None:
             os.chmod(tmp, 0o666 & ~_UMASK)      # mkstemp files are private (0600)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)      # a full disk raises from write() with no file named: name the output
         raise
     finally:
         if folder is not None:

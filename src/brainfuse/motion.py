@@ -60,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .errors import BrainfuseError
+
 PARAM_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 DEFAULT_LEVELS = ((4, 2.0), (2, 1.0), (1, 0.5))  # (shrink factor, Gaussian sigma in voxels of the finest axis)
 
@@ -76,7 +78,7 @@ class MotionResult:
     reestimated: tuple = ()                 # volumes re-estimated from the identity (beyond the bounds)
 
 
-class MotionBoundsError(ValueError):
+class MotionBoundsError(BrainfuseError):
     """Motion estimates beyond the configured bounds even after re-estimation from the identity."""
 
 
@@ -453,6 +455,9 @@ def register_series(data4d, affine, reference=None, mask=None, dof: str = "rigid
         raise ValueError(f"register_series needs a 4D series, got shape {data.shape}")
     if dof not in ("rigid", "affine") or similarity not in ("ssd", "mi"):
         raise ValueError(f"dof must be rigid|affine and similarity ssd|mi, got {dof!r}, {similarity!r}")
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:     # they spread through every volume's metric: estimates silently wrong (stages check their files first)
+        raise ValueError(f"register_series: the series holds {bad} NaN/Inf value(s); check the input image")
     affine = np.asarray(affine, float)
     if max_iter is None:
         max_iter = (30, 20, 10) if similarity == "ssd" else (20, 20, 20)

@@ -12,7 +12,6 @@ instead (``reports/predictions.tsv``): these are in-sample.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,12 +21,16 @@ import torch
 
 from . import io as bf_io
 from . import train as bf_train
+from .errors import BrainfuseError
+from .inputs import read_json
 
 
 def checkpoints(models_dir, preset: str) -> list:
     paths = sorted(Path(models_dir).glob(f"{preset}/fold-*/checkpoint.pt"))
     if not paths:
-        raise FileNotFoundError(f"{models_dir}: no {preset}/fold-*/checkpoint.pt (train the preset first)")
+        raise BrainfuseError(f"no {preset}/fold-*/checkpoint.pt", path=models_dir,
+                             fix="train the preset first (snakemake train), or check model.predict_from / "
+                                 "model.predict_preset")
     return paths
 
 
@@ -58,6 +61,9 @@ def predict(cohort, paths: list, device="cpu", log=print) -> pd.DataFrame:
     pres = pd.DataFrame({"participant_id": [k[0] for k in keys], "session": [k[1] for k in keys]})
     for j, name in enumerate(bf_train.modality_names(cohort)):
         pres[f"present_{name}"] = np.asarray(cohort.present)[:, j].astype(int)
+    for col in ("qc_pass", "qc_flags"):     # image QC of the tensors stage: a flagged row's prediction is suspect
+        if col in cohort.manifest.columns:
+            pres[col] = cohort.manifest[col].astype(str).to_numpy()
     out = pres.merge(out, on=["participant_id", "session"], how="left")
     out.insert(2, "preset", ckpt["preset"])
     return out
@@ -76,15 +82,16 @@ def cli(argv=None):
     if preset == "best":
         if not args.summary:
             ap.error("--preset best needs --summary (the evaluation's summary.json)")
-        preset = json.loads(Path(args.summary).read_text())["best_preset"]
+        summary = read_json(args.summary, "evaluation summary", fix="rerun the evaluate stage")
+        if not isinstance(summary.get("best_preset"), str):
+            raise BrainfuseError("evaluation summary names no best_preset", path=args.summary,
+                                 fix="rerun the evaluate stage, or set model.predict_preset")
+        preset = summary["best_preset"]
     device = bf_train.pick_device(args.device)
     torch.set_grad_enabled(False)
     cohort = bf_train.load(args.tensors)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        table = predict(cohort, checkpoints(args.models, preset), device, log)
-    except (ValueError, FileNotFoundError) as e:
-        ap.exit(1, f"brainfuse predict: error: {e}\n")
+    table = predict(cohort, checkpoints(args.models, preset), device, log)
     bf_io.save_tsv(table, args.out)
     log(f"[predict] {preset}: {table['predicted'].notna().sum()} predictions -> {args.out}")
     return 0

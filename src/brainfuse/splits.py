@@ -11,13 +11,63 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from . import io as bf_io
+from .errors import BrainfuseError
 
 SETS = ("train", "val", "test")
 COLUMNS = ["participant_id", "session", "group", "fold", "set"]
 
 
-class LeakageError(ValueError):
+class LeakageError(BrainfuseError):
     """A participant (or site) appears in two sets of one fold, or the splits do not cover the cohort."""
+
+
+class DegenerateLabelError(BrainfuseError):
+    """Labels no cross-validated model can be trained on: one class, a class without rows, a class in fewer
+    participants (groups) than folds, a constant regression target."""
+
+
+def check_labels(target, task: str, n_folds: int, groups, classes=None, *, label: str = "label", source=None,
+                 classes_source: str | None = None, group_by: str = "participant_id") -> None:
+    """Refuse degenerate labels before any split is drawn, naming the label column, the counts and the fix.
+
+    Counts are of groups (participants, or ``cv.group_by`` values): a class must reach every test fold."""
+    target, groups = np.asarray(target), np.asarray(groups, dtype=str)
+    who = "participants" if group_by == "participant_id" else f"{group_by} groups (cv.group_by)"
+    col = f"column {label!r}"
+
+    def fail(problem, fix):
+        raise DegenerateLabelError(problem, path=source, fix=fix)
+
+    if len(target) == 0:
+        fail(f"no row has a label in {col}: nothing to train on",
+             "fill in the labels, or predict this dataset with models trained elsewhere (model.predict_from)")
+    if task != "classification":
+        n = len(np.unique(groups))
+        if n < n_folds:
+            fail(f"{n} labelled {who} in {col}, fewer than cv.n_folds={n_folds}", "lower cv.n_folds, or add labels")
+        if np.ptp(target) == 0:
+            fail(f"all {len(target)} labelled values of {col} are {float(target[0]):g}: a constant target cannot be "
+                 f"learnt", "check the label column (config tensors.label)")
+        return
+    target = target.astype(int)
+    classes = [str(c) for c in (classes if classes is not None else range(int(target.max()) + 1))]
+    n_groups = [len(np.unique(groups[target == k])) for k in range(len(classes))]
+    counts = f"{who}: " + ", ".join(f"{c} {g}" for c, g in zip(classes, n_groups))
+    where = classes_source or "config tensors.classes"
+    if sum(g > 0 for g in n_groups) < 2:
+        fail(f"{col} holds a single class among the labelled rows ({counts}): a classifier needs at least two",
+             "check the label column and the participants table (config tensors.label, participants_tsv)")
+    empty = [c for c, g in zip(classes, n_groups) if g == 0]
+    if empty:
+        fail(f"class(es) {', '.join(empty)} of {col} have no labelled rows ({counts})",
+             f"drop them from {where}, or add their participants")
+    rare = [c for c, g in zip(classes, n_groups) if g < n_folds]
+    if rare:
+        fewest = min(n_groups)
+        fail(f"class(es) {', '.join(rare)} of {col} have fewer {who} than cv.n_folds={n_folds} ({counts}), so some "
+             f"test folds would lack them",
+             (f"set cv.n_folds to {fewest} or fewer, or " if fewest >= 2 else "")
+             + f"drop the class from {where} (and label its rows n/a)")
 
 
 def strata(target: np.ndarray, task: str, n_bins: int = 4) -> np.ndarray:
@@ -42,14 +92,16 @@ def _group_folds(y, groups, n_splits, seed):
 
 
 def make_splits(participants, target, task: str = "classification", n_folds: int = 5,
-                val_fraction: float = 0.2, seed: int = 0, groups=None, sessions=None) -> pd.DataFrame:
+                val_fraction: float = 0.2, seed: int = 0, groups=None, sessions=None, **label_info) -> pd.DataFrame:
     """Long table (participant_id, session, group, fold, set): one row per cohort row and fold.
 
     ``groups`` defaults to the participant: sessions of one participant always stay together.
     The inner validation set takes about ``val_fraction`` of each training part, grouped and stratified alike.
+    ``label_info``: names for :func:`check_labels`' message (classes, label, source, classes_source, group_by).
     """
     participants = np.asarray(participants, dtype=str)
     groups = participants if groups is None else np.asarray(groups, dtype=str)
+    check_labels(target, task, n_folds, groups, **label_info)
     sessions = np.full(len(participants), "", dtype=object) if sessions is None else np.asarray(sessions, dtype=object)
     if not 0 < val_fraction < 0.5:
         raise ValueError(f"val_fraction={val_fraction} must lie in (0, 0.5)")
@@ -101,8 +153,10 @@ def check_splits(table: pd.DataFrame, participants=None) -> None:
 
 
 def read_splits(path) -> pd.DataFrame:
-    table = pd.read_csv(path, sep="\t", dtype={"participant_id": str, "session": str, "group": str},
-                        keep_default_na=False)
+    from .inputs import read_tsv
+
+    table = read_tsv(path, "splits table", required=tuple(COLUMNS), fix="rerun the splits (snakemake train)",
+                     dtype={"participant_id": str, "session": str, "group": str}, keep_default_na=False)
     try:
         check_splits(table)
     except LeakageError as e:
@@ -115,7 +169,8 @@ def fold_indices(table: pd.DataFrame, fold: int, keys: list) -> dict:
     rows outside the CV (unlabelled participants)."""
     part = table[table["fold"] == fold]
     if part.empty:
-        raise ValueError(f"no fold {fold} in the splits (folds: {sorted(table['fold'].unique())})")
+        raise LeakageError(f"no fold {fold} in the splits (folds: {sorted(table['fold'].unique())})",
+                           fix="use one of those folds, or redraw the splits with cv.n_folds")
     role = {(p, s): r for p, s, r in zip(part["participant_id"], part["session"], part["set"])}
     missing = [k for k in keys if k is not None and k not in role]
     if missing:

@@ -7,7 +7,12 @@ Three layers, each usable without Snakemake:
   content hashes, normalisation, code version). Inputs must already be on the working grid: a wrong
   shape, affine or space entity is refused, never resampled.
 - ``gather``: every subject's caches + participants.tsv (+ any declared feature TSVs) -> ``manifest.tsv``,
-  one stacked memory-mappable ``<m>.npy`` per modality, ``clinical.tsv``, ``cohort.json``.
+  one stacked memory-mappable ``<m>.npy`` per modality, ``clinical.tsv``, ``cohort.json``. The image stages'
+  QC records (``--qc``, kept in the sidecars) become the manifest's ``qc_pass`` / ``qc_flags`` columns, with a
+  WARNING listing flagged rows.
+- Integrity: each cache's sidecar records its content hash, ``cohort.json`` the dtype, shape and hash of every
+  stacked array and of the manifest; the gather and ``load_cohort`` refuse an edited, re-saved or truncated
+  file with the stage to rerun (hashing costs ~0.15 s per load of the 36-subject 3 mm demo cohort, 244 MB).
 - ``load_cohort`` / ``CohortDataset``: what train/evaluate use. ``make_cohort`` builds the same object
   from in-memory arrays (synthetic data in tests).
 
@@ -28,6 +33,7 @@ import importlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +41,9 @@ import numpy as np
 import pandas as pd
 
 from . import io as bf_io
-from .bids import TEMPLATE, bids_path, check_label
+from .bids import TEMPLATE, LabelError, bids_path, check_label
+from .errors import BrainfuseError
+from .inputs import CacheError, array_record, check_array, load_nifti, read_json, read_tsv
 from .provenance import code_version, file_sha256
 
 # ------------------------------------------------------------------------------------------ modalities
@@ -56,8 +64,42 @@ AFFINE_ATOL = 1e-3                                         # mm
 JSON = {"sort_keys": True, "allow_nan": False}             # sidecars and cohort.json: stable, strict JSON
 
 
-class TensorError(ValueError):
+class TensorError(BrainfuseError):
     """An input brainfuse will not turn into a tensor; the message names the file and the problem."""
+
+
+# ------------------------------------------------------------------------------------------ image QC
+# The image stages write one QC JSON per unit and datatype (brainfuse.stageqc.qc_path: DERIV/sub-X[/ses-Y]/
+# <datatype>/sub-X[_ses-Y]_desc-qc_<suffix>.json, {"qc_pass": bool, "flags": [...], "metrics": {...}, ...}).
+# suffix -> (datatype, modalities it applies to): every MNI map goes through the T1w's registration.
+QC_SUFFIXES = {"T1w": ("anat", IMAGE_MODALITIES), "dwi": ("dwi", ("DTI",)), "bold": ("func", ("fMRI", "conn"))}
+
+
+def read_qc(path) -> dict:
+    """One QC JSON as ``{"suffix", "path", "qc_pass", "flags"}``, its content checked."""
+    m = re.search(r"_desc-qc_([A-Za-z0-9]+)\.json$", os.path.basename(str(path)))
+    if not m or m[1] not in QC_SUFFIXES:
+        raise TensorError("not a QC file name (sub-X[_ses-Y]_desc-qc_{T1w,dwi,bold}.json)", path=path,
+                          fix="pass the QC JSON the anat, dwi or func stage wrote")
+    stage = QC_SUFFIXES[m[1]][0]
+    qc = read_json(path, "QC file", fix=f"rerun the {stage} stage")
+    flags = qc.get("flags", [])
+    if not isinstance(qc.get("qc_pass"), bool) or not isinstance(flags, list):
+        raise TensorError("QC file needs \"qc_pass\": true/false and \"flags\": [...]", path=path,
+                          fix=f"rerun the {stage} stage")
+    # one line each (they become a TSV cell): tabs and newlines folded into spaces
+    return {"suffix": m[1], "path": str(path), "qc_pass": qc["qc_pass"],
+            "flags": [" ".join(str(f).split()) for f in flags]}
+
+
+def qc_summary(records: list) -> tuple[str, str]:
+    """(qc_pass, qc_flags) manifest values of a row: "n/a" when no QC ran, else all passed, and the flags
+    as "T1w: flag; dwi: flag" ("n/a" when none)."""
+    if not records:
+        return "n/a", "n/a"
+    flags = [f"{r['suffix']}: {f}" for r in records for f in r["flags"]]
+    flags += [f"{r['suffix']}: failed QC" for r in records if not r["qc_pass"] and not r["flags"]]
+    return str(all(r["qc_pass"] for r in records)), "; ".join(flags) or "n/a"
 
 
 def unit_key(sub: str, ses: str | None = None) -> str:
@@ -99,13 +141,8 @@ def template_mask_path(res: int, root="resources") -> str:
 
 # --------------------------------------------------------------------------------------- per subject
 def _grid(mask_path):
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(mask_path))
-    except FileNotFoundError:
-        raise TensorError(f"{mask_path}: template brain mask not found (rule templates writes it)") from None
-    mask = np.asarray(img.dataobj) > 0
+    img, data = load_nifti(mask_path, "template brain mask", ndim=(3,), fix="rerun the templates rule (it writes it)")
+    mask = data > 0
     if mask.ndim != 3 or not mask.any():
         raise TensorError(f"{mask_path}: the template brain mask must be a non-empty 3D image")
     return mask, img.affine
@@ -122,14 +159,7 @@ def _check_name(path: str, modality: str, pattern: str, res: int):
 
 def _load_on_grid(path: str, mask: np.ndarray, affine: np.ndarray, res: int) -> np.ndarray:
     """The image's data as float64, refusing any other shape or affine (no resampling here, ever)."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(path)
-    except FileNotFoundError:
-        raise TensorError(f"{path}: no such file") from None
-    except Exception as e:  # nibabel raises several types for corrupt files
-        raise TensorError(f"{path}: cannot be read as NIfTI ({e})") from None
+    img, data = load_nifti(path, "derivative", dtype=np.float64, fix="rerun the stage that wrote it")
     shape = img.shape[:3] if img.ndim == 4 and img.shape[3] == 1 else img.shape
     if tuple(shape) != mask.shape:
         raise TensorError(f"{path}: shape {tuple(img.shape)} does not match the {TEMPLATE} {res} mm grid "
@@ -137,7 +167,7 @@ def _load_on_grid(path: str, mask: np.ndarray, affine: np.ndarray, res: int) -> 
     if not np.allclose(img.affine, affine, atol=AFFINE_ATOL):
         raise TensorError(f"{path}: affine {np.round(img.affine, 3).tolist()} does not match the {TEMPLATE} "
                           f"{res} mm grid {np.round(affine, 3).tolist()}; tensors never resample")
-    return np.asarray(img.dataobj, dtype=np.float64).reshape(mask.shape)
+    return data.reshape(mask.shape)
 
 
 def _normalise(modality: str, channel: str, data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -162,10 +192,7 @@ def _normalise(modality: str, channel: str, data: np.ndarray, mask: np.ndarray) 
 
 def conn_vector(relmat_path: str) -> tuple[np.ndarray, list[str]]:
     """Upper triangle (k=1, row-major) of a square Fisher-z matrix TSV; feature names 'a__b'."""
-    try:
-        table = pd.read_csv(relmat_path, sep="\t")
-    except FileNotFoundError:
-        raise TensorError(f"{relmat_path}: no such file") from None
+    table = read_tsv(relmat_path, "connectivity matrix", fix="rerun the func stage")
     names = [str(c) for c in table.columns]
     if table.shape != (len(names), len(names)) or len(names) < 2:
         raise TensorError(f"{relmat_path}: expected a square matrix with a header of parcel names, got shape "
@@ -185,11 +212,16 @@ def conn_vector(relmat_path: str) -> tuple[np.ndarray, list[str]]:
 
 
 def build_subject(modality: str, sources: list[str], mask_path: str, out: str, res: int,
-                  subject: str | None = None, session: str | None = None) -> dict:
-    """Write one subject's tensor for one modality and its sidecar; returns the sidecar."""
+                  subject: str | None = None, session: str | None = None, qc: list | None = None) -> dict:
+    """Write one subject's tensor for one modality and its sidecar; returns the sidecar.
+
+    ``qc``: :func:`read_qc` records of the unit; those that apply to ``modality`` go into the sidecar, from
+    where the gather carries them into the manifest."""
     sources = [str(s) for s in sources]
     info = {"modality": modality, "template": TEMPLATE, "resolution_mm": res, "code_version": code_version("tensors"),
             "participant_id": f"sub-{subject}" if subject else None, "session": session}
+    if qc is not None:
+        info["qc"] = [r for r in qc if modality in QC_SUFFIXES[r["suffix"]][1]]
     if modality == "conn":
         if len(sources) != 1:
             raise TensorError(f"conn takes one Fisher-z relmat TSV, got {len(sources)} inputs")
@@ -229,6 +261,7 @@ def build_subject(modality: str, sources: list[str], mask_path: str, out: str, r
                     mask={"path": str(mask_path), "sha256": file_sha256(mask_path)},
                     sources=srcs, normalisation=norms)
     bf_io.save_npy(arr, out)
+    info["array_sha256"] = file_sha256(out)      # checked by the gather: an edited cache is refused
     bf_io.save_json(info, re.sub(r"\.npy$", ".json", str(out)), **JSON)
     return info
 
@@ -255,11 +288,13 @@ def settings(cfg: dict | None) -> dict:
     return out
 
 
-def _read_tsv(path, what: str) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise TensorError(f"{path}: {what} not found") from None
+def _read_tsv(path, what: str, id_column: str = "participant_id", fix: str | None = None) -> pd.DataFrame:
+    """A participant table as strings (validated column by column later): readable, tab-separated, with the
+    id column and at least one row."""
+    if not os.path.isfile(path):
+        raise TensorError(f"{what} not found" if not os.path.isdir(path) else f"{what} expected, found a folder",
+                          path=path, fix=fix or "check the path")
+    return read_tsv(path, what, required=(id_column,), dtype=str, keep_default_na=False)
 
 
 def _missing(values: pd.Series) -> pd.Series:
@@ -270,8 +305,7 @@ def _levels_from_json(tsv_path) -> dict:
     side = re.sub(r"\.tsv$", ".json", str(tsv_path))
     if not os.path.exists(side):
         return {}
-    with open(side) as f:
-        meta = json.load(f)
+    meta = read_json(side, "participants table sidecar", fix="fix the JSON (BIDS participants.json) and rerun")
     return {k: list(v["Levels"]) for k, v in meta.items() if isinstance(v, dict) and isinstance(v.get("Levels"), dict)}
 
 
@@ -316,16 +350,27 @@ def encode_columns(table: pd.DataFrame, columns: list[str], levels: dict, source
     return arr.astype(np.float32), names
 
 
+def _label(value, what: str, source: str, row: int) -> str:
+    """A BIDS label from a table cell, refused with the file, row and value."""
+    try:
+        return check_label(value, what)
+    except LabelError:
+        raise TensorError(f"row {row + 1} has {what} {value!r}, not a BIDS label (letters and digits only after "
+                          f"the sub-/ses- prefix)", path=source,
+                          fix="write it as the dataset's folder name (e.g. sub-01) and rerun") from None
+
+
 def _index_rows(table: pd.DataFrame, source: str, id_column: str = "participant_id") -> dict:
     if id_column not in table.columns:
-        raise TensorError(f"{source}: no {id_column!r} column")
-    ids = ["sub-" + check_label(v, f"participant_id in {source}") for v in table[id_column]]
+        raise TensorError(f"no {id_column!r} column; it has {', '.join(map(str, table.columns[:8]))}", path=source,
+                          fix="add the column (tab-separated) and rerun")
+    ids = ["sub-" + _label(v, id_column, source, i) for i, v in enumerate(table[id_column])]
     has_ses = "session" in table.columns or "session_id" in table.columns
     ses_col = "session" if "session" in table.columns else "session_id"
     keys = []
     for i, pid in enumerate(ids):
         ses = table[ses_col].iloc[i] if has_ses else ""
-        ses = "" if ses in ("", "n/a") else check_label(ses, f"session in {source}")
+        ses = "" if ses in ("", "n/a") else _label(ses, ses_col, source, i)
         keys.append((pid, ses))
     dup = pd.Series(keys).duplicated()
     if dup.any():
@@ -372,7 +417,13 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
     task = cfg["task"]
     if task not in ("classification", "regression"):
         raise TensorError(f"config tensors.task must be classification or regression, not {task!r}")
-    part = _read_tsv(participants_tsv, "participants table")
+    part = _read_tsv(participants_tsv, "participants table",
+                     fix="set participants_tsv in the config, or add participants.tsv to the BIDS dataset")
+    if cfg["label"] not in part.columns:
+        raise TensorError(f"participants table has no label column {cfg['label']!r} (config tensors.label); it has "
+                          f"{', '.join(map(str, part.columns[:8]))}", path=participants_tsv,
+                          fix="set tensors.label to the column holding the target, or add the column (n/a where "
+                              "unknown, e.g. new subjects to predict)")
     part_index = _index_rows(part, str(participants_tsv))
     levels = {**_levels_from_json(participants_tsv), **cfg["levels"]}
 
@@ -423,13 +474,18 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
     label = pd.Series(participant_column(cfg["label"]), dtype=str)
     missing_label = _missing(label).to_numpy()
     classes = None
+    classes_source = None
     if task == "classification":
+        classes_source = ("config tensors.classes" if cfg["classes"] else
+                          f"the Levels of {cfg['label']!r} in {re.sub(r'[.]tsv$', '.json', str(participants_tsv))}"
+                          if levels.get(cfg["label"]) else f"the values of column {cfg['label']!r}")
         classes = [str(c) for c in (cfg["classes"] or levels.get(cfg["label"]) or sorted(set(label[~missing_label])))]
         unknown = sorted(set(label[~missing_label]) - set(classes))
         if unknown:
             raise TensorError(f"{participants_tsv}: labels {unknown} in column {cfg['label']!r} are not among the "
                               f"classes {classes} (config tensors.classes)")
         target = np.array([classes.index(v) if not m else -1 for v, m in zip(label, missing_label)], dtype=np.int64)
+        _warn_degenerate_classes(target, classes, cfg["label"], classes_source, participants_tsv)
     else:
         num = pd.to_numeric(label.where(~pd.Series(missing_label), None), errors="coerce")
         if (num.isna() & ~missing_label).any():
@@ -457,6 +513,7 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
         clinical[c] = participant_column(c)
 
     specs, feature_names, channels, written = [], {}, {}, {}
+    qc = [[] for _ in rows]        # per row: QC records of its image caches (read_qc), deduplicated by file
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_paths = []
     try:
@@ -468,8 +525,9 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
                     idx, src = part_rows, str(participants_tsv)
                 else:
                     t = tables[m]
-                    tab = _read_tsv(t["path"], f"table of tabular modality {m!r}")
                     id_col = t.get("id_column", "participant_id")
+                    tab = _read_tsv(t["path"], f"table of tabular modality {m!r}", id_col,
+                                    fix=f"check config tensors.tables.{m}.path")
                     tindex = _index_rows(tab, t["path"], id_col)
                     cols = t.get("columns") or [c for c in tab.columns if c not in (id_col, "session", "session_id")]
                     arr, names = encode_columns(tab, cols, {**levels, **t.get("levels", {})}, t["path"])
@@ -510,7 +568,7 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
                     stacked[i] = fill
                     continue
                 side = _read_sidecar(p)
-                a = np.load(p, mmap_mode="r")
+                a = _load_cache(p, side)
                 for key in ("shape", "dtype", "template", "resolution_mm", "affine", "channels", "feature_names"):
                     if side.get(key) != ref.get(key):
                         raise TensorError(f"{p}: {key} {_short(side.get(key))} differs from {have[0]} "
@@ -518,6 +576,7 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
                 if a.shape != shape or a.dtype != dtype:
                     raise TensorError(f"{p}: array {a.shape} {a.dtype} does not match its sidecar {shape} {dtype}")
                 stacked[i] = a
+                qc[i] += [r for r in side.get("qc", []) if r not in qc[i]]
             stacked.flush()
             del stacked
             written[m] = tmp
@@ -536,10 +595,17 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
         written["covariates"] = tmp
         if not specs:
             raise TensorError("no modality to gather: no subject has any of " + ", ".join(modalities))
+        summary = [qc_summary(r) for r in qc]
+        manifest["qc_pass"], manifest["qc_flags"] = [q[0] for q in summary], [q[1] for q in summary]
+        _warn_qc(manifest)
         info = {"task": task, "classes": classes, "label": cfg["label"], "group": group_col, "site": cfg["site"],
                 "modalities": specs, "feature_names": feature_names, "channels": channels,
                 "covariates": cov_names, "n": n, "settings": cfg, "code_version": code_version("tensors"),
-                "participants_tsv": {"path": str(participants_tsv), "sha256": file_sha256(participants_tsv)}}
+                "participants_tsv": {"path": str(participants_tsv), "sha256": file_sha256(participants_tsv)},
+                # dtype, shape and content hash of every stacked array, checked by load_cohort
+                "arrays": {m: array_record(tmp) for m, tmp in written.items()}}
+        if classes_source:
+            info["classes_source"] = classes_source
         if channels:
             info["grid"] = grid
         # rename all at the end, cohort.json last: a failed gather never leaves a cohort.json over a mix
@@ -549,12 +615,47 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
             os.replace(tmp, out_dir / f"{m}.npy")
         bf_io.save_tsv(clinical, out_dir / "clinical.tsv", na_rep="n/a")
         bf_io.save_tsv(manifest, out_dir / "manifest.tsv", na_rep="n/a")
+        info["tables"] = {"manifest.tsv": {"sha256": file_sha256(out_dir / "manifest.tsv")}}     # load_cohort reads it
         bf_io.save_json(info, out_dir / "cohort.json", **JSON)
     finally:
         for tmp in tmp_paths:
             if tmp.exists():
                 tmp.unlink()
     return info
+
+
+def _warn_degenerate_classes(target: np.ndarray, classes: list, label: str, source: str, participants_tsv):
+    """Loud warning for a label no classifier can be trained on (the splits refuse it; a cohort gathered only
+    to be predicted may be unlabelled or hold one class)."""
+    labelled = target[target >= 0]
+    if not len(labelled):
+        print(f"[tensors] note: no row has a label in column {label!r} of {participants_tsv}: this cohort can be "
+              f"predicted, not trained on")
+        return
+    counts = np.bincount(labelled, minlength=len(classes))
+    text = ", ".join(f"{c} {k}" for c, k in zip(classes, counts))
+    if (counts > 0).sum() < 2:
+        print(f"[tensors] WARNING: column {label!r} of {participants_tsv} holds a single class ({text} rows): "
+              f"no classifier can be trained on it (brainfuse train splits refuses it)", file=sys.stderr)
+    elif (counts == 0).any():
+        empty = [c for c, k in zip(classes, counts) if k == 0]
+        print(f"[tensors] WARNING: class(es) {', '.join(empty)} from {source} have no row in column {label!r} of "
+              f"{participants_tsv} ({text} rows); drop them there to train (brainfuse train splits refuses them)",
+              file=sys.stderr)
+
+
+def _warn_qc(manifest: pd.DataFrame) -> None:
+    """A loud warning listing every row whose image QC failed or raised flags (they stay in the cohort)."""
+    flagged = manifest[(manifest["qc_pass"] == "False") | (manifest["qc_flags"] != "n/a")]
+    if not len(flagged):
+        return
+    failed = int((flagged["qc_pass"] == "False").sum())
+    print(f"[tensors] WARNING: image QC flagged {len(flagged)} of {len(manifest)} rows ({failed} failed); they stay "
+          f"in the cohort (manifest.tsv columns qc_pass, qc_flags) - look at their QC figures:", file=sys.stderr)
+    for pid, ses, ok, flags in zip(flagged["participant_id"], flagged["session"], flagged["qc_pass"],
+                                   flagged["qc_flags"]):
+        print(f"[tensors] WARNING:   {pid}{'' if ses == 'n/a' else '_ses-' + ses}: "
+              f"{'FAILED' if ok == 'False' else 'passed'} - {flags}", file=sys.stderr)
 
 
 def _short(v):
@@ -564,11 +665,21 @@ def _short(v):
 
 def _read_sidecar(npy_path) -> dict:
     side = re.sub(r"\.npy$", ".json", str(npy_path))
+    if not os.path.exists(side):
+        raise TensorError(f"sidecar of {os.path.basename(str(npy_path))} is missing", path=side,
+                          fix=f"delete {os.path.dirname(str(npy_path))} and rerun the tensors stage")
+    return read_json(side, "tensor sidecar", fix=f"delete {os.path.dirname(str(npy_path))} and rerun the tensors stage")
+
+
+def _load_cache(path, side: dict):
+    """A per-subject cache (memory-mapped), checked against the dtype, shape and hash its sidecar recorded."""
+    record = ({"dtype": side["dtype"], "shape": side["shape"], "sha256": side["array_sha256"]}
+              if "array_sha256" in side else None)       # caches of older versions: shape and dtype checked below
     try:
-        with open(side) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise TensorError(f"{side}: sidecar of {npy_path} is missing") from None
+        return check_array(path, record, stage="tensors")
+    except CacheError as e:
+        raise CacheError(e.problem, path=path, fix=f"delete {os.path.dirname(str(path))} and rerun the tensors "
+                                                    f"stage (snakemake tensors)") from None
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -614,22 +725,37 @@ def _specs(items):
 def load_cohort(tensors_dir, mmap: bool = True) -> Cohort:
     """The gathered cohort in ``tensors_dir``; stacked arrays are memory-mapped (read on access)."""
     d = Path(tensors_dir)
-    try:
-        with open(d / "cohort.json") as f:
-            info = json.load(f)
-    except FileNotFoundError:
-        raise TensorError(f"{d}: no cohort.json (run the tensors stage: snakemake tensors)") from None
-    manifest = pd.read_csv(d / "manifest.tsv", sep="\t", dtype={"participant_id": str, "session": str,
-                                                                 "label": str, "group": str, "site": str},
-                           keep_default_na=False)
+    if not (d / "cohort.json").exists():
+        raise TensorError(f"{d}: no cohort.json (run the tensors stage: snakemake tensors)")
+    rerun = "rerun the gather: snakemake tensors --forcerun tensors_gather"
+    info = read_json(d / "cohort.json", "cohort description", fix=rerun)
+    for name, rec in info.get("tables", {}).items():       # older cohorts have no records: not checked
+        if not (d / name).exists() or file_sha256(d / name) != rec["sha256"]:
+            raise CacheError(f"{name} is missing or changed since the tensors stage wrote it (content hash differs)",
+                             path=d / name, fix=rerun)
+    manifest = read_tsv(d / "manifest.tsv", "cohort manifest", required=("participant_id", "target"), fix=rerun,
+                        dtype={"participant_id": str, "session": str, "label": str, "group": str, "site": str,
+                               "qc_pass": str, "qc_flags": str}, keep_default_na=False)
     for col in manifest.columns:
         if col.startswith("has_"):
             manifest[col] = manifest[col].astype(str).str.lower().eq("true")
     manifest["target"] = pd.to_numeric(manifest["target"].replace("n/a", np.nan))
     specs = _specs(info["modalities"])
+    records = info.get("arrays")
     arrays = {}
+
+    def array(name):
+        # dtype, shape and content hash against what the gather recorded (~0.2 s per 100 MB)
+        if records is not None and name not in records:
+            raise CacheError(f"cohort.json has no record of {name}.npy", path=d / f"{name}.npy", fix=rerun)
+        try:
+            a = check_array(d / f"{name}.npy", None if records is None else records[name], stage="tensors")
+        except CacheError as e:
+            raise CacheError(e.problem, path=e.path, fix=rerun) from None
+        return a if mmap else np.array(a)
+
     for s in specs:
-        a = np.load(d / f"{s.name}.npy", mmap_mode="r" if mmap else None)
+        a = array(s.name)
         if a.shape != (len(manifest), *s.shape):
             raise TensorError(f"{d / (s.name + '.npy')}: shape {a.shape} does not match cohort.json "
                               f"({len(manifest)}, {s.shape}); rerun the gather")
@@ -639,7 +765,7 @@ def load_cohort(tensors_dir, mmap: bool = True) -> Cohort:
         target = manifest["target"].to_numpy(dtype=np.int64)
     else:
         target = manifest["target"].to_numpy(dtype=np.float64)
-    cov = np.load(d / "covariates.npy") if (d / "covariates.npy").exists() else None
+    cov = np.array(array("covariates")) if (d / "covariates.npy").exists() or "covariates" in (records or {}) else None
     return Cohort(manifest=manifest, modalities=specs, arrays=arrays, present=present, target=target,
                   classes=info["classes"], task=info["task"], groups=manifest["group"].astype(str).to_numpy(),
                   feature_names=info["feature_names"], covariates=cov, covariate_names=info.get("covariates", []),
@@ -814,6 +940,7 @@ def cli(argv=None) -> int:
     s.add_argument("--subject", required=True)
     s.add_argument("--session", default=None)
     s.add_argument("--out-dir", required=True, help="tensors folder (files go to <out-dir>/sub-X[/ses-Y]/)")
+    s.add_argument("--qc", nargs="*", default=None, help="the unit's image QC JSONs (*_desc-qc_{T1w,dwi,bold}.json)")
     g = sub.add_parser("gather", help="stack every subject's caches into the cohort")
     g.add_argument("--out-dir", required=True)
     g.add_argument("--participants", required=True, help="participants.tsv")
@@ -821,22 +948,31 @@ def cli(argv=None) -> int:
     g.add_argument("--tensors", nargs="*", default=[], help="per-subject tensor files or unit folders")
     g.add_argument("--units", nargs="*", default=[], help="cohort rows (sub-X[_ses-Y]); default participants.tsv")
     args = ap.parse_args(argv)
-    try:
-        if args.command == "subject":
-            sub_label = check_label(args.subject, "subject")
-            ses = check_label(args.session, "session") if args.session else None
-            for modality, *sources in args.modality:
-                if modality not in IMAGE_MODALITIES:
-                    raise TensorError(f"--modality {modality}: not an image modality ({', '.join(IMAGE_MODALITIES)})")
-                if not sources:
-                    raise TensorError(f"--modality {modality}: no source files given")
-                out = tensor_path(args.out_dir, sub_label, modality, ses=ses)
-                info = build_subject(modality, sources, args.mask, out, args.resolution, subject=sub_label, session=ses)
-                print(f"[tensors] {unit_key(sub_label, ses)} {modality}: {info['shape']} -> {out}")
-        else:
-            info = gather(args.out_dir, args.participants, json.loads(args.settings), args.tensors, args.units)
-            print(f"[tensors] gathered {info['n']} rows, modalities "
-                  + ", ".join(f"{m['name']}{tuple(m['shape'])}" for m in info["modalities"]) + f" -> {args.out_dir}")
-    except TensorError as e:
-        ap.exit(1, f"brainfuse tensors: error: {e}\n")
+    # errors (TensorError, LabelError, CacheError …) reach brainfuse.cli, which prints them as one line
+    if args.command == "subject":
+        sub_label = check_label(args.subject, "subject (--subject)")
+        ses = check_label(args.session, "session (--session)") if args.session else None
+        qc = None if args.qc is None else [read_qc(p) for p in args.qc]
+        for modality, *sources in args.modality:
+            if modality not in IMAGE_MODALITIES:
+                raise TensorError(f"--modality {modality}: not an image modality ({', '.join(IMAGE_MODALITIES)})")
+            if not sources:
+                raise TensorError(f"--modality {modality}: no source files given")
+        for modality, *sources in args.modality:
+            out = tensor_path(args.out_dir, sub_label, modality, ses=ses)
+            info = build_subject(modality, sources, args.mask, out, args.resolution, subject=sub_label, session=ses,
+                                 qc=qc)
+            print(f"[tensors] {unit_key(sub_label, ses)} {modality}: {info['shape']} -> {out}")
+        _warn_qc_unit(unit_key(sub_label, ses), qc or [])
+    else:
+        info = gather(args.out_dir, args.participants, json.loads(args.settings), args.tensors, args.units)
+        print(f"[tensors] gathered {info['n']} rows, modalities "
+              + ", ".join(f"{m['name']}{tuple(m['shape'])}" for m in info["modalities"]) + f" -> {args.out_dir}")
     return 0
+
+
+def _warn_qc_unit(unit: str, qc: list) -> None:
+    ok, flags = qc_summary(qc)
+    if ok == "False" or flags != "n/a":
+        print(f"[tensors] WARNING: {unit} image QC {'FAILED' if ok == 'False' else 'passed with flags'}: {flags} "
+              f"(cached anyway; the flags go into manifest.tsv)", file=sys.stderr)

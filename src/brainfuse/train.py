@@ -8,7 +8,8 @@ Outputs per fold x preset (``DIR``): ``checkpoint.pt`` (best weights, fold-fitte
 config, history; loads with ``torch.load(..., weights_only=True)``) and ``predictions.tsv`` (test rows:
 class probabilities and per-expert routing weights). ``DIR/resume.pt`` holds the state after the last
 finished epoch (model, optimiser, RNG streams); a rerun after a kill continues from it and ends with the
-same weights as an uninterrupted run.
+same weights as an uninterrupted run. A damaged resume file is ignored with a WARNING (the fold restarts: seeded,
+so the same bytes); a damaged checkpoint is refused by :func:`load_checkpoint` with "rerun the train stage".
 """
 from __future__ import annotations
 
@@ -31,10 +32,16 @@ from sklearn.preprocessing import StandardScaler
 
 from . import io as bf_io
 from . import splits as bf_splits
+from .errors import BrainfuseError
+from .inputs import InputFileError, load_torch
 from .moe import ModalitySpec, MultimodalMoE, MoEConfig, preset_config
 from .provenance import code_version
 
 CHECKPOINT_FORMAT = "brainfuse-moe-1"
+
+
+class DeviceError(BrainfuseError):
+    """A torch device (config model.device, --device) this machine does not have."""
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -204,9 +211,26 @@ def set_determinism(seed: int, threads: int | None = None):
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU; a named device must exist here (else one line saying so)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    fix = "set model.device to auto or cpu in the config, or run the train and predict jobs on a GPU node " \
+          "(model.partition, model.gpus)"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"config model.device (--device) {name!r} is not a torch device",
+                          fix="use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)")
+            raise DeviceError(f"config model.device (--device) is {name!r} but {why}", fix=fix)
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"config model.device (--device) is {name!r} but this machine has {n} CUDA GPU(s) "
+                              f"(cuda:0 to cuda:{n - 1})", fix="use cuda (the first GPU) or an index below " + str(n))
+    return dev
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -300,6 +324,54 @@ def _phase(cohort, rows: dict, fit: str, settings: dict, preset: str, y: np.ndar
             "warmup": steps_per_epoch * int(m_cfg["warmup_epochs"])}
 
 
+def _warn_damaged(path, reason, log) -> None:
+    text = str(reason).strip()
+    text = text.splitlines()[0][:200] if text else type(reason).__name__
+    log(f"[train] WARNING: {path} is damaged ({text}): ignoring it and training this fold from the start "
+        f"(seeded: the result is the one an uninterrupted run gives)")
+
+
+def _read_resume(path, fp: str, log) -> dict | None:
+    """The resume file of this run, or None: absent, from another run (settings, split, code), or damaged.
+
+    A damaged resume file (truncated, edited, not a brainfuse file) is not an error: it only saves time, and
+    training is seeded, so starting the fold afresh ends with the same bytes. weights_only=True still refuses
+    any pickled code in it."""
+    if not path.exists():
+        return None
+    try:
+        saved = load_torch(path, "resume file", stage="train")
+    except InputFileError as e:
+        _warn_damaged(path, e.problem, log)
+        return None
+    if not isinstance(saved, dict) or not {"fingerprint", "state", "model", "optimizer", "rng"} <= set(saved):
+        if isinstance(saved, dict) and "fingerprint" in saved and saved["fingerprint"] != fp:
+            log(f"[train] {path} is from another run (settings, split or code changed): starting afresh")
+        else:
+            _warn_damaged(path, "not a brainfuse resume file", log)
+        return None
+    if saved["fingerprint"] != fp:
+        log(f"[train] {path} is from another run (settings, split or code changed): starting afresh")
+        return None
+    return saved
+
+
+def _restore(saved: dict, cohort, rows, settings, preset, y, seed, dev) -> tuple[dict, dict]:
+    """The phase and state a resume file holds, ready to continue training."""
+    state = saved["state"]
+    missing = {"phase", "epoch", "step", "best_loss", "best_epoch", "bad_epochs", "history"} - set(state)
+    if missing:
+        raise KeyError(f"state lacks {sorted(missing)}")
+    P = _phase(cohort, rows, "train" if state["phase"] == 1 else "train_val", settings, preset, y, seed, dev)
+    P["model"].load_state_dict(saved["model"])
+    P["opt"].load_state_dict(saved["optimizer"])
+    P["gen"].set_state(saved["rng"]["batches"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if dev.type == "cuda" and saved["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    return P, state
+
+
 def _fresh_state(phase: int, model) -> dict:
     """Phase 1 keeps the best weights on validation; phase 2 (no validation set) ends with its last epoch."""
     return {"phase": phase, "epoch": 0, "step": 0, "best_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0,
@@ -329,22 +401,17 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
 
     fp = fingerprint(settings, preset, fold, rows, len(keys))
     resume_path = out_dir / "resume.pt"
-    saved = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path.exists() else None
-    if saved is not None and saved.get("fingerprint") != fp:
-        log(f"[train] {resume_path} is from another run (settings, split or code changed): starting afresh")
-        saved = None
-    phase = saved["state"]["phase"] if saved else 1
-    P = _phase(cohort, rows, "train" if phase == 1 else "train_val", settings, preset, y, seed, dev)
-    state = _fresh_state(1, P["model"])
+    saved = _read_resume(resume_path, fp, log)
+    P, state = None, None
     if saved:
-        state = saved["state"]
-        P["model"].load_state_dict(saved["model"])
-        P["opt"].load_state_dict(saved["optimizer"])
-        P["gen"].set_state(saved["rng"]["batches"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if dev.type == "cuda" and saved["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(saved["rng"]["cuda"])
-        log(f"[train] resuming {preset} fold {fold} in phase {phase} after epoch {state['epoch']}")
+        try:
+            P, state = _restore(saved, cohort, rows, settings, preset, y, seed, dev)
+            log(f"[train] resuming {preset} fold {fold} in phase {state['phase']} after epoch {state['epoch']}")
+        except Exception as e:      # loads, but its content does not fit this model: as damaged
+            _warn_damaged(resume_path, e, log)
+    if P is None:
+        P = _phase(cohort, rows, "train", settings, preset, y, seed, dev)
+        state = _fresh_state(1, P["model"])
 
     log(f"[train] {preset} fold {fold}: {len(rows['train'])} train / {len(rows['val'])} val / {len(rows['test'])} "
         f"test{' (then refit on train + val)' if refit else ''}, device {dev} ({torch.get_num_threads()} CPU threads), "
@@ -469,27 +536,32 @@ def evaluate_loss(model, data: dict, target: torch.Tensor, device, task: str) ->
 # ------------------------------------------------------------------------------------- inference
 def load_checkpoint(path, device="cpu") -> tuple[dict, MultimodalMoE]:
     """A checkpoint (plain tensors and data only: ``weights_only=True``) and its model in eval mode."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable brainfuse checkpoint ({e})") from None
+    fix = "delete it and rerun the train stage (snakemake train)"
+    ckpt = load_torch(path, "checkpoint", map_location=device, stage="train")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a brainfuse checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
-    model = MultimodalMoE(MoEConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+        raise InputFileError(f"not a brainfuse checkpoint (format {CHECKPOINT_FORMAT!r} expected)", path=path, fix=fix)
+    try:
+        model = MultimodalMoE(MoEConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+        for key in ("preset", "task", "classes", "modalities", "preprocessing", "pool"):
+            ckpt[key]
+    except Exception as e:      # KeyError, TypeError, RuntimeError (tensor shapes) of an edited file
+        raise InputFileError(f"checkpoint content is damaged ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+                             path=path, fix=fix) from None
     return ckpt, model.to(device).eval()
 
 
 def check_compatible(ckpt: dict, cohort, source="") -> None:
     """The cohort must have the modalities (names, kinds, shapes) the model was trained on."""
     have = {s.name: (s.kind, list(s.shape)) for s in cohort.modalities}
+    fix = "gather the new subjects with the tensors settings (modalities, resolution_mm) of the training run"
     for m in ckpt["modalities"]:
         if m["name"] not in have:
-            raise ValueError(f"{source}: modality {m['name']!r} the model was trained on is not in the cohort "
-                             f"(it has {sorted(have)})")
+            raise BrainfuseError(f"{source}: modality {m['name']!r} the model was trained on is not in the cohort "
+                                 f"(it has {sorted(have)})", fix=fix)
         if have[m["name"]] != (m["kind"], m["shape"]):
-            raise ValueError(f"{source}: modality {m['name']!r} is {have[m['name']]} in the cohort but "
-                             f"{(m['kind'], m['shape'])} in the model")
+            raise BrainfuseError(f"{source}: modality {m['name']!r} is {have[m['name']]} in the cohort but "
+                                 f"{(m['kind'], m['shape'])} in the model", fix=fix)
 
 
 def cohort_data(ckpt: dict, cohort, rows: np.ndarray) -> dict:
@@ -545,6 +617,8 @@ def cli(argv=None):
     f.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     settings = settings_from_json(args.settings)
+    if args.what == "fold":
+        pick_device(args.device)        # a missing GPU is reported before any data is read
     cohort = load(args.tensors)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.what == "splits":
@@ -554,11 +628,18 @@ def cli(argv=None):
         groups = None
         if cv["group_by"] != "participant_id":
             if cv["group_by"] not in cohort.manifest.columns:
-                raise SystemExit(f"cv.group_by={cv['group_by']!r}: no such column in {args.tensors}/manifest.tsv "
-                                 f"(columns: {list(cohort.manifest.columns)})")
+                raise BrainfuseError(f"config cv.group_by={cv['group_by']!r}: no such column in the cohort manifest "
+                                     f"(columns: {', '.join(cohort.manifest.columns)})",
+                                     path=Path(args.tensors) / "manifest.tsv",
+                                     fix="name a manifest column (participant_id, group or site)")
             groups = cohort.manifest[cv["group_by"]].astype(str).to_numpy()[labelled]
+        info = cohort.info
         table = bf_splits.make_splits([k[0] for k in keys], y[labelled], cohort.task, cv["n_folds"],
-                                      cv["val_fraction"], cv["seed"], groups, [k[1] for k in keys])
+                                      cv["val_fraction"], cv["seed"], groups, [k[1] for k in keys],
+                                      classes=cohort.classes, label=info.get("label", "label"),
+                                      source=info.get("participants_tsv", {}).get("path") or
+                                      Path(args.tensors) / "manifest.tsv",
+                                      classes_source=info.get("classes_source"), group_by=cv["group_by"])
         bf_io.save_tsv(table, args.out)
         log(f"[splits] {len(keys)} labelled rows ({int((~labelled).sum())} unlabelled left out), "
             f"{cv['n_folds']} folds -> {args.out}")

@@ -33,10 +33,11 @@ rule templates:
 rule anat_subject:
     """N4, brain mask, GM/WM/CSF, affine + SyN to the template, MNI maps, log-Jacobian and QC of one T1w."""
     input:
-        t1w=lambda w: raw_images(unit_of(w), "T1w")[0],
+        t1w=t1w_input,
         templates=list(TEMPLATE_FILES.values()),
     output:
-        **ANAT,   # QC PNGs reach the HTML report through report_qc ("Preprocessing QC"), with dwi's and func's
+        **ANAT,   # QC PNGs reach the HTML report through report_qc ("Preprocessing QC"), with dwi's and func's;
+                  # qc_json: the QC record (brainfuse.stageqc) the tensors manifest and the report read
     params:
         code=code_version("anat"),
         anat=ANAT_PARAMS,
@@ -44,6 +45,7 @@ rule anat_subject:
         deriv=DERIV,
         tpl_dir=TPL_DIR,
         res=RES,
+        strict="--strict" if config["strict"] else "",   # QC below threshold: fail (else WARNING + QC JSON flag)
     log:
         log_path("anat_subject"),
     conda:
@@ -55,11 +57,12 @@ rule anat_subject:
         runtime=lambda wildcards, input: bf_resources.anat(input.t1w)["runtime"],
     shell:
         "{BRAINFUSE} anat --t1w {input.t1w} --out-dir {params.deriv} --subject {wildcards.subject} {params.session}"
-        " --template-dir {params.tpl_dir} --res {params.res} --threads {threads} --params '{params.anat}' > {log} 2>&1"
+        " --template-dir {params.tpl_dir} --res {params.res} --threads {threads} --params '{params.anat}'"
+        " {params.strict} > {log} 2>&1"
 
 
 STAGE_TARGETS["anat"] = deferred_targets(
-    lambda: [p for key in ("qc_mask", "qc_reg") for p in expand_units(ANAT[key], units_with("T1w"))])
+    lambda: job_targets(rules.anat_subject, units_with("T1w"), [ANAT["qc_mask"], ANAT["qc_reg"]]))
 
 
 rule anat:

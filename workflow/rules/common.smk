@@ -1,13 +1,17 @@
 # Validation, the dataset index, path helpers and code versions shared by every stage.
 import json
+import os
 import sys
 from pathlib import Path
 
+from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 
 from brainfuse import config as bf_config
 from brainfuse import demo as bf_demo
-from brainfuse.bids import TEMPLATE, bids_path, check_label, index_bids
+from brainfuse.bids import IMAGING, TEMPLATE, bids_path, check_bids_root, check_input_dir, folder_label, index_bids
+from brainfuse.errors import BrainfuseError
+from brainfuse.inputs import check_output_dir
 from brainfuse.provenance import code_version
 
 # Stops the run with a message naming the key (schema: workflow/schemas/config.schema.yaml).
@@ -17,6 +21,15 @@ except bf_config.ConfigError as e:
     raise WorkflowError(str(e)) from None
 config.clear()
 config.update(_validated)
+
+# Paths the config names, checked before any job is planned: one line each instead of a failure in a job.
+try:
+    check_output_dir(config["output_dir"])
+    if config["participants_tsv"] and not Path(config["participants_tsv"]).is_file():
+        raise BrainfuseError("participants_tsv does not exist or is not a file", path=config["participants_tsv"],
+                             fix="set participants_tsv to your clinical table (TSV with participant_id), or null")
+except BrainfuseError as e:
+    raise WorkflowError(str(e)) from None
 
 MODE = bf_config.input_mode(config)  # "bids", "dicom" or "demo"
 OUT = config["output_dir"].rstrip("/")
@@ -37,39 +50,102 @@ wildcard_constraints:
 
 
 # ----------------------------------------------------------------------------------- dataset index
+def _check_subjects(found, where):
+    """config `subjects` must name subjects that exist: a typo would otherwise drop a subject without a word."""
+    missing = sorted(set(config["subjects"]) - set(found))
+    if missing:
+        raise WorkflowError(f"{where}: config key 'subjects' names {', '.join(missing)} but there is no such subject; "
+                            "correct the labels, or leave subjects empty for all")
+
+
 # Built once at parse time (never per job): the 1,000-subject dry run depends on it.
 def _index():
     if MODE == "demo":
         cohort = bf_demo.plan(config["demo"])
+        _check_subjects([s.label for s in cohort], f"the demo ({len(cohort)} subjects, demo.n_subjects)")
         wanted = set(config["subjects"]) or {s.label for s in cohort}
         return {(s.label, None): {"T1w": True, "dwi": s.has_dwi, "bold": s.has_bold}
                 for s in cohort if s.label in wanted}, {}
     if MODE == "bids":
-        sessions = index_bids(config["bids_dir"], config["subjects"] or None)
-        return {(s.sub, s.ses): {m: s.has(m) for m in ("T1w", "dwi", "bold")} for s in sessions}, \
+        sessions = index_bids(check_bids_root(config["bids_dir"]), config["subjects"] or None)
+        return {(s.sub, s.ses): {m: s.has(m) for m in IMAGING} for s in sessions}, \
                {(s.sub, s.ses): s.images for s in sessions}
     # dicom: subjects are the folder names; what each holds is known only after conversion.
-    root = Path(config["dicom_dir"])
-    if not root.is_dir():
-        raise WorkflowError(f"dicom_dir {root}: no such folder")
-    labels = sorted(check_label(p.name, f"subject folder {p}") for p in root.iterdir() if p.is_dir())
+    root = check_input_dir(config["dicom_dir"], "dicom_dir")
+    labels = sorted(folder_label(p) for p in root.iterdir() if p.is_dir())
+    _check_subjects(labels, f"dicom_dir {root}")
     wanted = set(config["subjects"]) or set(labels)
     return {(s, None): None for s in labels if s in wanted}, {}
 
 
-AVAILABILITY, _IMAGES = _index()
+try:
+    AVAILABILITY, _IMAGES = _index()
+except (BrainfuseError, FileNotFoundError) as e:      # index_bids: missing `subjects` (FileNotFoundError)
+    raise WorkflowError(str(e)) from None
+if not AVAILABILITY:
+    raise WorkflowError(f"{config['bids_dir'] or config['dicom_dir']}: no subject folders "
+                        f"({'sub-*' if MODE == 'bids' else 'one folder per subject'}) found; check the path")
 UNITS = sorted(AVAILABILITY)
 HAS_SESSIONS = any(ses for _, ses in UNITS)
 MODALITIES = config["modalities"]
+# dwi and func register every image to the subject's preprocessed T1w (anat stage): without one they cannot run.
+NEEDS_T1W = ("dwi", "bold")
+
+
+def unit_name(unit):
+    return f"sub-{unit[0]}" + (f"_ses-{unit[1]}" if unit[1] else "")
+
+
+_T1W_REPORTED = set()
+
+
+def report_missing_t1w(found_by_unit, where):
+    """Units with dwi/bold to process but no T1w: one warning line each (once), or, with config `strict`, stop
+    with one line naming them. ``found_by_unit``: unit -> {modality: has an image}; ``where(unit)``: where the
+    T1w was looked for."""
+    lost = {u: [m for m in NEEDS_T1W if f[m] and m in MODALITIES] for u, f in found_by_unit.items()
+            if not f["T1w"] and u not in _T1W_REPORTED}
+    lost = {u: ms for u, ms in lost.items() if ms}
+    _T1W_REPORTED.update(lost)
+    if not lost:
+        return
+    if config["strict"]:
+        names = "; ".join(f"{unit_name(u)}: no usable T1w ({where(u)})" for u in sorted(lost))
+        raise WorkflowError(f"{names}: dwi and func need it; strict: true stops here (add a T1w, leave the "
+                            "subject out with `subjects`, or set strict: false to carry it on without dwi and func)")
+    if workflow.is_main_process:           # not again in every cluster job's own parse
+        for unit, modalities in sorted(lost.items()):
+            logger.warning(f"brainfuse: warning: {unit_name(unit)}: no usable T1w ({where(unit)}): dwi and func "
+                           f"need it; carried on as missing T1w, {', '.join(modalities)}")
+
+
+def _found(unit):
+    """modality -> whether the unit has an image of it, regardless of MODALITIES and of the T1w rule.
+    DICOM mode: from its conversion manifest, which waits for the conversion (call from input functions)."""
+    if AVAILABILITY[unit] is not None:
+        return AVAILABILITY[unit]
+    images = converted_images(unit)
+    found = {m: bool(images.get(m)) for m in IMAGING}
+    report_missing_t1w({unit: found}, lambda u: f"no T1w series converted, see {converted_manifest(u)}")
+    return found
 
 
 def has(unit, modality):
-    """Whether a subject (session) has a modality; in DICOM mode this waits for its conversion."""
+    """Whether a subject (session) has a modality to process; in DICOM mode this waits for its conversion.
+    dwi and bold count only with a T1w (NEEDS_T1W): a subject without one is carried on as missing them."""
     if modality not in MODALITIES:
         return False
-    if AVAILABILITY[unit] is None:
-        return bool(converted_images(unit).get(modality))
-    return AVAILABILITY[unit][modality]
+    found = _found(unit)
+    return found[modality] and (modality not in NEEDS_T1W or found["T1w"])
+
+
+if MODE == "bids":
+    report_missing_t1w(AVAILABILITY, lambda u: f"no *_T1w.nii[.gz] in {Path(BIDS_DIR, *unit_name(u).split('_'))}/anat")
+    if workflow.is_main_process:
+        for unit in (u for u in UNITS if not any(AVAILABILITY[u].values())):
+            logger.warning(f"brainfuse: warning: {unit_name(unit)}: no T1w, DWI or BOLD image in "
+                           f"{Path(BIDS_DIR, *unit_name(unit).split('_'))}: carried on with its participants.tsv "
+                           "data only")
 
 
 def units_with(modality):
@@ -106,12 +182,100 @@ def converted_images(unit):
     raise WorkflowError("DICOM input needs the convert stage (workflow/rules/convert.smk)")
 
 
+def converted_manifest(unit):
+    """Replaced by the convert stage in DICOM mode: the subject's conversion manifest."""
+    raise WorkflowError("DICOM input needs the convert stage (workflow/rules/convert.smk)")
+
+
+def t1w_input(wildcards):
+    """The T1w of a unit (the first, sorted, when there are several). The stage targets never ask for a unit
+    without one (has()); a target named by hand gets this line instead of an IndexError."""
+    images = raw_images(unit_of(wildcards), "T1w")
+    if not images:
+        raise WorkflowError(f"{unit_name(unit_of(wildcards))}: no T1w image, so no anat, dwi or func outputs can be "
+                            "made for it; it is carried on as missing them (ask for other subjects' files)")
+    return images[0]
+
+
+# -------------------------------------------------------------------------- participants without images
+# BIDS defines a dataset's participants by its sub-* folders (the validator reports a participants.tsv row
+# without a folder as an error, PARTICIPANT_ID_MISMATCH). Such a row is most often an incomplete transfer or a
+# screening failure: it is left out - not carried on as a clinical-only subject, which would change the class
+# balance and folds of an imaging study without anyone asking - but never silently.
+def _participant_ids(table):
+    """participant_id labels of a table, or None when it cannot be read here (the tensors stage reads it with
+    brainfuse.inputs.read_tsv, which names the problem)."""
+    import csv
+
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    if not rows or "participant_id" not in rows[0]:
+        return None
+    return sorted({str(r["participant_id"]).strip().removeprefix("sub-") for r in rows if r["participant_id"]})
+
+
+def report_participants_without_images():
+    table = config["participants_tsv"] or (f"{config['bids_dir']}/participants.tsv" if MODE == "bids" else None)
+    if MODE == "demo" or config["subjects"] or not table or not Path(table).is_file():
+        return                      # a `subjects` subset leaves the others out on purpose
+    ids = _participant_ids(table)
+    subjects = {s for s, _ in UNITS}
+    orphans = [i for i in ids or [] if i not in subjects]
+    if orphans and workflow.is_main_process:
+        shown = ", ".join(f"sub-{i}" for i in orphans[:20]) + (f" ... ({len(orphans)} in all)" * (len(orphans) > 20))
+        logger.warning(f"brainfuse: warning: {table}: {len(orphans)} participant(s) listed with no imaging folder in "
+                       f"{config['bids_dir'] or config['dicom_dir']}: {shown}; they are left out of every stage "
+                       "(add their images, or remove their rows to silence this)")
+
+
+report_participants_without_images()
+
+
 # ------------------------------------------------------------------------------------ stage targets
-# stage -> list of files; each stage's .smk fills its entry. Per-subject stages list their jobs' QC figures
-# only: a job in the DAG reruns when any of its outputs is missing or stale, so one file per job is enough,
-# and the report needs the figures anyway. Listing every output made `rule all` ~30 inputs per subject, a
-# third of the 1,000-subject dry run (benchmarks/bench_dag.py).
+# stage -> list of files; each stage's .smk fills its entry through job_targets. Snakemake reruns a job that is
+# not itself a target only for the missing outputs some downstream job requests: naming one file per job, a
+# stage said "Nothing to be done" with that job's other outputs deleted. Naming every output of every job fixes
+# that but costs ~35 more files per subject to match to their rules: +15% CPU for the 1,000-subject dry run on a
+# fresh tree (benchmarks/bench_dag.py), +45% after a complete run. job_targets names the QC figures of each job
+# (the report needs them; a missing one reruns the job) plus only those other outputs that are missing: as
+# cheap as the figures alone.
 STAGE_TARGETS = {}
+
+
+def job_targets(rule, units, always, **wildcards):
+    """For each unit, the ``always`` outputs of ``rule``'s job (patterns among rule.output) and, when those all
+    exist, every other declared output that does not: requested, a missing one reruns the job. Other wildcards
+    as keyword arguments (e.g. bold=...). Looks each folder up once (os.scandir), not each file."""
+    always = [str(p) for p in always]
+    rest = [str(p) for p in rule.output if str(p) not in always]
+    listings = {}
+
+    def exists(path):
+        folder, name = os.path.split(path)
+        if folder not in listings:
+            try:
+                with os.scandir(folder or ".") as it:
+                    listings[folder] = {e.name for e in it}
+            except OSError:
+                listings[folder] = set()
+        return name in listings[folder]
+
+    out = []
+    for s, ses in units:
+        first = [p.format(subject=s, session=ses, **wildcards) for p in always]
+        out += first
+        # the cluster jobs' own parse skips the look-ups: they run one given job, never these targets
+        if workflow.is_main_process and all(map(exists, first)):
+            out += [q for q in (p.format(subject=s, session=ses, **wildcards) for p in rest) if not exists(q)]
+    return out
+
+
+def job_outputs(rule, units, **wildcards):
+    """Every declared output of ``rule``'s job for each unit (stages of few jobs: demo, convert)."""
+    return [str(p).format(subject=s, session=ses, **wildcards) for s, ses in units for p in rule.output]
 
 
 def all_targets():

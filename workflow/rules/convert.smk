@@ -33,7 +33,7 @@ def _dataset_outputs(root):
 
 if MODE == "dicom":
     # Subject label -> folder (common.smk made the labels from these folder names).
-    _DICOM_FOLDERS = {check_label(p.name): str(p) for p in Path(config["dicom_dir"]).iterdir() if p.is_dir()}
+    _DICOM_FOLDERS = {folder_label(p): str(p) for p in Path(config["dicom_dir"]).iterdir() if p.is_dir()}
 
     checkpoint convert_subject:
         input:
@@ -60,6 +60,9 @@ if MODE == "dicom":
     # subjects, so that every subject's checkpoint is scheduled at once rather than one after another.
     CONVERT_MANIFESTS = expand(_manifest(BIDS_DIR), subject=[s for s, _ in UNITS])
     _CONVERTED_CACHE = {}
+
+    def converted_manifest(unit):
+        return _manifest(BIDS_DIR).format(subject=unit[0])
 
     def converted_images(unit):
         """{"T1w": [...], "dwi": [...], "bold": [...]} of a subject, read from its conversion manifest
@@ -175,9 +178,10 @@ if _CONVERT_ROOT:
             "{BRAINFUSE} convert dataset --bids-dir {params.root:q} --subject-manifests {input.manifests:q}"
             " --manifest {output.manifest:q} {params.clinical} > {log:q} 2>&1"
 
+    _convert_rule = rules.convert_subject if MODE == "dicom" else rules.convert_demo_subject
     STAGE_TARGETS["convert"] = list(_dataset_outputs(_CONVERT_ROOT).values()) + (
         [f"{DEMO_CONVERTED}/code/verification.tsv"] if MODE == "demo" else []
-    )
+    ) + job_outputs(_convert_rule, [(s, None) for s in _CONVERT_SUBJECTS])
 else:
     STAGE_TARGETS["convert"] = []
 

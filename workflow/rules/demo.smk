@@ -147,9 +147,11 @@ rule demo_dicom:
 if MODE == "demo":
     _cohort = [s for s in bf_demo.plan(config["demo"]) if (s.label, None) in AVAILABILITY]
     STAGE_TARGETS["demo"] = (
-        rules.demo_dataset.output
-        + [p for u in UNITS for m in MODALITIES for p in raw_images(u, m)]
-        + [f"{DEMO}/dicom/{s.label}" for s in _cohort if s.dicom]
+        list(rules.demo_dataset.output)
+        + job_outputs(rules.demo_subject, UNITS)
+        + job_outputs(rules.demo_dwi, [u for u in UNITS if "dwi" in MODALITIES and AVAILABILITY[u]["dwi"]])
+        + job_outputs(rules.demo_bold, [u for u in UNITS if "bold" in MODALITIES and AVAILABILITY[u]["bold"]])
+        + job_outputs(rules.demo_dicom, [(s.label, None) for s in _cohort if s.dicom])
     )
 
 

@@ -31,12 +31,14 @@ rule dwi_subject:
         mni=DWI_MNI,
         xfm=bpath(DERIV, "dwi", "xfm", ".mat", **{"from": "dwi", "to": "T1w", "mode": "image"}),
         qc=DWI_QC,
+        qc_json=bpath(DERIV, "dwi", "dwi", ".json", desc="qc"),   # QC record (brainfuse.stageqc): manifest, report
     params:
         runs=lambda wildcards, input: " ".join(r for r in input.dwi if r.endswith((".nii", ".nii.gz"))),
         ses=lambda wildcards: f"--ses {wildcards.session}" if HAS_SESSIONS else "",
         settings=DWI_SETTINGS,
         res=DWI_RES,
         code=code_version("dwi"),
+        strict="--strict" if config["strict"] else "",   # QC below threshold: fail (else WARNING + QC JSON flag)
     log:
         log_path("dwi_subject"),
     conda:
@@ -50,12 +52,10 @@ rule dwi_subject:
         "{BRAINFUSE} dwi --dwi {params.runs} --sub {wildcards.subject} {params.ses} --out {DERIV}"
         " --t1w {input.t1w} --t1w-mask {input.mask} --transforms {input.warp} {input.affine}"
         " --template {input.template} --res {params.res} --params '{params.settings}' --threads {threads}"
-        " > {log} 2>&1"
+        " {params.strict} > {log} 2>&1"
 
 
-STAGE_TARGETS["dwi"] = deferred_targets(
-    lambda: [p for pattern in DWI_QC for p in expand_units(pattern, units_with("dwi"))]
-)
+STAGE_TARGETS["dwi"] = deferred_targets(lambda: job_targets(rules.dwi_subject, units_with("dwi"), DWI_QC))
 
 
 rule dwi:

@@ -37,6 +37,9 @@ FUNC_OUT = {
     "qc_motion": _func_stem("figures") + "_desc-motion_bold.png",
     "qc_carpet": _func_stem("figures") + "_desc-carpet_bold.png",
 }
+# per subject (session): the QC record of all its runs (brainfuse.stageqc; the tensors manifest and report read it)
+FUNC_QC = bpath(DERIV, "func", "bold", ".json", desc="qc")
+FUNC_STRICT = "--strict" if config["strict"] else ""   # QC below threshold: fail (else WARNING + QC JSON flag)
 
 
 def bold_runs(unit):
@@ -101,6 +104,7 @@ rule func_run:
         res=FUNC_RES,
         anat_dir=lambda wildcards, input: os.path.dirname(input.t1w),  # brainfuse.anat.to_mni_transforms
         code=code_version("func"),
+        strict=FUNC_STRICT,
     log:
         f"{LOGS}/func_run/sub-{{subject}}" + ("_ses-{session}" if HAS_SESSIONS else "") + "_{bold}.log",
     conda:
@@ -114,16 +118,43 @@ rule func_run:
         "{BRAINFUSE} func --bold {input.bold} --t1w {input.t1w} --t1w-mask {input.mask}"
         " --anat-dir {params.anat_dir} --template {input.template} --template-mask {input.template_mask}"
         " --wm {input.wm} --csf {input.csf} --atlas {input.atlas} --atlas-tsv {input.atlas_tsv} --deriv {DERIV}"
-        " --res {params.res} --params '{params.settings}' --threads {threads} > {log} 2>&1"
+        " --res {params.res} --params '{params.settings}' --threads {threads} {params.strict} > {log} 2>&1"
+
+
+def _func_qc_inputs(wildcards):
+    """Every run's motion QC (<run>_desc-confounds_timeseries.json) of the unit."""
+    unit = unit_of(wildcards)
+    return [FUNC_OUT["motion_qc"].format(subject=unit[0], session=unit[1], bold=key) for key in sorted(bold_runs(unit))]
+
+
+rule func_qc:
+    """The subject's func QC JSON (qc_pass, flags, metrics, thresholds) from its runs' motion QC."""
+    input:
+        _func_qc_inputs,
+    output:
+        qc_json=FUNC_QC,
+    params:
+        code=code_version("stageqc"),
+        strict=FUNC_STRICT,
+    log:
+        log_path("func_qc"),
+    conda:
+        "../../envs/func.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    shell:
+        "{BRAINFUSE} qc --motion-qc {input} --out {output.qc_json} {params.strict} > {log} 2>&1"
 
 
 def _func_targets():
-    out = []
-    for unit in units_with("bold"):
-        sub, ses = unit
-        for key in sorted(bold_runs(unit)):
-            out += [FUNC_OUT[k].format(subject=sub, session=ses, bold=key) for k in ("qc_motion", "qc_carpet")]
-    return out
+    """Each run's QC figures and missing outputs (common.smk, job_targets), each unit's func QC JSON."""
+    units = units_with("bold")
+    figures = [FUNC_OUT["qc_motion"], FUNC_OUT["qc_carpet"]]
+    out = [p for unit in units for key in sorted(bold_runs(unit))
+           for p in job_targets(rules.func_run, [unit], figures, bold=key)]
+    return out + job_targets(rules.func_qc, units, rules.func_qc.output)
 
 
 STAGE_TARGETS["func"] = deferred_targets(_func_targets)

@@ -3,6 +3,7 @@
 import functools
 import shlex
 
+from brainfuse import stageqc as bf_stageqc
 from brainfuse import tensors as bf_tensors
 from brainfuse.bids import parse_name
 
@@ -45,6 +46,16 @@ def tensor_sources(wildcards):
     return [p for paths in unit_sources(unit_of(wildcards)).values() for p in paths]
 
 
+def unit_qc(wildcards):
+    """The image stages' QC JSONs behind the unit's caches (anat: every image modality goes through the T1w's
+    registration; dwi: DTI; func: fMRI, conn), carried into the sidecars and the manifest."""
+    unit = unit_of(wildcards)
+    mods = unit_modalities(unit)
+    datatypes = (["anat"] if mods and has(unit, "T1w") else []) + (["dwi"] if "DTI" in mods else []) \
+        + (["func"] if {"fMRI", "conn"} & set(mods) else [])
+    return [bf_stageqc.qc_path(DERIV, unit[0], unit[1], d) for d in datatypes]
+
+
 def tensor_args(wildcards):
     return " ".join(f"--modality {m} " + " ".join(paths) for m, paths in unit_sources(unit_of(wildcards)).items())
 
@@ -63,6 +74,7 @@ rule tensors_subject:
     input:
         sources=tensor_sources,
         mask=TEMPLATE_MASK,
+        qc=unit_qc,
     output:
         directory(_unit_dir),
     params:
@@ -81,7 +93,7 @@ rule tensors_subject:
         runtime=10,
     shell:
         "{BRAINFUSE} tensors subject --subject {wildcards.subject} {params.session} --resolution {params.res}"
-        " --mask {input.mask} --out-dir {params.out_dir} {params.modalities} > {log} 2>&1"
+        " --mask {input.mask} --out-dir {params.out_dir} {params.modalities} --qc {input.qc} > {log} 2>&1"
 
 
 rule tensors_gather:
@@ -110,11 +122,13 @@ rule tensors_gather:
         mem_mb=4000,
         runtime=30,
     shell:
+        # its WARNING lines (image QC flags, degenerate labels) are repeated on the console, not only in the log
         "{BRAINFUSE} tensors gather --out-dir {params.out_dir} --participants {input.participants}"
         " --settings {params.settings} --units {params.units} --tensors {input.tensors} > {log} 2>&1"
+        " && (grep -h 'WARNING' {log} >&2 || true)"
 
 
-STAGE_TARGETS["tensors"] = list(rules.tensors_gather.output)
+STAGE_TARGETS["tensors"] = list(rules.tensors_gather.output)   # it requests every tensors_subject folder
 
 
 rule tensors:

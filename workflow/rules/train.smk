@@ -88,6 +88,7 @@ rule train_fold:
         "{BRAINFUSE} train fold --tensors {TENSORS} --splits {input.splits} --fold {wildcards.fold}"
         " --preset {wildcards.preset} --settings {params.settings} --device {params.device}"
         " --threads {threads} --out {params.outdir} > {log} 2>&1"
+        " && (grep -h 'WARNING' {log} >&2 || true)"     # e.g. a damaged resume file ignored: said on the console
 
 
 rule evaluate_cv:
@@ -121,6 +122,7 @@ rule evaluate_cv:
         "{BRAINFUSE} evaluate --tensors {TENSORS} --splits {input.splits} --models {MODELS}"
         " --presets {params.presets} --settings {params.settings} {params.bayes} --threads {threads}"
         " --out {REPORTS} > {log} 2>&1"
+        " && (grep -h 'WARNING' {log} >&2 || true)"     # rows flagged by image QC: said on the console
 
 
 def qc_figures(wildcards=None):
