@@ -20,6 +20,8 @@ if Path("config/config.yaml").is_file():
         raise WorkflowError(str(e)) from None
 
 configfile: "config/config.yaml"
+# `snakemake --report`: what was run and how to read it (rendered with this run's config); captions beside it.
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

@@ -108,9 +108,9 @@ def main(argv=None):
         reg = ants.registration(fixed=ants.image_read(tpl), moving=brain, type_of_transform="Affine",
                                 outprefix=str(work / "anat_"))
         # 1. the whole stage, one fresh process as in the workflow
-        cmd = [sys.executable, "-m", "brainfuse", "dwi", "--dwi", str(run_path), "--sub", sub, "--out",
+        cmd = [sys.executable, "-m", "brainfuse", "dwi", "--dwi", str(run_path), "--subject", sub, "--out-dir",
                str(work / "deriv"), "--t1w", str(t1w), "--t1w-mask", str(mask_t1), "--transforms",
-               *reg["fwdtransforms"], "--template", tpl, "--res", "3", "--threads", str(args.threads)]
+               *reg["fwdtransforms"], "--template", tpl, "--resolution", "3", "--threads", str(args.threads)]
         t, c = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t

@@ -106,9 +106,9 @@ def main():
     bids, deriv, sub = work / "bids", work / "deriv", "philips"
     tpl = templates.build(args.res, work / "resources")
     atlas_nii = work / "resources" / f"tpl-{TEMPLATE}" / f"tpl-{TEMPLATE}_res-{res}_atlas-brainfuse_dseg.nii.gz"
-    atlas_tsv = atlas_nii.with_name(f"tpl-{TEMPLATE}_atlas-brainfuse_dseg.tsv")
+    atlas_tsv = atlas_nii.with_name(f"tpl-{TEMPLATE}_res-{res}_atlas-brainfuse_dseg.tsv")
     subprocess.run([sys.executable, "-m", "brainfuse", "func", "atlas", "--gm", tpl["GM"], "--mask", tpl["mask"],
-                    "--out", str(atlas_nii), "--tsv", str(atlas_tsv), "--n-parcels", "100"], check=True,
+                    "--output", str(atlas_nii), "--output-tsv", str(atlas_tsv), "--n-parcels", "100"], check=True,
                    env={**os.environ, "PYTHONPATH": str(REPO / "src")}, capture_output=True)
     rows = {}
     rows["convert"] = run_stage("convert", ["convert", "--dicom-dir", str(site / "In"), "--bids-dir", str(bids),
@@ -123,24 +123,24 @@ def main():
     shutil.copyfile(site / "Nifti" / "2101_WIP_fcMRI_cl.json", bold.replace(".nii.gz", ".json"))
 
     rows["anat"] = run_stage("anat", ["anat", "--t1w", t1w, "--out-dir", str(deriv), "--subject", sub,
-                                      "--template-dir", str(Path(tpl["T1w"]).parent), "--res", res, "--threads", th], logs)
+                                      "--template-dir", str(Path(tpl["T1w"]).parent), "--resolution", res, "--threads", th], logs)
     rows["anat"]["declared"] = resources.anat(t1w)
     a = anat.output_paths(deriv, sub, None, args.res)
-    rows["dwi"] = run_stage("dwi", ["dwi", "--dwi", *dwis, "--sub", sub, "--out", str(deriv), "--t1w", a["preproc"],
+    rows["dwi"] = run_stage("dwi", ["dwi", "--dwi", *dwis, "--subject", sub, "--out-dir", str(deriv), "--t1w", a["preproc"],
                                     "--t1w-mask", a["mask"], "--transforms", a["warp"], a["affine"],
-                                    "--template", tpl["T1w"], "--res", res, "--threads", th], logs)
+                                    "--template", tpl["T1w"], "--resolution", res, "--threads", th], logs)
     rows["dwi"]["declared"] = resources.dwi(dwis)
     rows["func"] = run_stage("func", ["func", "--bold", bold, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
                                       "--anat-dir", str(Path(a["preproc"]).parent), "--template", tpl["T1w"],
                                       "--template-mask", tpl["mask"], "--wm", a["mni_WM"], "--csf", a["mni_CSF"],
-                                      "--atlas", str(atlas_nii), "--atlas-tsv", str(atlas_tsv), "--deriv", str(deriv),
-                                      "--res", res, "--threads", th], logs)
+                                      "--atlas", str(atlas_nii), "--atlas-tsv", str(atlas_tsv), "--out-dir", str(deriv),
+                                      "--resolution", res, "--threads", th], logs)
     rows["func"]["declared"] = resources.func(bold)
     if not args.skip_05:
         t1w_05 = upsampled_t1w(t1w, work / "T1w_05mm.nii.gz")
         rows["anat 0.5 mm"] = run_stage("anat05", ["anat", "--t1w", str(t1w_05), "--out-dir", str(work / "deriv05"),
                                                    "--subject", sub, "--template-dir", str(Path(tpl["T1w"]).parent),
-                                                   "--res", res, "--threads", th], logs)
+                                                   "--resolution", res, "--threads", th], logs)
         rows["anat 0.5 mm"]["declared"] = resources.anat(t1w_05)
 
     qc = json.loads(Path(a["mni_t1w"].replace(".nii.gz", ".json")).read_text())["QC"]

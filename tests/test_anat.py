@@ -93,7 +93,7 @@ def test_bad_input_is_refused_with_the_file_named_and_nothing_written(tmp_path, 
     assert str(path) in str(err.value)
     out = tmp_path / "deriv"
     run = subprocess.run([sys.executable, "-m", "brainfuse", "anat", "--t1w", str(path), "--out-dir", str(out),
-                          "--subject", "01", "--template-dir", str(resources / f"tpl-{TEMPLATE}"), "--res", "3"],
+                          "--subject", "01", "--template-dir", str(resources / f"tpl-{TEMPLATE}"), "--resolution", "3"],
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode != 0 and str(path) in run.stderr and message in run.stderr
     assert not list(out.rglob("*.nii.gz"))

@@ -47,7 +47,7 @@ def _one_line(message, *names):
 def _anat_cli(t1w, tmp_path, *extra):
     """The anat command as the rule runs it; templates are never reached (inputs are checked first)."""
     return brainfuse_error("anat", "--t1w", t1w, "--out-dir", tmp_path / "deriv", "--subject", "01",
-                           "--template-dir", tmp_path / "no-templates", "--res", "3", *extra)
+                           "--template-dir", tmp_path / "no-templates", "--resolution", "3", *extra)
 
 
 def test_truncated_t1w_is_named(tmp_path):
@@ -82,7 +82,7 @@ def _bold(folder, name="sub-01_task-rest_bold", shape=(10, 10, 8, 30), tr=2.0, z
 def _func_cli(bold, tmp_path):
     return brainfuse_error("func", "--bold", bold, "--t1w", "x", "--mni-xfm", "x", "--template", "x",
                            "--template-mask", "x", "--wm", "x", "--csf", "x", "--atlas", "x", "--atlas-tsv", "x",
-                           "--deriv", tmp_path / "deriv", "--res", "3")
+                           "--out-dir", tmp_path / "deriv", "--resolution", "3")
 
 
 def test_millisecond_tr_stops_the_command(tmp_path):
@@ -177,8 +177,8 @@ def test_binary_bval_is_refused(tmp_path):
 def _dwi_cli(runs, tmp_path):
     dummy = tmp_path / "dummy.nii.gz"
     _nii(dummy, np.ones((4, 4, 4)))
-    return brainfuse_error("dwi", "--dwi", *runs, "--sub", "01", "--out", tmp_path / "deriv", "--t1w", dummy,
-                           "--transforms", dummy, "--template", dummy, "--res", "3")
+    return brainfuse_error("dwi", "--dwi", *runs, "--subject", "01", "--out-dir", tmp_path / "deriv", "--t1w", dummy,
+                           "--transforms", dummy, "--template", dummy, "--resolution", "3")
 
 
 def test_truncated_dwi_and_b0_only_subject_stop_the_command(tmp_path):
@@ -238,7 +238,7 @@ def test_func_subject_qc_summarises_runs_and_strict_stops(tmp_path):
     stageqc.func_subject_qc(runs[::-1], out)
     assert open(out, "rb").read() == first           # byte-identical whatever the order the runs come in
     strict_out = tmp_path / "strict" / "sub-01_desc-qc_bold.json"
-    line = brainfuse_error("qc", "--motion-qc", *runs, "--out", strict_out, "--strict")
+    line = brainfuse_error("qc", "--motion-qc", *runs, "--output", strict_out, "--strict")
     _one_line(line, "sub-01: func QC failed: sub-01_task-rest_run-2: mean framewise displacement 0.71 mm",
               "strict: false")
     assert not strict_out.exists()
@@ -275,7 +275,7 @@ def templates_3mm(tmp_path_factory):
 def _anat_run(tiny_demo, templates_3mm, deriv, params, *extra, expect_error=False):
     root, _ = tiny_demo
     argv = ("anat", "--t1w", bids_path(root / "bids", "002", "anat", "T1w"), "--out-dir", deriv, "--subject", "002",
-            "--template-dir", templates_3mm, "--res", "3", "--params", json.dumps(params), *extra)
+            "--template-dir", templates_3mm, "--resolution", "3", "--params", json.dumps(params), *extra)
     return brainfuse_error(*argv) if expect_error else brainfuse_cli(*argv)
 
 

@@ -78,7 +78,7 @@ def trained(tmp_path_factory):
 def test_unusable_participants_table_is_one_line(tmp_path, case, content, expected):
     (tmp_path / "participants.tsv").write_text(content)
     line = brainfuse_error("tensors", "gather", "--out-dir", tmp_path / "tensors", "--participants",
-                           tmp_path / "participants.tsv", "--settings", json.dumps(TAB))
+                           tmp_path / "participants.tsv", "--params", json.dumps(TAB))
     assert f"{tmp_path / 'participants.tsv'}: " in line and expected in line, line
     assert not_done(tmp_path / "tensors")
 
@@ -88,7 +88,7 @@ def test_invalid_bids_label_is_one_line(tmp_path):
     write_participants(tmp_path / "participants.tsv",
                        edit=lambda t: t.assign(participant_id=t.participant_id.where(t.index != 4, "sub-005_x")))
     line = brainfuse_error("tensors", "gather", "--out-dir", tmp_path / "tensors", "--participants",
-                           tmp_path / "participants.tsv", "--settings", json.dumps(TAB))
+                           tmp_path / "participants.tsv", "--params", json.dumps(TAB))
     assert "participants.tsv: row 5 has participant_id 'sub-005_x', not a BIDS label" in line, line
     assert not_done(tmp_path / "tensors")
     line = brainfuse_error("tensors", "subject", "--subject", "01_a", "--modality", "aMRI", "x.nii.gz",
@@ -116,7 +116,7 @@ def test_unusable_feature_table_is_one_line(tmp_path, case, expected):
         table.to_csv(aseg, sep="\t", index=False)
     cfg = {**TAB, "tables": {"aseg": {"path": str(aseg)}}}
     line = brainfuse_error("tensors", "gather", "--out-dir", tmp_path / "tensors", "--participants",
-                           tmp_path / "participants.tsv", "--settings", json.dumps(cfg))
+                           tmp_path / "participants.tsv", "--params", json.dumps(cfg))
     assert str(aseg) in line and expected in line, line
     assert not_done(tmp_path / "tensors")
 
@@ -150,7 +150,7 @@ def test_degenerate_labels_are_refused_before_any_split(tmp_path, capsys, case, 
     warned = capsys.readouterr().err
     if case != "class below the fold count":
         assert "WARNING" in warned and "participants.tsv" in warned and "brainfuse train splits refuses" in warned
-    argv = ["splits", "--tensors", tensors, "--settings", json.dumps({"cv": {"n_folds": 5}}), "--out",
+    argv = ["splits", "--tensors", tensors, "--params", json.dumps({"cv": {"n_folds": 5}}), "--output",
             tmp_path / "splits.tsv"]
     if case == "single class":          # the command line prints one line
         line = brainfuse_error("train", *argv)
@@ -195,7 +195,7 @@ def test_edited_cohort_cache_is_refused_with_the_stage_to_rerun(tmp_path, case, 
     assert "rerun the gather: snakemake tensors --forcerun tensors_gather" in str(err.value)
     assert len(ref) == 30
     if case == "re-saved as float64":          # and through a stage's command line: one line
-        line = brainfuse_error("train", "splits", "--tensors", tensors, "--out", tmp_path / "splits.tsv")
+        line = brainfuse_error("train", "splits", "--tensors", tensors, "--output", tmp_path / "splits.tsv")
         assert expected in line and "rerun the gather" in line, line
         assert not (tmp_path / "splits.tsv").exists()
 
@@ -248,7 +248,7 @@ def test_edited_subject_cache_is_refused_at_the_gather(image_units, tmp_path):
     np.save(cache, a)
     units = [T.unit_dir(out, s) for s in ("001", "002", "003")]
     line = brainfuse_error("tensors", "gather", "--out-dir", out, "--participants", root / "participants.tsv",
-                           "--settings", json.dumps({"modalities": ["aMRI"]}), "--tensors", *units)
+                           "--params", json.dumps({"modalities": ["aMRI"]}), "--tensors", *units)
     assert f"{cache}: cached array changed since the tensors stage wrote it" in line, line
     assert f"delete {T.unit_dir(out, '002')} and rerun the tensors stage" in line
     assert not_done(out)
@@ -259,7 +259,7 @@ def test_qc_flags_reach_the_manifest_with_a_loud_warning(image_units):
     side = json.loads(open(T.tensor_path(out, "002", "aMRI", ext=".json")).read())
     assert [q["suffix"] for q in side["qc"]] == ["T1w"]          # func QC does not apply to aMRI
     log = brainfuse_cli("tensors", "gather", "--out-dir", out, "--participants", root / "participants.tsv",
-                        "--settings", json.dumps({"modalities": ["aMRI", "clinical"], "levels": {"sex": ["F", "M"]}}),
+                        "--params", json.dumps({"modalities": ["aMRI", "clinical"], "levels": {"sex": ["F", "M"]}}),
                         "--tensors", *[T.unit_dir(out, s) for s in ("001", "002", "003")])
     assert "WARNING: image QC flagged 1 of 3 rows (1 failed)" in log
     assert "WARNING:   sub-002: FAILED - T1w: MNI correlation 0.41 < 0.60: registration failed" in log
@@ -286,8 +286,8 @@ def test_cuda_without_a_gpu_names_the_config_key(trained, tmp_path):
         pytest.skip("this machine has a GPU")
     root, tensors, s, _ = trained
     line = brainfuse_error("train", "fold", "--tensors", tensors, "--splits", root / "splits.tsv", "--fold", "0",
-                           "--preset", "late", "--settings", json.dumps(FAST), "--device", "cuda",
-                           "--out", tmp_path / "fold")
+                           "--preset", "late", "--params", json.dumps(FAST), "--device", "cuda",
+                           "--out-dir", tmp_path / "fold")
     assert "config model.device (--device) is 'cuda' but" in line and "set model.device to auto or cpu" in line, line
     assert not (tmp_path / "fold" / "checkpoint.pt").exists()
 
@@ -299,7 +299,7 @@ def test_truncated_checkpoint_in_evaluate_is_one_line(trained, tmp_path):
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     line = brainfuse_error("evaluate", "--tensors", tensors, "--splits", root / "splits.tsv", "--models", models,
-                           "--presets", "late", "--settings", json.dumps(FAST), "--out", tmp_path / "reports")
+                           "--presets", "late", "--params", json.dumps(FAST), "--out-dir", tmp_path / "reports")
     assert f"{ckpt}: checkpoint is truncated, damaged or not a brainfuse file" in line, line
     assert "delete it and rerun the train stage" in line
     assert not (tmp_path / "reports").exists()
@@ -318,7 +318,7 @@ def test_tampered_checkpoint_in_predict_is_refused_and_never_runs(trained, tmp_p
     ckpt = models / "late" / "fold-0" / "checkpoint.pt"
     torch.save({"format": bf_train.CHECKPOINT_FORMAT, "x": Payload()}, ckpt)    # a pickle that runs a command
     out = tmp_path / "predictions.tsv"
-    line = brainfuse_error("predict", "--tensors", tensors, "--models", models, "--preset", "late", "--out", out)
+    line = brainfuse_error("predict", "--tensors", tensors, "--models", models, "--preset", "late", "--output", out)
     assert f"{ckpt}: checkpoint is truncated, damaged or not a brainfuse file" in line, line
     assert not mark.exists() and not out.exists()
 

@@ -196,14 +196,13 @@ def minutes(limit: str) -> int:
 
 
 def output_files(root: Path) -> dict[str, bytes]:
-    """Every output of a run (outputs and the templates it built; logs and Snakemake's own folder left out), with
-    the run's folder written as <workdir>: sidecars name their inputs by absolute path."""
+    """Every output of a run (outputs and the templates it built under out/templates; logs and Snakemake's own
+    folder left out), with the run's folder written as <workdir>: sidecars name their inputs by absolute path."""
     files = {}
-    for base in ("out", "resources"):
-        for p in sorted((root / base).rglob("*")):
-            rel = p.relative_to(root).as_posix()
-            if p.is_file() and not rel.startswith("out/logs/"):
-                files[rel] = p.read_bytes().replace(str(root).encode(), b"<workdir>")
+    for p in sorted((root / "out").rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not rel.startswith("out/logs/"):
+            files[rel] = p.read_bytes().replace(str(root).encode(), b"<workdir>")
     return files
 
 

@@ -210,5 +210,5 @@ def test_dicom_export_carries_fake_identity(tiny_demo):
 
 def test_cli_refuses_unknown_subject(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        demo.cli(["--out", str(tmp_path), "--params", '{"n_subjects": 3}', "--subject", "999", "--what", "subject"])
+        demo.cli(["--out-dir", str(tmp_path), "--params", '{"n_subjects": 3}', "--subject", "999", "--what", "subject"])
     assert "999" in capsys.readouterr().err

@@ -60,8 +60,8 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tpl)
     xfm = tmp_path / "x.mat"
     xfm.write_text("")
-    rc = dwi.cli(["--dwi", str(path), "--sub", "01", "--out", str(tmp_path / "deriv"), "--t1w", str(tpl),
-                  "--transforms", str(xfm), "--template", str(tpl), "--res", "3"])
+    rc = dwi.cli(["--dwi", str(path), "--subject", "01", "--out-dir", str(tmp_path / "deriv"), "--t1w", str(tpl),
+                  "--transforms", str(xfm), "--template", str(tpl), "--resolution", "3"])
     assert rc == 1
     assert "sub-01_dir-AP_dwi.bvec: missing" in capsys.readouterr().err
     assert not (tmp_path / "deriv").exists() or not any((tmp_path / "deriv").rglob("*.*"))
@@ -122,8 +122,8 @@ def phantom_outputs(tiny_demo, tmp_path_factory):
         reg = ants.registration(fixed=ants.image_read(tpl), moving=brain, type_of_transform="Affine",
                                 outprefix=str(work / f"anat{s.label}_"))
         run = root / "bids" / f"sub-{s.label}" / "dwi" / f"sub-{s.label}_dir-AP_dwi.nii.gz"
-        rc = dwi.cli(["--dwi", str(run), "--sub", s.label, "--out", str(out), "--t1w", str(t1w), "--t1w-mask", str(mask),
-                      "--transforms", *reg["fwdtransforms"], "--template", tpl, "--res", "3"])
+        rc = dwi.cli(["--dwi", str(run), "--subject", s.label, "--out-dir", str(out), "--t1w", str(t1w), "--t1w-mask", str(mask),
+                      "--transforms", *reg["fwdtransforms"], "--template", tpl, "--resolution", "3"])
         assert rc == 0
         results[s.label] = dwi.output_paths(out, s.label, None, 3, [str(run)])
     return root, cfg, out, tpl, results

@@ -37,7 +37,7 @@ def _truncated_nifti(tmp_path, shape=(12, 12, 12)):
 def test_cli_prints_one_line_and_debug_the_traceback(tmp_path):
     t1w = _truncated_nifti(tmp_path)
     argv = ("anat", "--t1w", t1w, "--out-dir", tmp_path / "deriv", "--subject", "01",
-            "--template-dir", tmp_path / "tpl", "--res", "3")
+            "--template-dir", tmp_path / "tpl", "--resolution", "3")
     line = brainfuse_error(*argv)
     assert str(t1w) in line and "truncated" in line, line
     assert not (tmp_path / "deriv" / "sub-01" / "anat").exists() or not any((tmp_path / "deriv").rglob("*.nii.gz"))
@@ -51,7 +51,7 @@ def test_full_disk_names_the_output_and_leaves_no_partial_file(tmp_path):
     """RLIMIT_FSIZE makes write() fail with EFBIG ("File too large") as a full quota does (Python ignores
     SIGXFSZ); the message names the file being written, and no file carries a final name."""
     out = tmp_path / "resources"
-    script = (f"ulimit -f 20; exec {sys.executable} -m brainfuse templates --res 3 --out {out}")
+    script = (f"ulimit -f 20; exec {sys.executable} -m brainfuse templates --resolution 3 --out-dir {out}")
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
     line = done.stderr.strip().splitlines()[-1]

@@ -151,10 +151,16 @@ def test_predict_new_subjects_with_missing_modalities(trained, tmp_path):
 
 
 def test_tabular_only_workflow_trains_evaluates_predicts_and_reports(tmp_path):
-    """The demo's participant table alone (clinical + serum, no images) through the Snakemake rules."""
+    """Tabular-only mode (README): the demo's participant table alone (clinical + serum, no images) as
+    participants_tsv with modalities: [], through the Snakemake rules; no image is generated or processed."""
+    from brainfuse import demo as bf_demo
+
+    demo_cfg = bf_demo.demo_config({"n_subjects": 36})
+    bf_demo.clinical_table(demo_cfg, bf_demo.plan(demo_cfg)).to_csv(tmp_path / "clinical.tsv", sep="\t", index=False)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(json.dumps({
-        "modalities": [], "tensors": {"modalities": ["clinical", "serum"]},
+        "participants_tsv": str(tmp_path / "clinical.tsv"), "modalities": [],
+        "tensors": {"levels": {"sex": ["F", "M"]}},     # image modalities are dropped in this mode
         "model": {"presets": ["late", "neuromoe"], "epochs": 15, "patience": 5},
         "cv": {"n_folds": 2, "bootstrap": 20}}))
     out = tmp_path / "out"
@@ -177,9 +183,10 @@ def test_tabular_only_workflow_trains_evaluates_predicts_and_reports(tmp_path):
     html = report.read_text()
     for name in ("cv_performance.png", "missing_modality_grid.png", "results.tsv"):
         assert name in html
-    # rerunning changes nothing
+    # rerunning changes nothing; no image stage ran
     dry = snakemake("-n", "evaluate", "predict")
     assert "Nothing to be done" in dry.stdout + dry.stderr
+    assert not (out / "demo").exists() and not (out / "derivatives").exists()
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])

@@ -295,7 +295,7 @@ def test_bad_inputs_name_the_file(tmp_path, tiny_demo):
     # the CLI reports it and writes nothing
     r = subprocess.run([os.sys.executable, "-m", "brainfuse", "func", "--bold", str(no_tr), "--t1w", "x", "--mni-xfm", "x",
                         "--template", "x", "--template-mask", "x", "--wm", "x", "--csf", "x", "--atlas", "x",
-                        "--atlas-tsv", "x", "--deriv", str(tmp_path / "deriv"), "--res", "3"],
+                        "--atlas-tsv", "x", "--out-dir", str(tmp_path / "deriv"), "--resolution", "3"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(func.__file__).parents[1])})
     assert r.returncode == 1 and "RepetitionTime is missing" in r.stderr
     assert not (tmp_path / "deriv").exists()

@@ -34,8 +34,8 @@ def philips(shared_data, tmp_path_factory):
     logs.mkdir()
     tpl = templates.build(RES, work / "resources")
     atlas = work / "resources" / f"tpl-{TEMPLATE}" / f"tpl-{TEMPLATE}_res-{RES}_atlas-brainfuse_dseg.nii.gz"
-    atlas_tsv = atlas.with_name(f"tpl-{TEMPLATE}_atlas-brainfuse_dseg.tsv")
-    brainfuse_cli("func", "atlas", "--gm", tpl["GM"], "--mask", tpl["mask"], "--out", atlas, "--tsv", atlas_tsv,
+    atlas_tsv = atlas.with_name(f"tpl-{TEMPLATE}_res-{RES}_atlas-brainfuse_dseg.tsv")
+    brainfuse_cli("func", "atlas", "--gm", tpl["GM"], "--mask", tpl["mask"], "--output", atlas, "--output-tsv", atlas_tsv,
          "--n-parcels", 100, log=logs / "atlas.log")
     brainfuse_cli("convert", "--dicom-dir", site / "In", "--bids-dir", bids, "--subject", SUB,
          "--manifest", work / "manifest.tsv", "--work-dir", work, log=logs / "convert.log")
@@ -45,14 +45,14 @@ def philips(shared_data, tmp_path_factory):
     shutil.copyfile(site / "Nifti" / "2101_WIP_fcMRI_cl.json", bold.replace(".nii.gz", ".json"))
     t1w = bids_path(bids, SUB, "anat", "T1w")
     brainfuse_cli("anat", "--t1w", t1w, "--out-dir", deriv, "--subject", SUB, "--template-dir", os.path.dirname(tpl["T1w"]),
-         "--res", RES, log=logs / "anat.log")
+         "--resolution", RES, log=logs / "anat.log")
     a = anat.output_paths(deriv, SUB, None, RES)
     dwis = sorted((bids / f"sub-{SUB}" / "dwi").glob("*_dwi.nii.gz"))
-    brainfuse_cli("dwi", "--dwi", *dwis, "--sub", SUB, "--out", deriv, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
-         "--transforms", a["warp"], a["affine"], "--template", tpl["T1w"], "--res", RES, log=logs / "dwi.log")
+    brainfuse_cli("dwi", "--dwi", *dwis, "--subject", SUB, "--out-dir", deriv, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
+         "--transforms", a["warp"], a["affine"], "--template", tpl["T1w"], "--resolution", RES, log=logs / "dwi.log")
     brainfuse_cli("func", "--bold", bold, "--t1w", a["preproc"], "--t1w-mask", a["mask"], "--anat-dir", os.path.dirname(a["preproc"]),
          "--template", tpl["T1w"], "--template-mask", tpl["mask"], "--wm", a["mni_WM"], "--csf", a["mni_CSF"],
-         "--atlas", atlas, "--atlas-tsv", atlas_tsv, "--deriv", deriv, "--res", RES, log=logs / "func.log")
+         "--atlas", atlas, "--atlas-tsv", atlas_tsv, "--out-dir", deriv, "--resolution", RES, log=logs / "func.log")
     return {"work": work, "bids": bids, "deriv": deriv, "anat": a, "dwis": dwis, "bold": bold}
 
 

@@ -35,8 +35,8 @@ def test_dwi_twice_is_byte_identical(subject):
     root, work, tpl, a = subject
     dwi = bids_path(root / "bids", SUB, "dwi", "dwi", dir="AP")
     for run in ("run1", "run2"):
-        brainfuse_cli("dwi", "--dwi", dwi, "--sub", SUB, "--out", work / run, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
-             "--transforms", a["warp"], a["affine"], "--template", tpl["T1w"], "--res", RES, "--threads", 1)
+        brainfuse_cli("dwi", "--dwi", dwi, "--subject", SUB, "--out-dir", work / run, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
+             "--transforms", a["warp"], a["affine"], "--template", tpl["T1w"], "--resolution", RES, "--threads", 1)
     first, second = _files(work / "run1"), _files(work / "run2")
     assert len(first) >= 15 and first.keys() == second.keys()
     assert not [str(k) for k in first if first[k] != second[k]], "dwi outputs differ between two runs"
@@ -50,7 +50,7 @@ def test_func_twice_is_byte_identical(subject):
         brainfuse_cli("func", "--bold", bold, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
              "--anat-dir", os.path.dirname(a["preproc"]), "--template", tpl["T1w"], "--template-mask", tpl["mask"],
              "--wm", a["mni_WM"], "--csf", a["mni_CSF"], "--atlas", tpl["atlas"], "--atlas-tsv", tpl["atlas_tsv"],
-             "--deriv", work / run, "--res", RES, "--threads", 1)
+             "--out-dir", work / run, "--resolution", RES, "--threads", 1)
     first, second = _files(work / "func1"), _files(work / "func2")
     assert len(first) >= 10 and first.keys() == second.keys()
     assert not [str(k) for k in first if first[k] != second[k]], "func outputs differ between two runs"

@@ -363,7 +363,7 @@ def test_workflow_caches_gathers_and_reruns_only_the_changed_subject(tmp_path, g
                 flags = ["MNI correlation 0.41 < 0.60"] if (sub, datatype) == ("002", "anat") else []
                 bf_io.save_json({"qc_pass": not flags, "flags": flags, "metrics": {}, "thresholds": {}},
                                 stageqc.qc_path(out / "derivatives" / "brainfuse", sub, None, datatype))
-    write_mask(str(tmp_path / T.template_mask_path(RES)), grid)     # resources/ of this working directory
+    write_mask(T.template_mask_path(RES, out / "templates"), grid)     # the templates rule writes it there
     args = ["--cores", "2", "--allowed-rules", "tensors_subject", "tensors_gather", "tensors",
             "--config", f"bids_dir={bids}", f"output_dir={out}"]
     past = time.time() - 3600                   # inputs older than anything the run writes

@@ -21,7 +21,6 @@ image to the template with ``ants.apply_transforms(fixed=tpl, moving=img, transf
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from . import cliargs
 from . import stageqc
 from .antsconfig import load_ants
 from .bids import TEMPLATE, bids_path, check_label
@@ -213,7 +213,7 @@ def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int
     missing = [f for f in tpl_files.values() if not os.path.exists(f)]
     if missing:
         raise InputError(f"template files missing ({len(missing)} of {len(tpl_files)})", path=missing[0],
-                         fix=f"run `brainfuse templates --res {res}` (or the workflow's templates rule)")
+                         fix=f"run `brainfuse templates --resolution {res}` (or the workflow's templates rule)")
     ants = load_ants(threads)      # seeded: the affine's metric samples a random 20 % of voxels
     final = output_paths(out_dir, sub, ses, res)
     anat_dir = Path(final["preproc"]).parent
@@ -526,24 +526,14 @@ def _split(reg: dict, affine_mat: str):
 
 
 def cli(argv=None):
-    ap = argparse.ArgumentParser(prog="brainfuse anat", description=__doc__.splitlines()[0])
-    ap.add_argument("--t1w", required=True, help="T1w NIfTI (BIDS raw)")
-    ap.add_argument("--out-dir", required=True, help="derivatives root (DERIV); writes DERIV/sub-X[/ses-Y]/{anat,figures}")
-    ap.add_argument("--subject", required=True)
-    ap.add_argument("--session")
-    ap.add_argument("--template-dir", required=True, help=f"resources/tpl-{TEMPLATE} (built by `brainfuse templates`)")
-    ap.add_argument("--res", type=int, required=True, help="template resolution (mm)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--params", default="{}", help="JSON of the config's anat section (overrides defaults)")
-    ap.add_argument("--strict", action="store_true", help="a QC threshold not met stops the subject (else: WARNING "
-                    "in the log, flag in the QC JSON)")
+    ap = cliargs.parser("anat")
     args = ap.parse_args(argv)
     params = json.loads(args.params)
     unknown = set(params) - set(DEFAULTS)
     if unknown:
         ap.error(f"unknown anat parameters {sorted(unknown)}")
     # errors reach brainfuse.cli, which prints them as one line
-    out = process(args.t1w, args.out_dir, args.subject, args.session, args.template_dir, args.res,
+    out = process(args.t1w, args.out_dir, args.subject, args.session, args.template_dir, args.resolution,
                   args.threads, params, log=lambda m: print(m, file=sys.stderr), strict=args.strict)
     print(json.dumps({"timings": out["timings"], "metrics": out["metrics"]}), file=sys.stderr)
     return 0

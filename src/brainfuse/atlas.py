@@ -12,7 +12,6 @@ can replace it in the func stage.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from . import cliargs
 from . import io as bf_io
 from .bids import TEMPLATE
 
@@ -29,7 +29,7 @@ GM_THRESHOLD = 0.3   # GM probability for a voxel to be parcelled (catches the s
 def atlas_paths(res, root="resources") -> tuple[str, str]:
     folder = Path(root) / f"tpl-{TEMPLATE}"
     return (str(folder / f"tpl-{TEMPLATE}_res-{int(res)}_atlas-brainfuse_dseg.nii.gz"),
-            str(folder / f"tpl-{TEMPLATE}_atlas-brainfuse_dseg.tsv"))
+            str(folder / f"tpl-{TEMPLATE}_res-{int(res)}_atlas-brainfuse_dseg.tsv"))   # n_voxels is per grid
 
 
 def centroids(n_parcels: int = 100, seed: int = 0) -> pd.DataFrame:
@@ -90,12 +90,6 @@ def build(gm_path, out_nii, out_tsv, mask_path=None, n_parcels: int = 100, seed:
 
 
 def cli(argv=None):
-    ap = argparse.ArgumentParser(prog="brainfuse func atlas", description=__doc__.split("\n")[0])
-    ap.add_argument("--gm", required=True, help="template GM probability map at the working resolution")
-    ap.add_argument("--mask", help="template brain mask on the same grid")
-    ap.add_argument("--out", required=True, help="atlas dseg NIfTI")
-    ap.add_argument("--tsv", required=True, help="atlas dseg TSV (index, name, hemisphere, x, y, z)")
-    ap.add_argument("--n-parcels", type=int, default=100)
-    args = ap.parse_args(argv)
-    build(args.gm, args.out, args.tsv, args.mask, args.n_parcels)
+    args = cliargs.parser("func atlas").parse_args(argv)
+    build(args.gm, args.output, args.output_tsv, args.mask, args.n_parcels)
     return 0

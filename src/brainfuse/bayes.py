@@ -8,6 +8,10 @@ from __future__ import annotations
 import numpy as np
 
 NEEDS = {"fa": "has_dwi", "connectivity": "has_bold"}   # scores observable only when that scan exists (subject field)
+# The tensor modalities that encode each latent score (demo.LATENT_MEANS): the Bayes rule of a missing-modality
+# condition sees only the scores of the modalities it keeps. fMRI's ALFF/ReHo maps do not follow the coupling score.
+SCORE_MODALITIES = {"atrophy": ("aMRI",), "fa": ("DTI",), "connectivity": ("conn",), "motor": ("clinical",),
+                    "rbd": ("clinical",), "serum": ("serum",)}
 
 
 def log_likelihood(scores, observed, means) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""``brainfuse <command> …``: one entry point; each stage module owns its arguments.
-
-Stage modules are imported only when their command runs (``import ants`` alone costs seconds).
+"""``brainfuse <command> …``: one entry point. Every command's options are in brainfuse.cliargs (one vocabulary,
+standard library only); a stage module is imported only once its arguments have parsed (``import ants`` alone costs
+seconds, ``--help`` does not wait for it).
 """
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import importlib
 import sys
 import traceback
 
+from . import cliargs
 from .errors import debug_enabled, one_line
 
 # command -> (module exposing ``cli(argv) -> int | None``, one-line summary for the top-level help)
@@ -28,23 +29,25 @@ COMMANDS = {
 
 def _version() -> str:
     """The release and a hash of every source file (a checkout between releases is told apart)."""
-    import hashlib
-    from pathlib import Path
-
     from . import __version__
+    from .provenance import source_hash
 
-    h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.rglob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return f"brainfuse {__version__} (code {h.hexdigest()[:12]})"
+    return f"brainfuse {__version__} (code {source_hash()})"
+
+
+def _command_lines(width: int):
+    for name, (_, summary) in COMMANDS.items():
+        yield f"  {name:<{width}}  {summary}"
+        for sub, sub_summary in cliargs.SUBCOMMANDS.get(name, {}).items():
+            yield f"  {'':<{width}}  {sub:<8} {sub_summary}"
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
     return ("usage: brainfuse [--version] [--debug] <command> [options]\n\n"
             "DICOM or BIDS to a cross-validated multimodal mixture-of-experts model.\n\ncommands:\n" +
-            "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()) +
-            "\n\nRun `brainfuse <command> --help` for a command's options. Errors are one line; --debug (or "
+            "\n".join(_command_lines(width)) +
+            "\n\nRun `brainfuse <command> [<sub-command>] --help` for the options. Errors are one line; --debug (or "
             "BRAINFUSE_DEBUG=1) adds the traceback.")
 
 
@@ -63,7 +66,12 @@ def main(argv=None) -> int:
         print(f"brainfuse: unknown command {command!r} (known: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     try:
-        return importlib.import_module(COMMANDS[command][0]).cli(rest) or 0
+        if command in cliargs.PARSERS:      # --help and usage errors exit here, before the stage module loads
+            cliargs.parse(command, rest)
+        module = COMMANDS[command][0]
+        if rest and (command, rest[0]) in cliargs.SUBCOMMAND_MODULES:
+            module, rest = cliargs.SUBCOMMAND_MODULES[command, rest[0]], rest[1:]
+        return importlib.import_module(module).cli(rest) or 0
     except KeyboardInterrupt:
         print(f"brainfuse {command}: interrupted", file=sys.stderr)
         return 130

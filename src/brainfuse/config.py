@@ -129,9 +129,24 @@ def load(path=DEFAULT_CONFIG, **overrides) -> dict:
 
 
 def input_mode(config: dict) -> str:
-    """'bids', 'dicom' or 'demo'."""
+    """'bids', 'dicom', 'tabular' (a participants table, no images: participants_tsv with modalities: []) or
+    'demo' (no input named at all). An input half configured for tabular-only (a table but image modalities,
+    or modalities: [] or tensors.tables but no table) raises ConfigError: silently running the demo instead,
+    as it once did, trains on the phantoms and looks like success."""
     if config.get("bids_dir"):
         return "bids"
     if config.get("dicom_dir"):
         return "dicom"
+    table, modalities = config.get("participants_tsv"), config.get("modalities")
+    if table and modalities == []:
+        return "tabular"
+    if table:
+        raise ConfigError(f"config key 'participants_tsv' is set but neither bids_dir nor dicom_dir (no images), and "
+                          f"modalities is [{', '.join(modalities or [])}]", path=table,
+                          fix="set modalities: [] for a tabular-only run, or bids_dir / dicom_dir for the images")
+    if modalities == [] or (config.get("tensors") or {}).get("tables"):
+        key = "'modalities' is []" if modalities == [] else "'tensors.tables' is set"
+        raise ConfigError(f"config key {key} (tabular-only) but participants_tsv is not set: no input is named",
+                          fix="set participants_tsv to your table (participant_id, the label and feature columns), "
+                              "or bids_dir / dicom_dir for images (the demo runs only when none of these is set)")
     return "demo"

@@ -31,7 +31,6 @@ round trip: converted images against the BIDS images the DICOM export was made f
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from . import cliargs
 from . import io as bf_io
 from .bids import LabelError, bids_path, check_label, with_ext
 from .deid import Scrubber, identifying_values, scrub_nifti, scrub_sidecar
@@ -1355,14 +1355,7 @@ def _setup_logging(log_file=None) -> None:
 
 
 def _cli_dataset(argv) -> int:
-    ap = argparse.ArgumentParser(prog="brainfuse convert dataset",
-                                 description="Write dataset_description.json, participants.tsv and the merged manifest.")
-    ap.add_argument("--bids-dir", required=True)
-    ap.add_argument("--subject-manifests", nargs="*", default=[], help="per-subject manifest TSVs")
-    ap.add_argument("--manifest", required=True, help="merged manifest TSV to write")
-    ap.add_argument("--participants-tsv", help="clinical table to merge into participants.tsv")
-    ap.add_argument("--log")
-    args = ap.parse_args(argv)
+    args = cliargs.parser("convert dataset").parse_args(argv)
     _setup_logging(args.log)
     frames = [read_manifest(p) for p in args.subject_manifests]
     manifest = pd.concat(frames, ignore_index=True) if frames else _frame([])
@@ -1373,15 +1366,7 @@ def _cli_dataset(argv) -> int:
 
 
 def _cli_verify(argv) -> int:
-    ap = argparse.ArgumentParser(prog="brainfuse convert verify",
-                                 description="Compare converted images with the BIDS images a DICOM export was made from.")
-    ap.add_argument("--converted", required=True, help="BIDS root the conversion wrote")
-    ap.add_argument("--reference", required=True, help="BIDS root of the reference images")
-    ap.add_argument("--manifests", nargs="+", required=True, help="conversion manifests")
-    ap.add_argument("--identity", nargs="*", default=[], help="JSON files of the identifying values the export carried")
-    ap.add_argument("--out", required=True, help="verification TSV to write")
-    ap.add_argument("--log")
-    args = ap.parse_args(argv)
+    args = cliargs.parser("convert verify").parse_args(argv)
     _setup_logging(args.log)
     from .inputs import read_json
 
@@ -1395,7 +1380,7 @@ def _cli_verify(argv) -> int:
         problems.append("no converted image to verify")
     for row in table[~table["ok"].astype(bool)].to_dict("records"):
         problems.append(f"{row.pop('bids_name')} differs from its reference: {row}")
-    write_manifest(table, args.out)
+    write_manifest(table, args.output)
     for line in problems:
         log.error("verify: %s", line)
     log.info("verify: %d images, %d match their reference", len(table), int(table["ok"].sum()) if len(table) else 0)
@@ -1408,24 +1393,7 @@ def cli(argv=None) -> int:
         return _cli_dataset(argv[1:])
     if argv and argv[0] == "verify":
         return _cli_verify(argv[1:])
-    ap = argparse.ArgumentParser(prog="brainfuse convert",
-                                 description="Convert one subject's DICOM folder to BIDS (dcm2niix), with a manifest. "
-                                             "`brainfuse convert dataset --help`: the dataset-level files; "
-                                             "`brainfuse convert verify --help`: the demo's round-trip check.")
-    ap.add_argument("--dicom-dir", required=True, help="this subject's (or session's) DICOM folder")
-    ap.add_argument("--bids-dir", required=True, help="BIDS root to write into")
-    ap.add_argument("--subject", required=True, help="subject label (with or without sub-)")
-    ap.add_argument("--session", help="session label")
-    ap.add_argument("--manifest", required=True, help="this subject's manifest TSV to write")
-    ap.add_argument("--config", help="brainfuse config YAML (its convert: section is used)")
-    ap.add_argument("--params", help="the convert: section as JSON (instead of --config)")
-    ap.add_argument("--outputs", help="also write a JSON listing the BIDS files produced")
-    ap.add_argument("--work-dir", help="where dcm2niix writes before files are moved (default: system temp)")
-    ap.add_argument("--log", help="also write log lines to this file")
-    ap.add_argument("--strict", action="store_true",
-                    help="fail (no BIDS files, no manifest) when the subject has no usable T1w, instead of "
-                         "warning and carrying it on without anatomy")
-    args = ap.parse_args(argv)
+    args = cliargs.parser("convert").parse_args(argv)
     _setup_logging(args.log)
     # Errors (bad settings, no such folder, --strict without a T1w) reach `brainfuse`'s one-line handler.
     mapping = load_mapping(_convert_section(args.config, args.params))

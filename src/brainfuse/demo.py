@@ -28,7 +28,6 @@ b-vectors are plain voxel-frame vectors.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -44,6 +43,7 @@ import nibabel as nib
 import numpy as np
 
 from . import bayes
+from . import cliargs
 from . import io as bf_io
 from .bids import TEMPLATE, bids_path
 
@@ -979,28 +979,23 @@ def _cli_config(params: dict, root: Path) -> dict:
 
 
 def cli(argv=None):
-    ap = argparse.ArgumentParser(prog="brainfuse demo", description="Generate the phantom dataset (BIDS + truth + DICOM).")
-    ap.add_argument("--out", required=True, help="output folder (bids/, truth/, dicom/ are written below it)")
-    ap.add_argument("--params", default="{}", help="JSON of demo settings (keys of the config's demo section)")
-    ap.add_argument("--subject", action="append", help="only these subject labels (repeatable)")
-    ap.add_argument("--modality", action="append", choices=["T1w", "dwi", "bold"], help="only these modalities")
-    ap.add_argument("--what", choices=["all", "dataset", "subject", "dicom"], default="all")
-    ap.add_argument("--stage", help="with --what subject: write DWI and BOLD images below this folder (BIDS names)")
+    ap = cliargs.parser("demo")
     args = ap.parse_args(argv)
-    cfg = _cli_config(json.loads(args.params), Path(args.out)) if args.what != "dataset" else demo_config(json.loads(args.params))
+    params = json.loads(args.params)
+    cfg = _cli_config(params, Path(args.out_dir)) if args.what != "dataset" else demo_config(params)
     modalities = tuple(args.modality or ("T1w", "dwi", "bold"))
     cohort = {s.label: s for s in plan(cfg)}
     unknown = set(args.subject or ()) - set(cohort)
     if unknown:
         ap.error(f"unknown demo subjects {sorted(unknown)} (the demo has {len(cohort)} subjects)")
     if args.what == "all":
-        generate(cfg, args.out, args.subject, modalities)
+        generate(cfg, args.out_dir, args.subject, modalities)
     elif args.what == "dataset":
-        write_dataset(cfg, Path(args.out))
+        write_dataset(cfg, Path(args.out_dir))
     elif args.what == "subject":
         for label in args.subject or cohort:
-            write_subject(cfg, cohort[label], Path(args.out), modalities, stage=args.stage)
+            write_subject(cfg, cohort[label], Path(args.out_dir), modalities, stage=args.stage)
     else:
         for label in args.subject or [s for s in cohort if cohort[s].dicom]:
-            write_dicom(cfg, cohort[label], Path(args.out))
-    print(f"[demo] done: {args.out}", file=sys.stderr)
+            write_dicom(cfg, cohort[label], Path(args.out_dir))
+    print(f"[demo] done: {args.out_dir}", file=sys.stderr)

@@ -40,7 +40,6 @@ fixed -> moving sense, ``brainfuse.motion``'s convention); the corrected volume 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -55,6 +54,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from . import cliargs
 from . import io as bf_io
 from . import stageqc
 from .antsconfig import load_ants
@@ -953,24 +953,10 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
 
 # -------------------------------------------------------------------------------------------- CLI
 def cli(argv=None):
-    ap = argparse.ArgumentParser(prog="brainfuse dwi", description=__doc__.split("\n")[0])
-    ap.add_argument("--dwi", nargs="+", required=True, help="every DWI run of the subject (.nii[.gz] with .bval/.bvec)")
-    ap.add_argument("--sub", required=True)
-    ap.add_argument("--ses")
-    ap.add_argument("--out", required=True, help="derivatives root (DERIV); writes DERIV/sub-X/{dwi,figures}")
-    ap.add_argument("--t1w", required=True, help="anat desc-preproc T1w")
-    ap.add_argument("--t1w-mask", help="anat desc-brain mask")
-    ap.add_argument("--transforms", nargs="+", required=True, help="T1w -> template list ([warp, affine])")
-    ap.add_argument("--template", required=True, help="template T1w at the working resolution")
-    ap.add_argument("--res", type=int, required=True)
-    ap.add_argument("--params", default="{}", help="JSON of the config's dwi section")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--strict", action="store_true", help="a QC threshold not met stops the subject (else: WARNING "
-                    "in the log, flag in the QC JSON)")
-    args = ap.parse_args(argv)
+    args = cliargs.parser("dwi").parse_args(argv)
     try:
-        process(args.dwi, args.out, args.sub, args.ses, args.t1w, args.t1w_mask, args.transforms, args.template,
-                args.res, json.loads(args.params), args.threads, strict=args.strict)
+        process(args.dwi, args.out_dir, args.subject, args.session, args.t1w, args.t1w_mask, args.transforms, args.template,
+                args.resolution, json.loads(args.params), args.threads, strict=args.strict)
     except (BrainfuseError, FileNotFoundError) as e:    # called in-process by tests too: one line, exit 1
         print(f"brainfuse dwi: error: {e}", file=sys.stderr)
         return 1

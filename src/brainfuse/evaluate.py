@@ -1,7 +1,7 @@
 """Cross-validated evaluation: metrics with bootstrap CIs, linear baselines, the missing-modality grid,
 routing ablations, expert-utilisation plots and one results TSV.
 
-``brainfuse evaluate --tensors T --splits S --models M --presets P1 P2 … --settings JSON --out DIR [--bayes J]``
+``brainfuse evaluate --tensors T --splits S --models M --presets P1 P2 … --params JSON --out-dir DIR [--bayes J]``
 
 Everything uses the out-of-fold test predictions of the models trained by ``brainfuse train fold`` (or, for
 the grid and ablations, those models re-run on their own test rows); the baselines are refitted here on the
@@ -9,11 +9,13 @@ same splits, with their imputers and scalers fitted on each training fold. Evalu
 a participant (or group) appears in two sets of one fold.
 
 Outputs in DIR: ``results.tsv`` (analysis, model, condition, metric, value, ci_low, ci_high, n),
-``predictions.tsv`` (every out-of-fold prediction), ``summary.json`` (best preset), ``figures/*.png``.
+``predictions.tsv`` (every out-of-fold prediction), ``summary.json`` (best preset), ``figures/*.png``
+(captions: workflow/report/figures.rst): cv_performance, confusion_matrices, missing_modality_summary (the grid
+condensed, beside the demo's Bayes rule given the same modalities) and _grid, roc_curves, calibration,
+connectivity (group-mean conn matrices), ablations, utilisation_<preset>, training_curves.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -27,10 +29,12 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from sklearn.impute import SimpleImputer  # noqa: E402
 from sklearn.linear_model import LogisticRegression, Ridge  # noqa: E402
-from sklearn.metrics import confusion_matrix, mean_absolute_error, mean_squared_error, r2_score  # noqa: E402
+from sklearn.metrics import (confusion_matrix, mean_absolute_error, mean_squared_error, r2_score,  # noqa: E402
+                             roc_auc_score, roc_curve)
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from . import bayes as bf_bayes  # noqa: E402
+from . import cliargs  # noqa: E402
 from . import io as bf_io  # noqa: E402
 from . import splits as bf_splits  # noqa: E402
 from . import train as bf_train  # noqa: E402
@@ -126,9 +130,11 @@ def scores_of(pred: pd.DataFrame, task: str, classes: list) -> np.ndarray:
     return pred["predicted"].to_numpy(float)
 
 
-def bayes_reference(bayes: dict | None, keys: list, y: np.ndarray, labelled: np.ndarray, classes: list):
+def bayes_reference(bayes: dict | None, keys: list, y: np.ndarray, labelled: np.ndarray, classes: list,
+                    modalities: tuple | None = None):
     """(rows, class probabilities) of the demo generator's Bayes rule for the labelled cohort rows it knows,
-    from ``truth/bayes.json`` (per-subject latent scores and scans present); None for other datasets."""
+    from ``truth/bayes.json`` (per-subject latent scores and scans present); None for other datasets.
+    ``modalities``: only the scores those tensor modalities encode (the missing-modality grid's reference)."""
     if not bayes or "subjects" not in bayes or list(bayes.get("config", {}).get("classes", [])) != list(classes):
         return None
     known = {f"sub-{s['label']}": s for s in bayes["subjects"]}
@@ -138,6 +144,8 @@ def bayes_reference(bayes: dict | None, keys: list, y: np.ndarray, labelled: np.
     names = list(bayes["latent_means"])    # per score: class means with effects applied (demo.bayes_accuracy)
     means = np.array([bayes["latent_means"][n] for n in names]).T
     scores, observed = bf_bayes.subject_arrays([known[keys[i][0]] for i in idx], names)
+    if modalities is not None:
+        observed &= np.array([bool(set(bf_bayes.SCORE_MODALITIES.get(n, ())) & set(modalities)) for n in names])
     return np.array(idx), bf_bayes.posterior(scores, observed, means)
 
 
@@ -409,6 +417,210 @@ def plot_training(models_dir, presets, folds, path, models: dict | None = None):
     bf_io.save_figure(fig, path, dpi=110)
 
 
+BAYES_MODEL = "Bayes rule (true latent scores)"
+
+
+def missing_modality_summary(res: pd.DataFrame, metric: str, names: list) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The grid condensed: (by size: model x number of modalities kept -> mean, min, max over those subsets;
+    key conditions: model x {each modality alone, all but each one, all} -> value). Models: the presets, plus
+    the Bayes rule's row where the demo's truth gave one."""
+    g = res[(res.metric == metric) & ((res.analysis == "grid")
+                                      | ((res.analysis == "reference") & (res.condition != "all")))]
+    g = g.assign(size=g.condition.str.count(r"\+") + 1)
+    by_size = g.groupby(["model", "size"], sort=False).value.agg(["mean", "min", "max"]).reset_index()
+    keys = [(f"{n} only", n) for n in names]
+    if len(names) > 2:
+        keys += [(f"all but {n}", "+".join(m for m in names if m != n)) for n in names]
+    if len(names) > 1:
+        keys.append(("all", "+".join(names)))
+    wide = g.pivot(index="model", columns="condition", values="value")
+    models = sorted(dict.fromkeys(g.model), key=lambda m: m == BAYES_MODEL)       # presets first, the ceiling last
+    key_table = pd.DataFrame({label: wide[cond] if cond in wide else np.nan for label, cond in keys}, index=models)
+    return by_size, key_table
+
+
+def plot_missing_summary(res: pd.DataFrame, task: str, names: list, path, chance: float | None) -> pd.DataFrame | None:
+    """Left: the metric against the number of modalities a participant has (mean over the subsets of that size,
+    band min-max); right: each modality alone, all but each one, all. Returns the right panel's table."""
+    metric = MAIN_METRIC[task]
+    by_size, table = missing_modality_summary(res, metric, names)
+    if not len(table):
+        return None
+    fig, (ax, hx) = plt.subplots(1, 2, figsize=(6 + 0.55 * table.shape[1], max(3.6, 0.38 * len(table) + 2.2)),
+                                 gridspec_kw={"width_ratios": [1, max(1.2, 0.16 * table.shape[1])]})
+    for i, model in enumerate(table.index):
+        t, bayes = by_size[by_size.model == model], model == BAYES_MODEL
+        colour = "k" if bayes else f"C{i}"
+        ax.plot(t["size"], t["mean"], marker="o", color=colour, ls="--" if bayes else "-", lw=1.5 if bayes else 1.2,
+                label="Bayes rule (ceiling)" if bayes else model)
+        if not bayes:
+            ax.fill_between(t["size"], t["min"], t["max"], color=colour, alpha=0.12, lw=0)
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance {chance:.2f}")
+    ax.set_xticks(range(1, len(names) + 1))
+    ax.set_xlabel("modalities available (of %d)" % len(names))
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (out-of-fold)")
+    ax.set_title("by number of modalities\n(line: mean over subsets, band: worst-best)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    v = table.to_numpy(float)
+    lo, hi = (chance, 1.0) if task == "classification" else (np.nanmin(v), np.nanmax(v))
+    im = hx.imshow(v, cmap="viridis", vmin=lo, vmax=hi, aspect="auto")
+    for (i, j), x in np.ndenumerate(v):
+        if np.isfinite(x):
+            hx.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=7,
+                    color="w" if x < lo + 0.5 * (hi - lo) else "k")
+    hx.set_xticks(range(table.shape[1]), table.columns, rotation=45, ha="right", fontsize=8)
+    hx.set_yticks(range(len(table)), ["Bayes rule (ceiling)" if m == BAYES_MODEL else m for m in table.index],
+                  fontsize=8)
+    hx.set_title("each modality alone" + (", all but one," if len(names) > 2 else ",") + " all", fontsize=9)
+    fig.colorbar(im, ax=hx, fraction=0.03)
+    fig.suptitle(f"Missing modalities: {metric.replace('_', ' ')} of the trained models given only some inputs",
+                 fontsize=10)
+    fig.tight_layout()
+    bf_io.save_figure(fig, path, dpi=110)
+    return table
+
+
+def one_vs_rest(y: np.ndarray, prob: np.ndarray, k: int) -> dict:
+    """Class index -> (false positive rates, true positive rates, AUC) of class-vs-rest on probabilities
+    normalised as classification_metrics does (so the AUCs average to its macro AUROC)."""
+    p = prob / prob.sum(1, keepdims=True)
+    out = {}
+    for c in range(k):
+        pos = (y == c).astype(int)
+        if 0 < pos.sum() < len(pos):
+            fpr, tpr, _ = roc_curve(pos, p[:, c], drop_intermediate=False)
+            out[c] = (fpr, tpr, float(roc_auc_score(pos, p[:, c])))
+    return out
+
+
+def plot_roc(curves: dict, classes: list, path) -> dict:
+    """One panel per model (the presets and the best baseline): one-vs-rest ROC of each class from the
+    out-of-fold probabilities. Returns model -> the AUROC in its title (macro over classes; class 1 for two
+    classes, as results.tsv)."""
+    n = len(curves)
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.5 * cols, 3.4 * rows), squeeze=False)
+    shown = {}
+    for ax, (model, (y, prob)) in zip(axes.flat, curves.items()):
+        roc = one_vs_rest(y, prob, len(classes))
+        for c, (fpr, tpr, auc) in roc.items():
+            ax.plot(fpr, tpr, lw=1.3, color=f"C{c}", label=f"{classes[c]} vs rest: {auc:.2f}")
+        ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+        if len(roc) == len(classes):
+            shown[model] = roc[1][2] if len(classes) == 2 else float(np.mean([r[2] for r in roc.values()]))
+            ax.set_title(f"{model}\nAUROC {shown[model]:.2f} (n={len(y)})", fontsize=9)
+        else:
+            ax.set_title(f"{model}\n(a class absent: no AUROC)", fontsize=9)
+        ax.set_xlabel("false positive rate", fontsize=8)
+        ax.set_ylabel("true positive rate", fontsize=8)
+        ax.set_aspect("equal")
+        ax.legend(fontsize=7, loc="lower right", title="AUC", title_fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    bf_io.save_figure(fig, path, dpi=110)
+    return shown
+
+
+def reliability(y: np.ndarray, prob: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Top-label reliability: (mean confidence, accuracy, count) per equal-count bin of the predicted class's
+    probability, and the expected calibration error (count-weighted |accuracy - confidence|)."""
+    p = prob / prob.sum(1, keepdims=True)
+    conf, correct = p.max(1), (p.argmax(1) == y).astype(float)
+    order = np.argsort(conf, kind="mergesort")
+    bins = [b for b in np.array_split(order, min(n_bins, len(y))) if len(b)]
+    mc = np.array([conf[b].mean() for b in bins])
+    acc = np.array([correct[b].mean() for b in bins])
+    cnt = np.array([len(b) for b in bins])
+    return mc, acc, cnt, float(np.sum(cnt * np.abs(acc - mc)) / cnt.sum())
+
+
+def plot_calibration(curves: dict, classes: list, path, n_bins: int = 5) -> dict:
+    """Reliability diagram of each model's out-of-fold probabilities (confidence of the predicted class against
+    how often it was right), and their histogram. Returns model -> expected calibration error."""
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(7.6, 6.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ece = {}
+    for i, (model, (y, prob)) in enumerate(curves.items()):
+        mc, acc, _, ece[model] = reliability(y, prob, n_bins)
+        ax.plot(mc, acc, marker="o", ms=3, lw=1.2, color=f"C{i}", label=f"{model} (ECE {ece[model]:.2f})")
+        p = prob / prob.sum(1, keepdims=True)
+        hx.hist(p.max(1), bins=np.linspace(1 / len(classes), 1, 11), histtype="step", color=f"C{i}")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect calibration")
+    ax.set_xlim(1 / len(classes) - 0.02, 1.0)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("fraction correct")
+    ax.set_title(f"Calibration (out-of-fold; {n_bins} equal-count bins)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))     # outside: never over a curve
+    hx.set_xlabel("predicted probability of the predicted class")
+    hx.set_ylabel("participants", fontsize=8)
+    fig.tight_layout()
+    bf_io.save_figure(fig, path, dpi=110)
+    return ece
+
+
+def connectivity_matrices(cohort, y: np.ndarray, labelled: np.ndarray, classes: list):
+    """(parcel names, {group: mean Fisher-z matrix}) of the conn modality's participants, per class (all
+    labelled participants for regression); None without a conn modality. The edges are the upper triangle
+    (k=1) in the atlas' parcel order, named ``a__b``."""
+    edges = cohort.feature_names.get("conn") if "conn" in bf_train.modality_names(cohort) else None
+    if not edges:
+        return None
+    first = edges[0].split("__")[0]
+    parcels = [first] + [e.split("__")[1] for e in edges if e.split("__")[0] == first]
+    iu = np.triu_indices(len(parcels), 1)
+    if len(iu[0]) != len(edges):
+        return None
+    m = bf_train.modality_names(cohort).index("conn")
+    has = cohort.present[:, m] & labelled
+    groups = {c: has & (y == i) for i, c in enumerate(classes)} if classes else {"all": has}
+    out = {}
+    for name, rows in groups.items():
+        if rows.any():
+            mat = np.zeros((len(parcels), len(parcels)))
+            mat[iu] = np.nanmean(np.asarray(cohort.arrays["conn"][np.flatnonzero(rows)], dtype=np.float64), 0)
+            out[f"{name} (n={int(rows.sum())})"] = mat + mat.T
+    return (parcels, out) if out else None
+
+
+def plot_connectivity(parcels: list, mats: dict, path) -> None:
+    """Group-mean connectivity per class with nilearn's plot_matrix, parcels in the atlas order (left then right
+    hemisphere, inferior to superior), and each class minus the first (where the diagnosis shows)."""
+    from nilearn.plotting import plot_matrix
+
+    names = list(mats)
+    panels = [(n, mats[n], "mean Fisher z") for n in names]
+    panels += [(f"{n.split(' (')[0]} - {names[0].split(' (')[0]}", mats[n] - mats[names[0]], "difference")
+               for n in names[1:]]
+    cols = len(names)
+    rows = 1 + (len(panels) > cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 4.0 * rows), squeeze=False)
+    # colour limits at the 99th percentile of |z|: a few extreme edges of short runs would wash out the rest
+    vmax = float(np.percentile(np.abs(np.stack(list(mats.values()))), 99)) or 1.0
+    dmax = float(np.percentile(np.abs(np.stack([p[1] for p in panels[cols:]])), 99)) if len(panels) > cols else 1.0
+    dmax = dmax or 1.0
+    hemi = [p[:1] for p in parcels]
+    cuts = [i for i in range(1, len(hemi)) if hemi[i] != hemi[i - 1]]
+    for ax, (title, mat, what) in zip(axes.flat, panels):
+        v = vmax if what == "mean Fisher z" else dmax
+        plot_matrix(mat, axes=ax, vmin=-v, vmax=v, colorbar=True, tri="full", labels=None, cmap="RdBu_r",
+                    auto_fit=False)
+        for c in cuts:
+            ax.axhline(c - 0.5, color="k", lw=0.6)
+            ax.axvline(c - 0.5, color="k", lw=0.6)
+        starts = [0] + cuts
+        ticks = [(s + e) / 2 for s, e in zip(starts, cuts + [len(parcels)])]
+        ax.set_xticks(ticks, [hemi[s] for s in starts], fontsize=8)
+        ax.set_yticks(ticks, [hemi[s] for s in starts], fontsize=8)
+        ax.set_title(f"{title}\n{what}", fontsize=9)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"Resting-state connectivity, {len(parcels)} atlas parcels (L | R, inferior to superior)", fontsize=10)
+    fig.tight_layout()
+    bf_io.save_figure(fig, path, dpi=110)
+
+
 # ------------------------------------------------------------------------------------------------- QC
 def qc_table(cohort) -> pd.DataFrame | None:
     """participant_id, session, qc_pass, qc_flags of each cohort row (image QC carried by the tensors stage);
@@ -500,11 +712,16 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
         idx, sc = ref
         stats = bootstrap(task, y[idx], sc, n_boot, seed, [keys[i][0] for i in idx])
         cohort_bayes = float(stats[MAIN_METRIC[task]][0])
-        results += rows_for("reference", "Bayes rule (true latent scores)", "all", stats, len(idx))
+        results += rows_for("reference", BAYES_MODEL, "all", stats, len(idx))
         log(f"[evaluate] Bayes rule on this cohort: {MAIN_METRIC[task]} {stats[MAIN_METRIC[task]][0]:.3f}")
 
     # baselines (refitted per fold) and the permuted-label canary
     names = bf_train.modality_names(cohort)
+    if ref is not None and cv["missing_grid"]:   # and with only the scores each modality subset encodes
+        for combo in subsets(names):
+            idx, sc = bayes_reference(bayes, keys, y, labelled, classes, modalities=combo)
+            results += rows_for("reference", BAYES_MODEL, "+".join(combo), metrics(task, y[idx], sc), len(idx))
+    baseline_scores = {}        # label -> (truth, out-of-fold scores): the best one joins the ROC figure
     if cv["baselines"]:
         configs = [("baseline", "linear (all modalities)", names, y, False)]
         configs += [("baseline", f"linear ({n} only)", [n], y, True) for n in names]
@@ -517,6 +734,8 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
                 continue
             stats = bootstrap(task, yy[idx], sc, n_boot, seed, [keys[i][0] for i in idx])
             results += rows_for(analysis, label, "all", stats, len(idx))
+            if analysis == "baseline":
+                baseline_scores[label] = (yy[idx].astype(int) if task == "classification" else yy[idx], sc)
             log(f"[evaluate] {label}: {MAIN_METRIC[task]} {stats[MAIN_METRIC[task]][0]:.3f}")
 
     # missing-modality grid and ablations (point estimates; n = rows evaluated)
@@ -563,6 +782,23 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
                                figs / fname, vmin=chance if task == "classification" else None,
                                vmax=1 if task == "classification" else None,
                                xlabel="" if wide else label, ylabel=label if wide else "")
+    if len(res[res.analysis == "grid"]):
+        plot_missing_summary(res, task, names, figs / "missing_modality_summary.png", chance)
+    if task == "classification":
+        curves = {}
+        for preset in presets:
+            p = preds[preds.preset == preset]
+            curves[preset] = (p.target.to_numpy(int), scores_of(p, task, classes))
+        base = res[(res.analysis == "baseline") & (res.metric == metric) & (res.condition == "all")]
+        if len(base):
+            best_base = base.sort_values("value", ascending=False, kind="mergesort").iloc[0].model
+            curves[best_base] = baseline_scores[best_base]
+        plot_roc(curves, classes, figs / "roc_curves.png")
+        plot_calibration(curves, classes, figs / "calibration.png")
+    # by the true labels, also in the canary run (the connectivity itself is not permuted)
+    conn = connectivity_matrices(cohort, np.asarray(cohort.target, float), labelled, classes)
+    if conn is not None:
+        plot_connectivity(*conn, figs / "connectivity.png")
     for preset in presets:
         plot_utilisation(preds, preset, classes, names, figs / f"utilisation_{preset}.png")
     plot_training(models_dir, presets, folds, figs / "training_curves.png", models)
@@ -576,22 +812,13 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
 
 
 def cli(argv=None):
-    ap = argparse.ArgumentParser(prog="brainfuse evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tensors", required=True)
-    ap.add_argument("--splits", required=True)
-    ap.add_argument("--models", required=True, help="folder with <preset>/fold-<k>/checkpoint.pt")
-    ap.add_argument("--presets", nargs="+", required=True)
-    ap.add_argument("--settings", default="{}")
-    ap.add_argument("--bayes", default=None, help="demo truth/bayes.json (drawn on the performance plot)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
+    args = cliargs.parser("evaluate").parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = bf_train.settings_from_json(args.settings)
+    settings = bf_train.settings_from_json(args.params)
     cohort = bf_train.load(args.tensors)
     table = bf_splits.read_splits(args.splits)
     bayes = read_json(args.bayes, "demo truth (bayes.json)", fix="rerun the demo rule") if args.bayes else None
-    evaluate(cohort, table, args.models, args.presets, settings, args.out, bayes,
+    evaluate(cohort, table, args.models, args.presets, settings, args.out_dir, bayes,
              log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0

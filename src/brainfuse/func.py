@@ -21,7 +21,6 @@ exact convention (rotation about the field-of-view centre, R = Rx Ry Rz).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from . import cliargs
 from . import io as bf_io
 from . import motion
 from . import stageqc
@@ -747,25 +747,7 @@ def cli(argv=None):
         from . import atlas
 
         return atlas.cli(argv[1:])
-    ap = argparse.ArgumentParser(prog="brainfuse func", description="Process one BOLD run (see brainfuse.func). "
-                                 "`brainfuse func atlas --help` builds the parcellation.")
-    ap.add_argument("--bold", required=True)
-    ap.add_argument("--t1w", required=True, help="subject T1w (anat desc-preproc)")
-    ap.add_argument("--t1w-mask", help="subject brain mask (anat desc-brain_mask)")
-    ap.add_argument("--anat-dir", help="anat derivatives folder (transforms found by brainfuse.anat.to_mni_transforms)")
-    ap.add_argument("--mni-xfm", nargs="+", help="ANTs transform list template -> T1w (instead of --anat-dir)")
-    ap.add_argument("--template", required=True)
-    ap.add_argument("--template-mask", required=True)
-    ap.add_argument("--wm", required=True, help="MNI-space WM probability map")
-    ap.add_argument("--csf", required=True, help="MNI-space CSF probability map")
-    ap.add_argument("--atlas", required=True)
-    ap.add_argument("--atlas-tsv", required=True)
-    ap.add_argument("--deriv", required=True, help="derivatives root (DERIV)")
-    ap.add_argument("--res", type=int, required=True)
-    ap.add_argument("--params", default="{}", help="JSON of the config's func section")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--strict", action="store_true", help="a motion QC warning stops the run (else: WARNING in the "
-                    "log and a flag in the subject's QC JSON)")
+    ap = cliargs.parser("func")
     args = ap.parse_args(argv)
     if not args.mni_xfm and not args.anat_dir:
         ap.error("give --anat-dir or --mni-xfm")
@@ -777,6 +759,6 @@ def cli(argv=None):
     load_ants(args.threads)
     # errors reach brainfuse.cli, which prints them as one line
     run(args.bold, args.t1w, args.template, args.template_mask, _mni_list(args), args.atlas, args.atlas_tsv,
-        args.deriv, args.res, wm=args.wm, csf=args.csf, t1w_mask=args.t1w_mask, cfg=cfg,
+        args.out_dir, args.resolution, wm=args.wm, csf=args.csf, t1w_mask=args.t1w_mask, cfg=cfg,
         log=lambda m: print(m, file=sys.stderr), strict=args.strict, loaded=loaded)
     return 0

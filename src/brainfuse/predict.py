@@ -1,6 +1,6 @@
 """Predict new subjects with trained models: class probabilities (or values) and per-expert routing weights.
 
-``brainfuse predict --tensors T --models M --preset P|best [--summary reports/summary.json] --out predictions.tsv``
+``brainfuse predict --tensors T --models M --preset P|best [--summary reports/summary.json] --output predictions.tsv``
 
 New subjects go through the same workflow up to the tensors stage (DICOM or BIDS in, tensors out); the
 models are the preset's CV models ``M/<preset>/fold-*/checkpoint.pt``, each applying its own fold-fitted
@@ -11,7 +11,6 @@ instead (``reports/predictions.tsv``): these are in-sample.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import cliargs
 from . import io as bf_io
 from . import train as bf_train
 from .errors import BrainfuseError
@@ -70,13 +70,7 @@ def predict(cohort, paths: list, device="cpu", log=print) -> pd.DataFrame:
 
 
 def cli(argv=None):
-    ap = argparse.ArgumentParser(prog="brainfuse predict", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tensors", required=True, help="tensors folder of the subjects to predict")
-    ap.add_argument("--models", required=True, help="models folder (<preset>/fold-<k>/checkpoint.pt)")
-    ap.add_argument("--preset", required=True, help="preset name, or 'best' (needs --summary)")
-    ap.add_argument("--summary", default=None, help="evaluation summary.json naming the best preset")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", required=True)
+    ap = cliargs.parser("predict")
     args = ap.parse_args(argv)
     preset = args.preset
     if preset == "best":
@@ -92,6 +86,6 @@ def cli(argv=None):
     cohort = bf_train.load(args.tensors)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     table = predict(cohort, checkpoints(args.models, preset), device, log)
-    bf_io.save_tsv(table, args.out)
-    log(f"[predict] {preset}: {table['predicted'].notna().sum()} predictions -> {args.out}")
+    bf_io.save_tsv(table, args.output)
+    log(f"[predict] {preset}: {table['predicted'].notna().sum()} predictions -> {args.output}")
     return 0

@@ -64,3 +64,12 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def source_hash() -> str:
+    """12-hex-digit hash of every brainfuse source file (as `brainfuse --version` prints it): tells a checkout
+    between releases apart in the derivatives' dataset_description.json."""
+    h = hashlib.sha256()
+    for f in sorted(PACKAGE.rglob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]

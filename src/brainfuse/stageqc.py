@@ -12,10 +12,10 @@ func QC job of every subject) starts in a fraction of the ~3 s ``brainfuse func`
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from . import cliargs
 from . import io as bf_io
 from .bids import bids_path
 from .errors import BrainfuseError
@@ -92,11 +92,6 @@ def func_subject_qc(motion_qc_paths, out_path, strict: bool = False) -> dict:
 
 
 def cli(argv=None):
-    ap = argparse.ArgumentParser(prog="brainfuse qc", description="A subject's func QC JSON from its runs' motion "
-                                 "QC (brainfuse.stageqc.func_subject_qc).")
-    ap.add_argument("--motion-qc", nargs="+", required=True, help="every run's _desc-confounds_timeseries.json")
-    ap.add_argument("--out", required=True, help="DERIV/sub-X[/ses-Y]/func/sub-X[_ses-Y]_desc-qc_bold.json")
-    ap.add_argument("--strict", action="store_true", help="a flag stops here, nothing written")
-    args = ap.parse_args(argv)
-    func_subject_qc(args.motion_qc, args.out, args.strict)
+    args = cliargs.parser("qc").parse_args(argv)
+    func_subject_qc(args.motion_qc, args.output, args.strict)
     return 0

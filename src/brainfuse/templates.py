@@ -11,13 +11,13 @@ Writes into ``<root>/tpl-MNI152NLin2009aSym/`` (names from the Stage contract in
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from . import cliargs
 from . import io as bf_io
 from .bids import TEMPLATE
 
@@ -79,10 +79,6 @@ def build(res, root="resources") -> dict:
 
 
 def cli(argv=None):
-    ap = argparse.ArgumentParser(prog="brainfuse templates",
-                                 description=f"Write the {TEMPLATE} template files at one resolution (from nilearn).")
-    ap.add_argument("--res", type=int, required=True, choices=[1, 2, 3, 4], help="voxel size (mm)")
-    ap.add_argument("--out", default="resources", help="root folder (tpl-%s/ is created below it)" % TEMPLATE)
-    args = ap.parse_args(argv)
-    for path in build(args.res, args.out).values():
+    args = cliargs.parser("templates").parse_args(argv)
+    for path in build(args.resolution, args.out_dir).values():
         print(path, file=sys.stderr)

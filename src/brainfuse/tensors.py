@@ -28,7 +28,6 @@ leak from test folds — scalers and imputers are fitted per training fold by tr
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import cliargs
 from . import io as bf_io
 from .bids import TEMPLATE, LabelError, bids_path, check_label
 from .errors import BrainfuseError
@@ -930,24 +930,7 @@ def __getattr__(name):
 
 # ------------------------------------------------------------------------------------------------ CLI
 def cli(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="brainfuse tensors", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("subject", help="cache one subject's modalities as fixed-shape tensors")
-    s.add_argument("--modality", nargs="+", action="append", required=True, metavar=("NAME", "SOURCE"),
-                   help="a modality and its derivatives in channel order; repeat for each modality")
-    s.add_argument("--mask", required=True, help="template brain mask defining the working grid")
-    s.add_argument("--resolution", type=int, required=True)
-    s.add_argument("--subject", required=True)
-    s.add_argument("--session", default=None)
-    s.add_argument("--out-dir", required=True, help="tensors folder (files go to <out-dir>/sub-X[/ses-Y]/)")
-    s.add_argument("--qc", nargs="*", default=None, help="the unit's image QC JSONs (*_desc-qc_{T1w,dwi,bold}.json)")
-    g = sub.add_parser("gather", help="stack every subject's caches into the cohort")
-    g.add_argument("--out-dir", required=True)
-    g.add_argument("--participants", required=True, help="participants.tsv")
-    g.add_argument("--settings", default="{}", help="config tensors section (JSON)")
-    g.add_argument("--tensors", nargs="*", default=[], help="per-subject tensor files or unit folders")
-    g.add_argument("--units", nargs="*", default=[], help="cohort rows (sub-X[_ses-Y]); default participants.tsv")
-    args = ap.parse_args(argv)
+    args = cliargs.parser("tensors").parse_args(argv)
     # errors (TensorError, LabelError, CacheError …) reach brainfuse.cli, which prints them as one line
     if args.command == "subject":
         sub_label = check_label(args.subject, "subject (--subject)")
@@ -965,7 +948,7 @@ def cli(argv=None) -> int:
             print(f"[tensors] {unit_key(sub_label, ses)} {modality}: {info['shape']} -> {out}")
         _warn_qc_unit(unit_key(sub_label, ses), qc or [])
     else:
-        info = gather(args.out_dir, args.participants, json.loads(args.settings), args.tensors, args.units)
+        info = gather(args.out_dir, args.participants, json.loads(args.params), args.tensors, args.units)
         print(f"[tensors] gathered {info['n']} rows, modalities "
               + ", ".join(f"{m['name']}{tuple(m['shape'])}" for m in info["modalities"]) + f" -> {args.out_dir}")
     return 0

@@ -1,8 +1,8 @@
 """Train one preset on one cross-validation fold: fold-fitted preprocessing, AdamW with warm-up and
 cosine decay, early stopping on the inner validation set, resumable single-dict checkpoints.
 
-``brainfuse train splits --tensors T --settings JSON --out splits.tsv``
-``brainfuse train fold --tensors T --splits splits.tsv --fold k --preset P --settings JSON --out DIR``
+``brainfuse train splits --tensors T --params JSON --output splits.tsv``
+``brainfuse train fold --tensors T --splits splits.tsv --fold k --preset P --params JSON --out-dir DIR``
 
 Outputs per fold x preset (``DIR``): ``checkpoint.pt`` (best weights, fold-fitted preprocessing, model
 config, history; loads with ``torch.load(..., weights_only=True)``) and ``predictions.tsv`` (test rows:
@@ -13,7 +13,6 @@ so the same bytes); a damaged checkpoint is refused by :func:`load_checkpoint` w
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from sklearn.impute import SimpleImputer
 from sklearn.preprocessing import StandardScaler
 
+from . import cliargs
 from . import io as bf_io
 from . import splits as bf_splits
 from .errors import BrainfuseError
@@ -600,23 +600,8 @@ def prediction_table(model, ckpt: dict, data: dict, keys: list, device, present=
 
 # ------------------------------------------------------------------------------------------------ CLI
 def cli(argv=None):
-    ap = argparse.ArgumentParser(prog="brainfuse train", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="what", required=True)
-    s = sub.add_parser("splits", help="write participant-grouped CV splits")
-    s.add_argument("--tensors", required=True, help="tensors folder (manifest.tsv)")
-    s.add_argument("--settings", default="{}", help="JSON {model: ..., cv: ...} (config sections)")
-    s.add_argument("--out", required=True, help="splits TSV")
-    f = sub.add_parser("fold", help="train one preset on one fold")
-    f.add_argument("--tensors", required=True)
-    f.add_argument("--splits", required=True)
-    f.add_argument("--fold", type=int, required=True)
-    f.add_argument("--preset", required=True)
-    f.add_argument("--settings", default="{}")
-    f.add_argument("--out", required=True, help="output folder (checkpoint.pt, predictions.tsv)")
-    f.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
-    f.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
-    settings = settings_from_json(args.settings)
+    args = cliargs.parser("train").parse_args(argv)
+    settings = settings_from_json(args.params)
     if args.what == "fold":
         pick_device(args.device)        # a missing GPU is reported before any data is read
     cohort = load(args.tensors)
@@ -640,10 +625,10 @@ def cli(argv=None):
                                       source=info.get("participants_tsv", {}).get("path") or
                                       Path(args.tensors) / "manifest.tsv",
                                       classes_source=info.get("classes_source"), group_by=cv["group_by"])
-        bf_io.save_tsv(table, args.out)
+        bf_io.save_tsv(table, args.output)
         log(f"[splits] {len(keys)} labelled rows ({int((~labelled).sum())} unlabelled left out), "
-            f"{cv['n_folds']} folds -> {args.out}")
+            f"{cv['n_folds']} folds -> {args.output}")
         return 0
     table = bf_splits.read_splits(args.splits)
-    train_fold(cohort, table, args.fold, args.preset, settings, args.out, args.device, args.threads, log)
+    train_fold(cohort, table, args.fold, args.preset, settings, args.out_dir, args.device, args.threads, log)
     return 0

@@ -1,12 +1,12 @@
-# anat stage: template files (resources/, from nilearn) and per-subject N4 / skull stripping / MNI / tissues
+# anat stage: template files (<output_dir>/templates/, from nilearn) and per-subject N4 / skull stripping / MNI / tissues
 # (src/brainfuse/templates.py, src/brainfuse/anat.py). Helpers: workflow/rules/common.smk.
 from brainfuse import resources as bf_resources
 from brainfuse.anat import output_paths as anat_output_paths
 from brainfuse.templates import outputs as template_outputs
 
 RES = int(config["resolution_mm"])
-TPL_DIR = f"resources/tpl-{TEMPLATE}"
-TEMPLATE_FILES = template_outputs(RES, "resources")  # T1w, mask, head, GM, WM, CSF (other stages read these)
+TPL_DIR = f"{TPL_ROOT}/tpl-{TEMPLATE}"
+TEMPLATE_FILES = template_outputs(RES, TPL_ROOT)  # T1w, mask, head, GM, WM, CSF (other stages read these)
 ANAT = anat_output_paths(DERIV, "{subject}", "{session}" if HAS_SESSIONS else None, RES)
 ANAT_PARAMS = json.dumps(config["anat"], sort_keys=True)
 
@@ -27,7 +27,35 @@ rule templates:
         mem_mb=3000,
         runtime=10,
     shell:
-        "{BRAINFUSE} templates --res {params.res} --out resources > {log} 2>&1"
+        "{BRAINFUSE} templates --resolution {params.res} --out-dir {TPL_ROOT} > {log} 2>&1"
+
+
+# BIDS derivatives need a dataset_description.json (DatasetType, GeneratedBy): every stage that writes into
+# DERIV names it among its targets. Run as a module (standard library only), not a `brainfuse` command.
+DERIV_DESCRIPTION = f"{DERIV}/dataset_description.json"
+DERIV_TARGETS = [] if MODE == "tabular" else [DERIV_DESCRIPTION]     # tabular-only: no derivatives folder
+
+
+rule derivatives_description:
+    """derivatives/brainfuse/dataset_description.json: DatasetType derivative, GeneratedBy (version and source
+    hash), SourceDatasets (the BIDS input)."""
+    output:
+        DERIV_DESCRIPTION,
+    params:
+        code=code_version("derivatives"),
+        sources=source_hash(),     # every source file: the version it records (no job reads this file)
+        source_dir=BIDS_DIR,
+    log:
+        log_path("derivatives_description", per_unit=False),
+    conda:
+        "../../envs/anat.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    shell:
+        "{BRAINFUSE}.derivatives --source-dir {params.source_dir:q} --code {params.sources} --out {output:q}"
+        " > {log} 2>&1"
 
 
 rule anat_subject:
@@ -57,12 +85,12 @@ rule anat_subject:
         runtime=lambda wildcards, input: bf_resources.anat(input.t1w)["runtime"],
     shell:
         "{BRAINFUSE} anat --t1w {input.t1w} --out-dir {params.deriv} --subject {wildcards.subject} {params.session}"
-        " --template-dir {params.tpl_dir} --res {params.res} --threads {threads} --params '{params.anat}'"
+        " --template-dir {params.tpl_dir} --resolution {params.res} --threads {threads} --params '{params.anat}'"
         " {params.strict} > {log} 2>&1"
 
 
 STAGE_TARGETS["anat"] = deferred_targets(
-    lambda: job_targets(rules.anat_subject, units_with("T1w"), [ANAT["qc_mask"], ANAT["qc_reg"]]))
+    lambda: job_targets(rules.anat_subject, units_with("T1w"), [ANAT["qc_mask"], ANAT["qc_reg"]])) + DERIV_TARGETS
 
 
 rule anat:

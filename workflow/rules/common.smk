@@ -12,7 +12,7 @@ from brainfuse import demo as bf_demo
 from brainfuse.bids import IMAGING, TEMPLATE, bids_path, check_bids_root, check_input_dir, folder_label, index_bids
 from brainfuse.errors import BrainfuseError
 from brainfuse.inputs import check_output_dir
-from brainfuse.provenance import code_version
+from brainfuse.provenance import code_version, source_hash
 
 # Stops the run with a message naming the key (schema: workflow/schemas/config.schema.yaml).
 try:
@@ -28,14 +28,17 @@ try:
     if config["participants_tsv"] and not Path(config["participants_tsv"]).is_file():
         raise BrainfuseError("participants_tsv does not exist or is not a file", path=config["participants_tsv"],
                              fix="set participants_tsv to your clinical table (TSV with participant_id), or null")
+    MODE = bf_config.input_mode(config)  # "bids", "dicom", "tabular" (a table, no images) or "demo"
 except BrainfuseError as e:
     raise WorkflowError(str(e)) from None
 
-MODE = bf_config.input_mode(config)  # "bids", "dicom" or "demo"
 OUT = config["output_dir"].rstrip("/")
 DEMO = f"{OUT}/demo"
-BIDS_DIR = {"bids": config["bids_dir"], "dicom": f"{OUT}/bids", "demo": f"{DEMO}/bids"}[MODE]
+BIDS_DIR = {"bids": config["bids_dir"], "dicom": f"{OUT}/bids", "demo": f"{DEMO}/bids", "tabular": None}[MODE]
 DERIV = f"{OUT}/derivatives/brainfuse"
+# Template and atlas files, built per output root (never into the checkout: it may be read-only, and two runs
+# there would share them); every name carries its resolution, so resolutions never overwrite each other.
+TPL_ROOT = f"{OUT}/templates"
 LOGS = f"{OUT}/logs"
 SRC = str(Path(workflow.basedir) / "src")
 
@@ -58,6 +61,35 @@ def _check_subjects(found, where):
                             "correct the labels, or leave subjects empty for all")
 
 
+def _table_units(table):
+    """Tabular-only mode: (subject, session or None) per row of the participants table; repeated rows of one
+    person are told apart by a `session` (or `session_id`) column. Read with csv, not pandas: parse time."""
+    import csv
+
+    from brainfuse.bids import LabelError, check_label
+
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise BrainfuseError(f"participants_tsv cannot be read ({e})", path=table,
+                             fix="give a tab-separated UTF-8 table with a participant_id column") from None
+    if not rows or "participant_id" not in rows[0]:
+        raise BrainfuseError("participants_tsv has no participant_id column or no rows", path=table,
+                             fix="write a tab-separated header with participant_id, then one row per participant")
+    ses_col = "session" if "session" in rows[0] else "session_id" if "session_id" in rows[0] else None
+    units = set()
+    for i, r in enumerate(rows, start=2):
+        try:
+            sub = check_label(str(r["participant_id"] or "").strip().removeprefix("sub-"), "participant_id")
+            ses = str(r[ses_col] or "").strip().removeprefix("ses-") if ses_col else ""
+            ses = check_label(ses, ses_col) if ses not in ("", "n/a") else None
+        except LabelError as e:
+            raise BrainfuseError(f"line {i}: {e}", path=table, fix="use letters and digits only") from None
+        units.add((sub, ses))
+    return sorted(units, key=lambda u: (u[0], u[1] or ""))
+
+
 # Built once at parse time (never per job): the 1,000-subject dry run depends on it.
 def _index():
     if MODE == "demo":
@@ -66,6 +98,11 @@ def _index():
         wanted = set(config["subjects"]) or {s.label for s in cohort}
         return {(s.label, None): {"T1w": True, "dwi": s.has_dwi, "bold": s.has_bold}
                 for s in cohort if s.label in wanted}, {}
+    if MODE == "tabular":
+        units = _table_units(config["participants_tsv"])
+        _check_subjects([s for s, _ in units], f"participants_tsv {config['participants_tsv']}")
+        wanted = set(config["subjects"]) or {s for s, _ in units}
+        return {u: {m: False for m in IMAGING} for u in units if u[0] in wanted}, {}
     if MODE == "bids":
         sessions = index_bids(check_bids_root(config["bids_dir"]), config["subjects"] or None)
         return {(s.sub, s.ses): {m: s.has(m) for m in IMAGING} for s in sessions}, \
@@ -82,10 +119,12 @@ try:
     AVAILABILITY, _IMAGES = _index()
 except (BrainfuseError, FileNotFoundError) as e:      # index_bids: missing `subjects` (FileNotFoundError)
     raise WorkflowError(str(e)) from None
+if not AVAILABILITY and MODE == "tabular":
+    raise WorkflowError(f"{config['participants_tsv']}: no participant rows (participant_id) found; check the table")
 if not AVAILABILITY:
     raise WorkflowError(f"{config['bids_dir'] or config['dicom_dir']}: no subject folders "
                         f"({'sub-*' if MODE == 'bids' else 'one folder per subject'}) found; check the path")
-UNITS = sorted(AVAILABILITY)
+UNITS = sorted(AVAILABILITY, key=lambda u: (u[0], u[1] or ""))   # a table may mix rows with and without a session
 HAS_SESSIONS = any(ses for _, ses in UNITS)
 MODALITIES = config["modalities"]
 # dwi and func register every image to the subject's preprocessed T1w (anat stage): without one they cannot run.
@@ -219,7 +258,7 @@ def _participant_ids(table):
 
 def report_participants_without_images():
     table = config["participants_tsv"] or (f"{config['bids_dir']}/participants.tsv" if MODE == "bids" else None)
-    if MODE == "demo" or config["subjects"] or not table or not Path(table).is_file():
+    if MODE in ("demo", "tabular") or config["subjects"] or not table or not Path(table).is_file():
         return                      # a `subjects` subset leaves the others out on purpose
     ids = _participant_ids(table)
     subjects = {s for s, _ in UNITS}

@@ -134,7 +134,7 @@ elif MODE == "demo":
             runtime=10,
         shell:
             "{BRAINFUSE} convert verify --converted {params.converted:q} --reference {params.reference:q}"
-            " --manifests {input.manifests:q} --identity {params.identity:q} --out {output:q} > {log:q} 2>&1"
+            " --manifests {input.manifests:q} --identity {params.identity:q} --output {output:q} > {log:q} 2>&1"
 
 else:
     _CONVERT_ROOT, _CONVERT_SUBJECTS, _CLINICAL = None, [], None

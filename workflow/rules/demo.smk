@@ -24,7 +24,7 @@ rule demo_dataset:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{BRAINFUSE} demo --out {DEMO} --what dataset --params '{params.demo}' > {log} 2>&1"
+        "{BRAINFUSE} demo --out-dir {DEMO} --what dataset --params '{params.demo}' > {log} 2>&1"
 
 
 # One process per subject (rule demo_subject) generates all its modalities: the head model, the subject's
@@ -65,7 +65,7 @@ rule demo_subject:
         mem_mb=3000,
         runtime=10,
     shell:
-        "mkdir -p {output.stage} && {BRAINFUSE} demo --out {DEMO} --what subject --subject {wildcards.subject}"
+        "mkdir -p {output.stage} && {BRAINFUSE} demo --out-dir {DEMO} --what subject --subject {wildcards.subject}"
         " --stage {DEMO_STAGE} --params '{params.demo}' > {log} 2>&1"
 
 
@@ -140,7 +140,7 @@ rule demo_dicom:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{BRAINFUSE} demo --out {DEMO} --what dicom --subject {wildcards.subject}"
+        "{BRAINFUSE} demo --out-dir {DEMO} --what dicom --subject {wildcards.subject}"
         " --params '{params.demo}' > {log} 2>&1"
 
 

@@ -25,7 +25,7 @@ rule dwi_subject:
         mask=bpath(DERIV, "anat", "mask", desc="brain"),
         warp=bpath(DERIV, "anat", "xfm", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "warp"}),
         affine=bpath(DERIV, "anat", "xfm", ".mat", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "affine"}),
-        template=bf_templates.template_path("resources", DWI_RES, "T1w"),
+        template=bf_templates.template_path(TPL_ROOT, DWI_RES, "T1w"),
     output:
         maps=[_dwi_map("dwi", p) for p in ("fa", "md", "ad", "rd")],
         mni=DWI_MNI,
@@ -34,7 +34,7 @@ rule dwi_subject:
         qc_json=bpath(DERIV, "dwi", "dwi", ".json", desc="qc"),   # QC record (brainfuse.stageqc): manifest, report
     params:
         runs=lambda wildcards, input: " ".join(r for r in input.dwi if r.endswith((".nii", ".nii.gz"))),
-        ses=lambda wildcards: f"--ses {wildcards.session}" if HAS_SESSIONS else "",
+        ses=lambda wildcards: f"--session {wildcards.session}" if HAS_SESSIONS else "",
         settings=DWI_SETTINGS,
         res=DWI_RES,
         code=code_version("dwi"),
@@ -49,13 +49,13 @@ rule dwi_subject:
         mem_mb=lambda wildcards, input: bf_resources.dwi(input.dwi)["mem_mb"],
         runtime=lambda wildcards, input: bf_resources.dwi(input.dwi)["runtime"],
     shell:
-        "{BRAINFUSE} dwi --dwi {params.runs} --sub {wildcards.subject} {params.ses} --out {DERIV}"
+        "{BRAINFUSE} dwi --dwi {params.runs} --subject {wildcards.subject} {params.ses} --out-dir {DERIV}"
         " --t1w {input.t1w} --t1w-mask {input.mask} --transforms {input.warp} {input.affine}"
-        " --template {input.template} --res {params.res} --params '{params.settings}' --threads {threads}"
+        " --template {input.template} --resolution {params.res} --params '{params.settings}' --threads {threads}"
         " {params.strict} > {log} 2>&1"
 
 
-STAGE_TARGETS["dwi"] = deferred_targets(lambda: job_targets(rules.dwi_subject, units_with("dwi"), DWI_QC))
+STAGE_TARGETS["dwi"] = deferred_targets(lambda: job_targets(rules.dwi_subject, units_with("dwi"), DWI_QC)) + DERIV_TARGETS
 
 
 rule dwi:

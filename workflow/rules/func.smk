@@ -10,9 +10,9 @@ from brainfuse import resources as bf_resources
 
 FUNC_RES = int(config["resolution_mm"])
 FUNC_SETTINGS = json.dumps(config["func"], sort_keys=True)
-_TPL_DIR = f"resources/tpl-{TEMPLATE}"
+_TPL_DIR = f"{TPL_ROOT}/tpl-{TEMPLATE}"
 ATLAS_NII = f"{_TPL_DIR}/tpl-{TEMPLATE}_res-{FUNC_RES}_atlas-brainfuse_dseg.nii.gz"
-ATLAS_TSV = f"{_TPL_DIR}/tpl-{TEMPLATE}_atlas-brainfuse_dseg.tsv"
+ATLAS_TSV = f"{_TPL_DIR}/tpl-{TEMPLATE}_res-{FUNC_RES}_atlas-brainfuse_dseg.tsv"   # n_voxels differ by grid
 _RUN_ENTITIES = ("task", "acq", "ce", "rec", "dir", "run", "echo")
 
 wildcard_constraints:
@@ -62,8 +62,8 @@ def _func_bold(wildcards):
 rule atlas:
     """atlas-brainfuse: k-means grey-matter parcels of the template, per hemisphere (no download)."""
     input:
-        gm=bf_templates.template_path("resources", FUNC_RES, "probseg", label="GM"),
-        mask=bf_templates.template_path("resources", FUNC_RES, "mask", desc="brain"),
+        gm=bf_templates.template_path(TPL_ROOT, FUNC_RES, "probseg", label="GM"),
+        mask=bf_templates.template_path(TPL_ROOT, FUNC_RES, "mask", desc="brain"),
     output:
         nii=ATLAS_NII,
         tsv=ATLAS_TSV,
@@ -79,7 +79,7 @@ rule atlas:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{BRAINFUSE} func atlas --gm {input.gm} --mask {input.mask} --out {output.nii} --tsv {output.tsv}"
+        "{BRAINFUSE} func atlas --gm {input.gm} --mask {input.mask} --output {output.nii} --output-tsv {output.tsv}"
         " --n-parcels {params.n} > {log} 2>&1"
 
 
@@ -93,8 +93,8 @@ rule func_run:
         affine=bpath(DERIV, "anat", "xfm", ".mat", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "affine"}),
         wm=bpath(DERIV, "anat", "probseg", space=TEMPLATE, res=FUNC_RES, label="WM"),
         csf=bpath(DERIV, "anat", "probseg", space=TEMPLATE, res=FUNC_RES, label="CSF"),
-        template=bf_templates.template_path("resources", FUNC_RES, "T1w"),
-        template_mask=bf_templates.template_path("resources", FUNC_RES, "mask", desc="brain"),
+        template=bf_templates.template_path(TPL_ROOT, FUNC_RES, "T1w"),
+        template_mask=bf_templates.template_path(TPL_ROOT, FUNC_RES, "mask", desc="brain"),
         atlas=ATLAS_NII,
         atlas_tsv=ATLAS_TSV,
     output:
@@ -117,8 +117,8 @@ rule func_run:
     shell:
         "{BRAINFUSE} func --bold {input.bold} --t1w {input.t1w} --t1w-mask {input.mask}"
         " --anat-dir {params.anat_dir} --template {input.template} --template-mask {input.template_mask}"
-        " --wm {input.wm} --csf {input.csf} --atlas {input.atlas} --atlas-tsv {input.atlas_tsv} --deriv {DERIV}"
-        " --res {params.res} --params '{params.settings}' --threads {threads} {params.strict} > {log} 2>&1"
+        " --wm {input.wm} --csf {input.csf} --atlas {input.atlas} --atlas-tsv {input.atlas_tsv} --out-dir {DERIV}"
+        " --resolution {params.res} --params '{params.settings}' --threads {threads} {params.strict} > {log} 2>&1"
 
 
 def _func_qc_inputs(wildcards):
@@ -145,7 +145,7 @@ rule func_qc:
         mem_mb=500,
         runtime=5,
     shell:
-        "{BRAINFUSE} qc --motion-qc {input} --out {output.qc_json} {params.strict} > {log} 2>&1"
+        "{BRAINFUSE} qc --motion-qc {input} --output {output.qc_json} {params.strict} > {log} 2>&1"
 
 
 def _func_targets():
@@ -157,7 +157,7 @@ def _func_targets():
     return out + job_targets(rules.func_qc, units, rules.func_qc.output)
 
 
-STAGE_TARGETS["func"] = deferred_targets(_func_targets)
+STAGE_TARGETS["func"] = deferred_targets(_func_targets) + DERIV_TARGETS
 
 
 rule func:

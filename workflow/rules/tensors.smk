@@ -12,7 +12,9 @@ TENSOR_RES = int(config["resolution_mm"])
 TENSOR_SETTINGS = dict(config["tensors"])
 if MODE == "demo" and not TENSOR_SETTINGS["classes"]:
     TENSOR_SETTINGS["classes"] = config["demo"]["classes"]
-TEMPLATE_MASK = bf_tensors.template_mask_path(TENSOR_RES)
+if MODE == "tabular":   # no images: the default list's image modalities would only be empty columns
+    TENSOR_SETTINGS["modalities"] = [m for m in TENSOR_SETTINGS["modalities"] if m not in bf_tensors.IMAGE_MODALITIES]
+TEMPLATE_MASK = bf_tensors.template_mask_path(TENSOR_RES, TPL_ROOT)
 # DICOM input: convert merges participants_tsv into the converted dataset's table; BIDS/demo: the given
 # clinical table, else the dataset's own participants.tsv.
 PARTICIPANTS_TSV = (f"{BIDS_DIR}/participants.tsv" if MODE == "dicom"
@@ -124,7 +126,7 @@ rule tensors_gather:
     shell:
         # its WARNING lines (image QC flags, degenerate labels) are repeated on the console, not only in the log
         "{BRAINFUSE} tensors gather --out-dir {params.out_dir} --participants {input.participants}"
-        " --settings {params.settings} --units {params.units} --tensors {input.tensors} > {log} 2>&1"
+        " --params {params.settings} --units {params.units} --tensors {input.tensors} > {log} 2>&1"
         " && (grep -h 'WARNING' {log} >&2 || true)"
 
 

@@ -60,7 +60,7 @@ rule splits:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{BRAINFUSE} train splits --tensors {TENSORS} --settings {params.settings} --out {output} > {log} 2>&1"
+        "{BRAINFUSE} train splits --tensors {TENSORS} --params {params.settings} --output {output} > {log} 2>&1"
 
 
 rule train_fold:
@@ -86,13 +86,14 @@ rule train_fold:
         **MODEL_JOB_RESOURCES,
     shell:
         "{BRAINFUSE} train fold --tensors {TENSORS} --splits {input.splits} --fold {wildcards.fold}"
-        " --preset {wildcards.preset} --settings {params.settings} --device {params.device}"
-        " --threads {threads} --out {params.outdir} > {log} 2>&1"
+        " --preset {wildcards.preset} --params {params.settings} --device {params.device}"
+        " --threads {threads} --out-dir {params.outdir} > {log} 2>&1"
         " && (grep -h 'WARNING' {log} >&2 || true)"     # e.g. a damaged resume file ignored: said on the console
 
 
 rule evaluate_cv:
-    """Metrics with bootstrap CIs, baselines, missing-modality grid, ablations, utilisation plots."""
+    """Metrics with bootstrap CIs, baselines, missing-modality grid and summary, ablations, ROC, calibration,
+    connectivity and utilisation plots (captions: workflow/report/)."""
     input:
         COHORT,
         splits=rules.splits.output,
@@ -100,10 +101,12 @@ rule evaluate_cv:
         predictions=expand(rules.train_fold.output.predictions, preset=TRAIN_PRESETS, fold=FOLDS),
         bayes=rules.demo_dataset.output.bayes if MODE == "demo" else [],
     output:
-        results=report(f"{REPORTS}/results.tsv", category="Results", labels={"table": "metrics (long format)"}),
+        results=report(f"{REPORTS}/results.tsv", caption="../report/results.rst", category="Results",
+                       labels={"table": "metrics (long format)"}),
         predictions=f"{REPORTS}/predictions.tsv",
         summary=f"{REPORTS}/summary.json",
         figures=report(directory(f"{REPORTS}/figures"), patterns=["{name}.png"], category="Results",
+                       caption="../report/figures.rst",   # one caption per figure, chosen by {name}
                        labels={"figure": "{name}"}),
     params:
         settings=TRAIN_SETTINGS,
@@ -120,8 +123,8 @@ rule evaluate_cv:
         runtime=60,
     shell:
         "{BRAINFUSE} evaluate --tensors {TENSORS} --splits {input.splits} --models {MODELS}"
-        " --presets {params.presets} --settings {params.settings} {params.bayes} --threads {threads}"
-        " --out {REPORTS} > {log} 2>&1"
+        " --presets {params.presets} --params {params.settings} {params.bayes} --threads {threads}"
+        " --out-dir {REPORTS} > {log} 2>&1"
         " && (grep -h 'WARNING' {log} >&2 || true)"     # rows flagged by image QC: said on the console
 
 
@@ -137,6 +140,7 @@ rule report_qc:
         qc_figures(),
     output:
         report(directory(f"{OUT}/reports/qc"), patterns=["{name}.png"], category="Preprocessing QC",
+               caption="../report/qc.rst",
                labels={"figure": "{name}"}),
     params:
         code=code_version("evaluate"),
@@ -184,7 +188,7 @@ rule predict:
         **MODEL_JOB_RESOURCES,
     shell:
         "{BRAINFUSE} predict --tensors {TENSORS} --models {params.models} --preset {params.preset}"
-        " {params.summary} --device {params.device} --out {output} > {log} 2>&1"
+        " {params.summary} --device {params.device} --output {output} > {log} 2>&1"
 
 
 if PREDICT_FROM:
