@@ -585,3 +585,18 @@ def test_xa30_both_phase_encode_runs(xa30, tmp_path):
           f"uncorrected {res_raw:.4f} (opposite susceptibility distortions remain: no field map correction)")
     assert r_fa >= 0.6
     assert res_corr <= 1.05 * res_raw    # eddy shifts removed, but the AP/PA susceptibility mismatch dominates
+
+
+def test_fsl_bvec_axes_follow_fsl_convention():
+    """FSL reads b-vectors in the image's scaled-voxel axes, x flipped when the voxel-to-world determinant is
+    positive (the FDT documentation); fsl_axes (from fslpy) must say the same for oblique and flipped grids."""
+    from brainfuse.motion import rotation_part
+
+    rng = np.random.default_rng(1)
+    for sign in (1, -1):
+        for _ in range(20):
+            R, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+            A = np.eye(4)
+            A[:3, :3] = R @ np.diag(rng.uniform(0.8, 3, 3) * [sign, 1, 1])
+            expected = rotation_part(A[None])[0] @ (np.diag([-1.0, 1, 1]) if np.linalg.det(A[:3, :3]) > 0 else np.eye(3))
+            np.testing.assert_allclose(dwi.fsl_axes(A), expected, atol=1e-6)

@@ -374,11 +374,6 @@ def test_conditioned_gate_sees_which_modalities_are_present():
     assert not torch.allclose(w[0], w[1])
 
 
-def test_curriculum_order_most_observed_first():
-    present = torch.tensor([[1, 0, 0], [1, 1, 1], [0, 1, 1], [0, 0, 1]], dtype=torch.bool)
-    assert moe.curriculum_order(present).tolist() == [1, 2, 0, 3]
-
-
 def test_vit_handles_non_multiple_sizes_and_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     vit = moe.ViT3D(2, (13, 15, 11), 16, 4, 2, 4)

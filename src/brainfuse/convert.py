@@ -60,7 +60,6 @@ MANIFEST_COLUMNS = [
     "subject", "session", "series_number", "series_description", "protocol_name", "image_type", "n_files",
     "decision", "reason", "datatype", "suffix", "bids_name", "outputs", "source",
 ]
-DECISIONS = ("converted", "skipped", "failed")
 
 # --------------------------------------------------------------------------------------------------
 # Mapping rules

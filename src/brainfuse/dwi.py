@@ -177,13 +177,15 @@ def load_run(path, b0_threshold: float = DEFAULTS["b0_threshold"],
 
 # ------------------------------------------------------------------------------------ geometry
 def fsl_axes(affine) -> np.ndarray:
-    """Q: FSL b-vector axes -> world axes (image axes, x flipped when det(affine) > 0)."""
+    """Q: FSL b-vector axes -> world axes. FSL's convention (b-vectors in scaled-voxel axes, x flipped when the
+    voxel-to-world determinant is positive) is taken from fslpy's ``Image.getAffine("fsl", "world")``, so the
+    b-vectors brainfuse writes are read alike by FSL tools; the rotation part drops voxel sizes and shears."""
+    from fsl.data.image import Image
+
     from .motion import rotation_part
 
-    Q = rotation_part(np.asarray(affine, float)[None])[0]
-    if np.linalg.det(np.asarray(affine, float)[:3, :3]) > 0:
-        Q = Q @ np.diag([-1.0, 1.0, 1.0])
-    return Q
+    geometry = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.asarray(affine, float))
+    return rotation_part(Image(geometry).getAffine("fsl", "world")[None])[0]
 
 
 def rotate_bvecs(bvecs, transforms, affine_in, affine_out=None) -> np.ndarray:

@@ -661,7 +661,6 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
     folds = sorted(table["fold"].unique())
     classes = list(cohort.classes) if task == "classification" else []
     n_classes = len(classes) if classes else 1
-    key_row = {k: i for i, k in enumerate(keys)}
     n_boot, seed = int(cv["bootstrap"]), int(cv["seed"])
     results = []
 

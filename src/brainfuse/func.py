@@ -321,14 +321,6 @@ def mni_coordinates(template_img, transformlist, bold_img, workdir=None) -> tupl
     return pts, inside
 
 
-def invert_ants_affine(in_mat, out_mat):
-    """Write the inverse of an ITK affine .mat (for tests and for subject->template affines)."""
-    import ants
-
-    ants.write_transform(ants.read_transform(str(in_mat)).invert(), str(out_mat))
-    return str(out_mat)
-
-
 # ----------------------------------------------------------------------------------------- derivatives
 def clean_signals(ts, confounds, tr, cfg, sample_mask=None, band=True):
     """Denoise (T, V) series with nilearn's ``signal.clean`` (detrend + confound regression, censoring):

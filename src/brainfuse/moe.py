@@ -20,7 +20,8 @@ One readable file in the spirit of nanoGPT's model.py. The published methods are
 
 The noisy presets use Shazeer et al.'s (2017) learned noise, std softplus(x W_noise) + 1e-2 (the seed notes say
 "noisy top-k" without saying fixed or learned; ``learned_noise=False`` gives a fixed ``noise_std``).
-Flex-MoE's warm-up curriculum is a training-loop matter: ``PRESET_TRAINING`` and ``curriculum_order``.
+Flex-MoE's warm-up curriculum (5 epochs on samples ordered from most to fewest observed modalities) is not
+implemented: train.py runs one schedule for every preset.
 
 Shapes: B batch, M modalities, R routers, E experts, d model width. Volumes are (B, C, X, Y, Z),
 tabular modalities (B, F); ``present`` is a (B, M) bool mask in ``MoEConfig.modalities`` order.
@@ -591,16 +592,6 @@ PRESETS: dict[str, dict] = {
     "late": dict(fusion="late", volume_encoder="cnn", missing="learned"),
     "single": dict(fusion="single", volume_encoder="cnn", missing="learned"),
 }
-
-# Training-schedule parts of the methods (not model config; for the training loop to honour). Flex-MoE
-# warms up for 5 epochs on samples ordered from most to fewest observed modalities (curriculum_order).
-PRESET_TRAINING: dict[str, dict] = {"flexmoe": {"warmup_epochs": 5, "warmup_order": "most_observed_first"}}
-
-
-def curriculum_order(present: torch.Tensor) -> torch.Tensor:
-    """Sample indices from most to fewest present modalities (stable: ties keep their order)."""
-    return torch.sort(present.sum(1), descending=True, stable=True).indices
-
 
 def preset_config(preset_name: str, modalities: list, n_outputs: int, task: str = "classification",
                   **overrides) -> MoEConfig:

@@ -176,7 +176,7 @@ def _normalise(modality: str, channel: str, data: np.ndarray, mask: np.ndarray) 
         vals = data[mask]
         sd = float(vals.std())
         if not np.isfinite(sd) or sd == 0:
-            raise TensorError(f"T1w brain image is constant inside the brain mask; cannot z-score it")
+            raise TensorError("T1w brain image is constant inside the brain mask; cannot z-score it")
         out = np.where(mask, (data - vals.mean()) / sd, 0.0)
         return out, {"method": "zscore_in_template_brain_mask", "mean": float(vals.mean()), "sd": sd}
     if modality == "DTI" and channel in ("md", "ad", "rd"):

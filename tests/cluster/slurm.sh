@@ -126,6 +126,13 @@ EOF
 export SLURM_CONF="$dir/slurm.conf"
 # a link left by a start whose folder is gone (the caller was killed before `stop`)
 if [ -L "$SYSTEM_CONF" ] && [ ! -e "$SYSTEM_CONF" ]; then rm -f "$SYSTEM_CONF"; fi
+# ... or whose folder is still there (pytest's temporary folders are kept) but whose slurmctld no longer runs: a
+# link into a folder holding this script's munge.key is ours, not the machine's configuration
+old="$(readlink "$SYSTEM_CONF" 2>/dev/null || true)"
+if [ -n "$old" ] && [ "$old" != "$SLURM_CONF" ] && [ -f "$(dirname "$old")/munge.key" ]; then
+    pidf="$(dirname "$old")/slurmctld.pid"
+    { [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; } || rm -f "$SYSTEM_CONF"
+fi
 if [ -e "$SYSTEM_CONF" ] || [ -L "$SYSTEM_CONF" ]; then
     if [ "$(readlink "$SYSTEM_CONF" || true)" != "$SLURM_CONF" ]; then
         echo "slurm.sh: $SYSTEM_CONF exists: this machine has its own SLURM, which this script leaves alone" >&2
