@@ -61,18 +61,26 @@ def _check_subjects(found, where):
                             "correct the labels, or leave subjects empty for all")
 
 
-def _table_units(table):
-    """Tabular-only mode: (subject, session or None) per row of the participants table; repeated rows of one
-    person are told apart by a `session` (or `session_id`) column. Read with csv, not pandas: parse time."""
+def _participant_rows(table):
+    """The rows of a participants table as dicts, or the exception that stopped reading it. Read with csv, not
+    pandas: parse time (tabular-mode units, participants without images)."""
     import csv
-
-    from brainfuse.bids import LabelError, check_label
 
     try:
         with open(table, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
+            return list(csv.DictReader(f, delimiter="\t"))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise BrainfuseError(f"participants_tsv cannot be read ({e})", path=table,
+        return e
+
+
+def _table_units(table):
+    """Tabular-only mode: (subject, session or None) per row of the participants table; repeated rows of one
+    person are told apart by a `session` (or `session_id`) column. Read with csv, not pandas: parse time."""
+    from brainfuse.bids import LabelError, check_label
+
+    rows = _participant_rows(table)
+    if isinstance(rows, Exception):
+        raise BrainfuseError(f"participants_tsv cannot be read ({rows})", path=table,
                              fix="give a tab-separated UTF-8 table with a participant_id column") from None
     if not rows or "participant_id" not in rows[0]:
         raise BrainfuseError("participants_tsv has no participant_id column or no rows", path=table,
@@ -244,14 +252,8 @@ def t1w_input(wildcards):
 def _participant_ids(table):
     """participant_id labels of a table, or None when it cannot be read here (the tensors stage reads it with
     brainfuse.inputs.read_tsv, which names the problem)."""
-    import csv
-
-    try:
-        with open(table, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None
-    if not rows or "participant_id" not in rows[0]:
+    rows = _participant_rows(table)
+    if isinstance(rows, Exception) or not rows or "participant_id" not in rows[0]:
         return None
     return sorted({str(r["participant_id"]).strip().removeprefix("sub-") for r in rows if r["participant_id"]})
 
