@@ -146,7 +146,7 @@ def main(argv=None):
                 files.append(out)
         t_cache = time.perf_counter() - t0
         t0 = time.perf_counter()
-        T.gather(root / "tensors", root / "participants.tsv", {"classes": ["control", "PD", "iRBD"]}, files)
+        T.gather(root / "tensors", root / "participants.tsv", {"classes": ["control", "PD", "iRBD"], "image_features": "volumes"}, files)
         t_gather = time.perf_counter() - t0
 
         cohort = T.load_cohort(root / "tensors")

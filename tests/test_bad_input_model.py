@@ -248,7 +248,7 @@ def test_edited_subject_cache_is_refused_at_the_gather(image_units, tmp_path):
     np.save(cache, a)
     units = [T.unit_dir(out, s) for s in ("001", "002", "003")]
     line = brainfuse_error("tensors", "gather", "--out-dir", out, "--participants", root / "participants.tsv",
-                           "--params", json.dumps({"modalities": ["aMRI"]}), "--tensors", *units)
+                           "--params", json.dumps({"modalities": ["aMRI"], "image_features": "volumes"}), "--tensors", *units)
     assert f"{cache}: cached array changed since the tensors stage wrote it" in line, line
     assert f"delete {T.unit_dir(out, '002')} and rerun the tensors stage" in line
     assert not_done(out)
@@ -259,7 +259,8 @@ def test_qc_flags_reach_the_manifest_with_a_loud_warning(image_units):
     side = json.loads(open(T.tensor_path(out, "002", "aMRI", ext=".json")).read())
     assert [q["suffix"] for q in side["qc"]] == ["T1w"]          # func QC does not apply to aMRI
     log = brainfuse_cli("tensors", "gather", "--out-dir", out, "--participants", root / "participants.tsv",
-                        "--params", json.dumps({"modalities": ["aMRI", "clinical"], "levels": {"sex": ["F", "M"]}}),
+                        "--params", json.dumps({"modalities": ["aMRI", "clinical"], "levels": {"sex": ["F", "M"]},
+                                               "image_features": "volumes"}),
                         "--tensors", *[T.unit_dir(out, s) for s in ("001", "002", "003")])
     assert "WARNING: image QC flagged 1 of 3 rows (1 failed)" in log
     assert "WARNING:   sub-002: FAILED - T1w: MNI correlation 0.41 < 0.60: registration failed" in log

@@ -360,3 +360,19 @@ def test_too_little_brain_in_the_field_of_view_is_explained(tiny_demo, tpl, tmp_
     assert f"BOLD field of view {fov} mm" in msg and f"check {xfm} and the motion (max rotation" in msg
     assert "\n" not in msg
     assert not list(deriv.rglob("*_bold.nii.gz")) and not list(deriv.rglob("*_timeseries.*"))
+
+
+def test_whole_brain_atlas_labels_every_brain_voxel_by_hemisphere(tpl, tmp_path):
+    """atlas-brainfuseRegions (coverage brain): every brain-mask voxel of the grid in a parcel, white matter and
+    deep nuclei included, left parcels left of the midline; the GM atlas leaves white matter out."""
+    nii, tsv = atlas.build(tpl["GM"], tmp_path / "r.nii.gz", tmp_path / "r.tsv", tpl["mask"], n_parcels=8,
+                           coverage="brain")
+    img, table = nib.load(nii), pd.read_csv(tsv, sep="\t")
+    labels, mask = np.asarray(img.dataobj), nib.load(tpl["mask"]).get_fdata() > 0
+    assert ((labels > 0) == mask).all() and set(np.unique(labels[mask])) == set(table["index"])
+    x = (np.argwhere(labels > 0) @ img.affine[:3, :3].T + img.affine[:3, 3])[:, 0]
+    hemi = table.set_index("index")["hemisphere"].to_dict()
+    sides = np.array([hemi[v] for v in labels[labels > 0]])
+    assert (x[sides == "L"] < 0).all() and (x[sides == "R"] >= 0).all()
+    wm = (nib.load(tpl["WM"]).get_fdata() > 0.9) & mask
+    assert (labels[wm] > 0).all() and (np.asarray(nib.load(tpl["atlas"]).dataobj)[wm] == 0).mean() > 0.9

@@ -281,7 +281,8 @@ def test_specialization_loss_by_hand():
 
 
 def test_aux_loss_is_the_weighted_sum_of_its_parts():
-    weights = {"balance": 0.3, "cv2": 0.02, "switch": 0.05, "z": 1e-3, "entropy": 0.1, "specialization": 0.2}
+    weights = {"balance": 0.3, "cv2": 0.02, "switch": 0.05, "z": 1e-3, "entropy": 0.1, "specialization": 0.2,
+               "modality": 0.5}
     m = model("fusemoe", aux_weights=weights).train()
     present = every_combination(len(MODS))
     out = m(batch(MODS, present), present, torch.zeros(present.shape[0], dtype=torch.long))
@@ -291,6 +292,27 @@ def test_aux_loss_is_the_weighted_sum_of_its_parts():
     task = torch.nn.functional.cross_entropy(out.prediction, torch.zeros(present.shape[0], dtype=torch.long))
     assert math.isclose(out.loss.item(), task.item() + expected, rel_tol=1e-5)
     assert out.aux_losses["entropy"].item() < 0          # several routers: mean H - H(mean) <= 0
+
+
+@pytest.mark.parametrize("preset", ["neuromoe", "late"])
+def test_modality_heads_score_each_modality_on_the_samples_that_have_it(preset):
+    present = every_combination(len(MODS))
+    inputs, y = batch(MODS, present), torch.arange(present.shape[0]) % 2
+    m = model(preset, aux_weights={"modality": 1.0}).eval()
+    out = m(inputs, present, y)
+    encoded = m.encode(inputs, present)
+    expected = torch.stack([torch.nn.functional.cross_entropy(head(encoded[present[:, j], j]), y[present[:, j]])
+                            for j, head in enumerate(m.modality_heads)]).mean()
+    assert math.isclose(out.aux_losses["modality"].item(), expected.item(), rel_tol=1e-5)
+    assert math.isclose(out.loss.item(), m.task_loss(out.prediction, y).item() + out.aux_loss.item(), rel_tol=1e-5)
+    # the heads are trained, the fused prediction does not depend on them
+    assert all(p.grad is None for p in m.modality_heads.parameters())
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.modality_heads.parameters())
+    with torch.no_grad():
+        for p in m.modality_heads.parameters():
+            p.add_(1.0)
+    assert torch.equal(m(inputs, present).prediction, out.prediction)
 
 
 def test_class_weights_enter_the_task_loss():
@@ -451,3 +473,26 @@ def test_regression_head_learns():
     pred = out.prediction.squeeze(1)
     r2 = 1 - float(((pred - y) ** 2).mean() / y.var())
     assert out.prediction.shape == (len(y), 1) and r2 > 0.5, r2
+
+
+@pytest.mark.parametrize("preset", ["fusemoe", "flexmoe", "neuromoe"])
+def test_residual_experts_start_from_the_identity(preset):
+    """With every expert's FFN output zeroed, a residual MoE layer passes its input through whatever the gate does
+    (weights sum to 1): the prediction is the head applied to the tokens (joint: to the fused token)."""
+    present = every_combination(len(MODS))
+    inputs = batch(MODS, present)
+    m = model(preset).eval()
+    with torch.no_grad():
+        for pool in m.experts:
+            for f in pool:
+                f[-1].weight.zero_()
+                f[-1].bias.zero_()
+        tokens = m.mixer(m.missing(m.encode(inputs, present), present, combination_index(present)))
+        if m.cfg.router == "joint":
+            expected = m.head(m.fuse(tokens.flatten(1)))
+        elif m.cfg.router == "conditioned":
+            w = m(inputs, present).routing_weights["conditioned"]
+            expected = m.head(torch.einsum("bm,bmd->bd", w, tokens))
+        else:
+            expected = m.head(tokens.flatten(1))
+        torch.testing.assert_close(m(inputs, present).prediction, expected)

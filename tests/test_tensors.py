@@ -119,7 +119,7 @@ def cohort_dir(tmp_path_factory, grid):
     mask_path = write_mask(str(root / "mask.nii.gz"), grid)
     files = build_all(deriv, out, mask_path)
     table = write_participants(root / "participants.tsv", list(HAS), {(1, "updrs_iii"): np.nan})
-    T.gather(out, root / "participants.tsv", {"classes": ["control", "PD", "iRBD"]}, files,
+    T.gather(out, root / "participants.tsv", {"classes": ["control", "PD", "iRBD"], "image_features": "volumes"}, files,
              units=[f"sub-{s}" for s in HAS])
     return out, truth, table, deriv, mask_path
 
@@ -155,6 +155,66 @@ def test_round_trip_is_exact_up_to_float16(cohort_dir, grid):
     # the T1w z-score uses the subject's own brain only: mean 0, SD 1 inside the mask
     z = c.arrays["aMRI"][0, 0].astype(np.float64)[mask]
     assert abs(z.mean()) < 1e-3 and abs(z.std() - 1) < 1e-3
+
+
+def write_atlas(root, grid, n_empty=1):
+    """Two parcels (the brain mask's voxels split by array index) plus empty ones, and their table."""
+    mask, affine = grid
+    labels = np.zeros(mask.shape, np.int16)
+    idx = np.flatnonzero(mask.ravel())
+    labels.ravel()[idx[: len(idx) // 3]] = 1
+    labels.ravel()[idx[len(idx) // 3:]] = 2
+    nii, tsv = root / "atlas_dseg.nii.gz", root / "atlas_dseg.tsv"
+    nib.save(nib.Nifti1Image(labels, affine), nii)
+    names = ["A", "B"] + [f"E{i}" for i in range(n_empty)]
+    pd.DataFrame({"index": np.arange(1, len(names) + 1), "name": names}).to_csv(tsv, sep="\t", index=False)
+    return labels, (nii, tsv)
+
+
+def test_region_features_are_parcel_means_of_each_channel(cohort_dir, tmp_path, grid):
+    """image_features: regions gathers each volume modality as a table of parcel means (channel-major), NaN
+    for an empty parcel and for absent rows, the volume caches unchanged; conn and the tables as before."""
+    out, truth, _, _, _ = cohort_dir
+    labels, atlas = write_atlas(tmp_path, grid)
+    root = out.parent
+    files = sorted(str(p) for p in out.rglob("sub-*_*.npy"))
+    info = T.gather(tmp_path / "regions", root / "participants.tsv", {"classes": ["control", "PD", "iRBD"]}, files,
+                    units=[f"sub-{s}" for s in HAS], atlas=atlas)
+    vol, reg = T.load_cohort(out), T.load_cohort(tmp_path / "regions")
+    assert [m.kind for m in reg.modalities] == ["tabular"] * 6
+    assert reg.feature_names["aMRI"] == ["T1w_A", "T1w_B", "T1w_E0", "GM_A", "GM_B", "GM_E0", "logjacobian_A",
+                                         "logjacobian_B", "logjacobian_E0"]
+    assert info["regions"]["DTI"]["channels"] == ["fa", "md", "ad", "rd"]
+    for m in ("aMRI", "DTI", "fMRI"):
+        assert reg.arrays[m].shape == (3, len(vol.channels[m]) * 3)
+        for i in range(3):
+            row = reg.arrays[m][i].reshape(len(vol.channels[m]), 3)
+            if not vol.present[i, vol.names.index(m)]:
+                assert np.isnan(row).all() and not reg.present[i, reg.names.index(m)]
+                continue
+            v = np.asarray(vol.arrays[m][i], np.float64)
+            for c in range(len(row)):
+                np.testing.assert_allclose(row[c, :2], [v[c][labels == 1].mean(), v[c][labels == 2].mean()], rtol=1e-5)
+            assert np.isnan(row[:, 2]).all()
+    np.testing.assert_array_equal(reg.arrays["conn"], vol.arrays["conn"])
+    np.testing.assert_array_equal(reg.present, vol.present)
+
+
+def test_region_features_need_an_atlas_on_the_working_grid(cohort_dir, tmp_path, grid):
+    out, _, _, _, _ = cohort_dir
+    files = sorted(str(p) for p in out.rglob("sub-*_modality-aMRI_tensor.npy"))
+    cfg = {"classes": ["control", "PD", "iRBD"], "modalities": ["aMRI"]}
+    with pytest.raises(T.TensorError, match="got no atlas"):
+        T.gather(tmp_path / "a", out.parent / "participants.tsv", cfg, files, units=[f"sub-{s}" for s in HAS])
+    mask, affine = grid
+    nii = tmp_path / "shifted_dseg.nii.gz"
+    nib.save(nib.Nifti1Image(mask.astype(np.int16)[:-1], affine), nii)
+    _, (_, tsv) = write_atlas(tmp_path, grid)
+    with pytest.raises(T.TensorError, match="resampled") as err:
+        T.gather(tmp_path / "b", out.parent / "participants.tsv", cfg, files, units=[f"sub-{s}" for s in HAS],
+                 atlas=(nii, tsv))
+    assert str(nii) in str(err.value)
+    assert not (tmp_path / "b" / "cohort.json").exists()
 
 
 def test_missing_modalities_are_rows_with_flags_off(cohort_dir):
@@ -251,7 +311,8 @@ def test_gather_refuses_caches_on_different_grids(cohort_dir, tmp_path):
     json.dump(info, open(side, "w"))
     write_participants(tmp_path / "participants.tsv", ["001", "002"])
     with pytest.raises(T.TensorError, match="sub-002_modality-aMRI_tensor.npy: affine"):
-        T.gather(tmp_path / "cohort", tmp_path / "participants.tsv", {"modalities": ["aMRI"]}, files)
+        T.gather(tmp_path / "cohort", tmp_path / "participants.tsv", {"modalities": ["aMRI"], "image_features": "volumes"},
+                 files)
     assert not (tmp_path / "cohort" / "manifest.tsv").exists() and not list((tmp_path / "cohort").glob("*.npy"))
 
 
@@ -314,8 +375,10 @@ def test_dataset_without_images_trains_from_tabular_modalities(tmp_path):
     tb = next(iter(torch.utils.data.DataLoader(T.CohortDataset(c, test, transforms), batch_size=40)))
     with torch.no_grad():
         acc = (model(tb["inputs"], tb["present"]).prediction.argmax(1) == tb["target"]).float().mean().item()
-    bayes = demo.bayes_accuracy(cfg, n_samples=20000)
-    assert acc > 0.6, (acc, bayes)     # chance is 1/3
+    # the table carries the atrophy score (as aMRI does): the ceiling is the Bayes rule of aMRI + clinical + serum;
+    # 40 test subjects: a learnt model gets at least half-way from chance to it
+    ceiling = demo.bayes_accuracy(cfg, n_samples=20000)["bayes_grid"]["aMRI+clinical+serum"]
+    assert acc > 1 / 3 + 0.5 * (ceiling - 1 / 3), (acc, ceiling)
 
 
 def test_make_cohort_matches_loader_items():
@@ -364,8 +427,9 @@ def test_workflow_caches_gathers_and_reruns_only_the_changed_subject(tmp_path, g
                 bf_io.save_json({"qc_pass": not flags, "flags": flags, "metrics": {}, "thresholds": {}},
                                 stageqc.qc_path(out / "derivatives" / "brainfuse", sub, None, datatype))
     write_mask(T.template_mask_path(RES, out / "templates"), grid)     # the templates rule writes it there
+    # volumes: the DTI rows compared below are voxels (region features are tested on the gather)
     args = ["--cores", "2", "--allowed-rules", "tensors_subject", "tensors_gather", "tensors",
-            "--config", f"bids_dir={bids}", f"output_dir={out}"]
+            "--config", f"bids_dir={bids}", f"output_dir={out}", "tensors={image_features: volumes}"]
     past = time.time() - 3600                   # inputs older than anything the run writes
     for p in list(bids.rglob("*")) + list((out / "derivatives").rglob("*")):
         os.utime(p, (past, past))
@@ -411,7 +475,8 @@ def test_sessions_are_rows_grouped_by_participant(tmp_path, grid):
         T.build_subject("aMRI", paths, mask_path, out, RES, subject="001", session=ses)
         files.append(out)
     table = write_participants(tmp_path / "participants.tsv", ["001", "002"])
-    T.gather(tmp_path / "tensors", tmp_path / "participants.tsv", {"modalities": ["aMRI", "clinical"]}, files,
+    T.gather(tmp_path / "tensors", tmp_path / "participants.tsv",
+             {"modalities": ["aMRI", "clinical"], "image_features": "volumes"}, files,
              units=["sub-001_ses-1", "sub-001_ses-2", "sub-002"])
     c = T.load_cohort(tmp_path / "tensors")
     assert c.manifest.session.tolist() == ["1", "2", "n/a"] and list(c.groups) == ["sub-001", "sub-001", "sub-002"]

@@ -17,7 +17,8 @@ from brainfuse import train as bf_train
 from brainfuse.tensors import make_cohort
 from conftest import REPO
 
-FAST = {"model": {"epochs": 30, "patience": 10, "pool": 1, "batch_size": 8, "warmup_epochs": 2},
+# inner_folds 1: early stopping on the splits' validation set (3x faster); the inner-fold default has its own test
+FAST = {"model": {"epochs": 30, "patience": 10, "pool": 1, "batch_size": 8, "warmup_epochs": 2, "inner_folds": 1},
         "cv": {"n_folds": 3, "bootstrap": 50}}
 
 
@@ -146,7 +147,7 @@ sys.path.insert(0, {tests!r})
 from test_train import synthetic_cohort, settings, splits_for
 from brainfuse import train
 s = settings()
-s["model"].update(epochs=int(sys.argv[2]), patience=1000)
+s["model"].update(epochs=int(sys.argv[2]), patience=1000, inner_folds=int(sys.argv[3]))
 cohort = synthetic_cohort()
 train.train_fold(cohort, splits_for(cohort, s), 0, "flexmoe", s, sys.argv[1], log=lambda m: print(m, flush=True))
 """
@@ -154,20 +155,20 @@ train.train_fold(cohort, splits_for(cohort, s), 0, "flexmoe", s, sys.argv[1], lo
 
 @pytest.mark.parametrize("kill_phase", [1, 2])
 def test_killed_training_resumes_and_ends_with_the_same_model(tmp_path, kill_phase):
-    """SIGKILL during early-stopped training (phase 1) or the refit on train + val (phase 2), then rerun:
-    same weights and predictions as an uninterrupted run."""
+    """SIGKILL during early-stopped training (phase 1) or the refit on train + val (phase 2, after the epoch count
+    came from inner folds), then rerun: same weights and predictions as an uninterrupted run."""
     script = tmp_path / "run.py"
     script.write_text(RESUME_SCRIPT.format(tests=str(REPO / "tests")))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    epochs = "12"
+    epochs, inner = "12", "1" if kill_phase == 1 else "3"
     # uninterrupted reference
-    subprocess.run([sys.executable, str(script), str(tmp_path / "ref"), epochs], check=True, env=env,
+    subprocess.run([sys.executable, str(script), str(tmp_path / "ref"), epochs, inner], check=True, env=env,
                    capture_output=True)
     ref = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
     assert ref["refit"]["epochs"] == ref["best_epoch"] >= 1
     # killed (SIGKILL, no clean-up) once a few epochs of the phase are saved, then rerun
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(out), epochs], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(script), str(out), epochs, inner], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint.pt").exists():
@@ -186,11 +187,11 @@ def test_killed_training_resumes_and_ends_with_the_same_model(tmp_path, kill_pha
     st = torch.load(out / "resume.pt", weights_only=True)["state"]
     killed_at = st["epoch"]
     assert st.get("phase", 1) == kill_phase and killed_at < int(epochs)
-    rerun = subprocess.run([sys.executable, str(script), str(out), epochs], check=True, env=env,
+    rerun = subprocess.run([sys.executable, str(script), str(out), epochs, inner], check=True, env=env,
                            capture_output=True, text=True)
     assert f"resuming flexmoe fold 0 in phase {kill_phase} after epoch {killed_at}" in rerun.stdout
     got = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert got["epochs_run"] == ref["epochs_run"] == int(epochs)
+    assert got["epochs_run"] == ref["epochs_run"] == int(epochs)     # patience 1000: every epoch (inner folds too)
     for k, v in ref["model"].items():
         assert torch.equal(v, got["model"][k]), k
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ref" / "predictions.tsv", sep="\t"),
@@ -268,3 +269,71 @@ def test_wide_table_is_projected_on_components_fitted_on_the_training_fold(tmp_p
     out = bf_train.run_model(model, bf_train.cohort_data(loaded, cohort, rows["test"]), torch.device("cpu"))
     probs = torch.softmax(out["prediction"], -1).numpy()
     np.testing.assert_allclose(probs, pred[["prob_control", "prob_PD", "prob_iRBD"]].to_numpy(), atol=1e-5)
+
+
+def test_select_keeps_the_columns_that_carry_the_label_in_the_training_fold():
+    """tabular_reduce: select keeps the columns most associated with the training rows' labels (a focal effect in 2
+    of 400 region columns, as the demo's putamen Jacobian), as a selection matrix; test rows never change it."""
+    rng = np.random.default_rng(3)
+    n = 60
+    y = rng.permutation(np.arange(n) % 3)
+    X = rng.normal(size=(n, 400)).astype(np.float32)
+    X[:, 17] += 2.5 * (y == 1)
+    X[:, 250] -= 2.5 * (y == 2)
+    cohort = make_cohort({"regions": X}, y, classes=["control", "PD", "iRBD"])
+    fit, test = np.arange(45), np.arange(45, n)
+    st = bf_train.fit_preprocessing(cohort, fit, 1, tabular_components=6, tabular_reduce="select", y=y)["regions"]
+    proj = st["projection"].numpy()
+    assert proj.shape == (400, 6) and set(np.unique(proj)) == {0.0, 1.0} and (proj.sum(0) == 1).all()
+    kept = np.flatnonzero(proj.sum(1))
+    assert {17, 250} <= set(kept)
+    poisoned = make_cohort({"regions": X.copy()}, y, classes=["control", "PD", "iRBD"])
+    poisoned.arrays["regions"][test] = rng.normal(size=(len(test), 400)) * 100
+    y_poisoned = y.copy()
+    y_poisoned[test] = 0
+    again = bf_train.fit_preprocessing(poisoned, fit, 1, tabular_components=6, tabular_reduce="select", y=y_poisoned)
+    assert torch.equal(again["regions"]["projection"], st["projection"])
+    z = bf_train.materialise(cohort, test, {"regions": st}, 1)["inputs"]["regions"].numpy()
+    np.testing.assert_allclose(z[:, list(kept).index(17)], (X[test, 17] - st["mean"][17].item()) / st["scale"][17].item(),
+                               rtol=1e-5)
+
+
+def test_epoch_count_comes_from_the_mean_curve_of_inner_folds(tmp_path):
+    """model.inner_folds 3: three models on grouped inner folds of train + val, side by side; the final model is
+    refitted on train + val for the epoch of the lowest mean validation loss (patience on the mean)."""
+    cohort = synthetic_cohort()
+    s = settings()
+    s["model"].update(inner_folds=3, epochs=20, patience=4)
+    table = splits_for(cohort, s)
+    logs = []
+    ckpt = bf_train.train_fold(cohort, table, 0, "late", s, tmp_path / "a", log=logs.append)
+    curve = ckpt["history"]
+    val = [h["val_loss"] for h in curve]
+    best = int(np.argmin(val)) + 1
+    assert ckpt["best_epoch"] == best == ckpt["refit"]["epochs"]
+    assert ckpt["epochs_run"] == len(curve) == min(20, best + 4)        # stopped 4 epochs after the mean's best
+    assert any("3 inner folds" in m for m in logs)
+    rows = bf_splits.fold_indices(table, 0, bf_train.row_keys(cohort))
+    assert ckpt["refit"]["rows"] == len(rows["train"]) + len(rows["val"])
+    again = bf_train.train_fold(cohort, table, 0, "late", s, tmp_path / "b", log=lambda m: None)
+    assert all(torch.equal(v, again["model"][k]) for k, v in ckpt["model"].items())
+
+
+def test_neuromoe_gate_takes_any_tabular_modality(tmp_path):
+    """model.condition_on names the table that drives NeuroMoE's gate (need not be called clinical); a cohort
+    without it conditions on its first tabular modality; a cohort with no table at all is refused in one line."""
+    c = synthetic_cohort(n=45)
+    arrays = {"mri": c.arrays["mri"], "demographics": c.arrays["clinical"], "noise": c.arrays["noise"]}
+    present = {"mri": c.present[:, 0], "demographics": c.present[:, 1], "noise": c.present[:, 2]}
+    cohort = make_cohort(arrays, c.target, classes=c.classes, present=present)
+    s = settings()
+    s["model"].update(epochs=3, condition_on="noise")
+    table = splits_for(cohort, s)
+    ckpt = bf_train.train_fold(cohort, table, 0, "neuromoe", s, tmp_path / "a", log=lambda m: None)
+    assert ckpt["config"]["condition_on"] == "noise"
+    s["model"]["condition_on"] = "clinical"         # the default, absent here
+    ckpt = bf_train.train_fold(cohort, table, 0, "neuromoe", s, tmp_path / "b", log=lambda m: None)
+    assert ckpt["config"]["condition_on"] == "demographics"
+    only_mri = make_cohort({"mri": c.arrays["mri"]}, c.target, classes=c.classes)
+    with pytest.raises(bf_train.BrainfuseError, match="model.condition_on='clinical'.*needs a tabular modality"):
+        bf_train.train_fold(only_mri, splits_for(only_mri, s), 0, "neuromoe", s, tmp_path / "c", log=lambda m: None)

@@ -9,6 +9,11 @@ scikit-learn version), and fine enough to separate the canonical network nodes.
 
 A user-supplied atlas (labels NIfTI on the template grid + a TSV with ``index`` and ``name`` columns)
 can replace it in the func stage.
+
+``coverage="brain"`` (atlas-brainfuseRegions) parcels the whole template brain mask the same way: grey and white
+matter and the deep nuclei, so region summaries of Jacobian, tissue and FA/MD maps (tensors.image_features) see
+every structure. nilearn ships no anatomical atlas that loads without a download, so these parcels have no
+anatomical names either; a user's atlas (tensors.atlas) replaces them.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from . import io as bf_io
 from .bids import TEMPLATE
 
 GM_THRESHOLD = 0.3   # GM probability for a voxel to be parcelled (catches the striatum at 3-4 mm)
+COVERAGE = ("gm", "brain")
 
 
 def atlas_paths(res, root="resources") -> tuple[str, str]:
@@ -32,19 +38,26 @@ def atlas_paths(res, root="resources") -> tuple[str, str]:
             str(folder / f"tpl-{TEMPLATE}_res-{int(res)}_atlas-brainfuse_dseg.tsv"))   # n_voxels is per grid
 
 
-def centroids(n_parcels: int = 100, seed: int = 0) -> pd.DataFrame:
-    """Parcel centres (mm) from k-means on the 2 mm template GM voxels, half per hemisphere."""
+def centroids(n_parcels: int = 100, seed: int = 0, coverage: str = "gm") -> pd.DataFrame:
+    """Parcel centres (mm) from k-means on the 2 mm template GM (or whole-brain) voxels, half per hemisphere."""
     from nilearn import datasets
     from sklearn.cluster import KMeans
 
     if n_parcels < 2 or n_parcels % 2:
         raise ValueError(f"n_parcels must be an even number >= 2, got {n_parcels}")
-    gm = datasets.load_mni152_gm_template(resolution=2)
-    g = gm.get_fdata(dtype=np.float32)
-    xyz = np.argwhere(g >= GM_THRESHOLD) @ gm.affine[:3, :3].T + gm.affine[:3, 3]
+    if coverage not in COVERAGE:
+        raise ValueError(f"coverage must be one of {COVERAGE}, got {coverage!r}")
+    if coverage == "gm":
+        ref = datasets.load_mni152_gm_template(resolution=2)
+        sel = ref.get_fdata(dtype=np.float32) >= GM_THRESHOLD
+    else:
+        ref = datasets.load_mni152_brain_mask(resolution=2)
+        sel = ref.get_fdata(dtype=np.float32) > 0
+    xyz = np.argwhere(sel) @ ref.affine[:3, :3].T + ref.affine[:3, 3]
     rows = []
     for hemi, sel in (("L", xyz[:, 0] < 0), ("R", xyz[:, 0] >= 0)):
-        km = KMeans(n_clusters=n_parcels // 2, n_init=4, random_state=seed).fit(xyz[sel])
+        # whole brain: 3x the voxels and 2x the parcels; one k-means++ start (deterministic too) keeps it ~10 s
+        km = KMeans(n_clusters=n_parcels // 2, n_init=4 if coverage == "gm" else 1, random_state=seed).fit(xyz[sel])
         c = km.cluster_centers_
         c = c[np.lexsort((c[:, 0], c[:, 1], c[:, 2]))]   # inferior -> superior: stable, readable order
         rows += [{"hemisphere": hemi, "x": p[0], "y": p[1], "z": p[2]} for p in c]
@@ -54,12 +67,18 @@ def centroids(n_parcels: int = 100, seed: int = 0) -> pd.DataFrame:
     return df.round({"x": 2, "y": 2, "z": 2})
 
 
-def label_grid(gm_img, table: pd.DataFrame, mask_img=None) -> np.ndarray:
-    """Labels (table index) of the GM voxels of ``gm_img``'s grid: nearest centre of the same hemisphere."""
+def label_grid(gm_img, table: pd.DataFrame, mask_img=None, coverage: str = "gm") -> np.ndarray:
+    """Labels (table index) of the GM (coverage "brain": brain-mask) voxels of ``gm_img``'s grid: nearest
+    centre of the same hemisphere."""
     from scipy.spatial import cKDTree
 
     g = np.asarray(gm_img.dataobj, np.float32)
-    sel = g >= GM_THRESHOLD
+    if coverage == "brain":
+        if mask_img is None:
+            raise ValueError("coverage='brain' needs the template brain mask")
+        sel = np.ones(g.shape, bool)
+    else:
+        sel = g >= GM_THRESHOLD
     if mask_img is not None:
         sel &= np.asarray(mask_img.dataobj) > 0
     ijk = np.argwhere(sel)
@@ -72,11 +91,11 @@ def label_grid(gm_img, table: pd.DataFrame, mask_img=None) -> np.ndarray:
     return labels
 
 
-def build(gm_path, out_nii, out_tsv, mask_path=None, n_parcels: int = 100, seed: int = 0):
+def build(gm_path, out_nii, out_tsv, mask_path=None, n_parcels: int = 100, seed: int = 0, coverage: str = "gm"):
     """Write the atlas on the grid of ``gm_path`` (the template GM map at the working resolution)."""
-    table = centroids(n_parcels, seed)
+    table = centroids(n_parcels, seed, coverage)
     gm = nib.load(str(gm_path))
-    labels = label_grid(gm, table, nib.load(str(mask_path)) if mask_path else None)
+    labels = label_grid(gm, table, nib.load(str(mask_path)) if mask_path else None, coverage)
     present = set(np.unique(labels)) - {0}
     table["n_voxels"] = [int((labels == i).sum()) for i in table["index"]]
     if len(present) < len(table):
@@ -91,5 +110,5 @@ def build(gm_path, out_nii, out_tsv, mask_path=None, n_parcels: int = 100, seed:
 
 def cli(argv=None):
     args = cliargs.parser("func atlas").parse_args(argv)
-    build(args.gm, args.output, args.output_tsv, args.mask, args.n_parcels)
+    build(args.gm, args.output, args.output_tsv, args.mask, args.n_parcels, coverage=args.coverage)
     return 0

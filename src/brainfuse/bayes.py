@@ -12,6 +12,8 @@ NEEDS = {"fa": "has_dwi", "connectivity": "has_bold"}   # scores observable only
 # condition sees only the scores of the modalities it keeps. fMRI's ALFF/ReHo maps do not follow the coupling score.
 SCORE_MODALITIES = {"atrophy": ("aMRI",), "fa": ("DTI",), "connectivity": ("conn",), "motor": ("clinical",),
                     "rbd": ("clinical",), "serum": ("serum",)}
+# The demo cohort's tensor modalities, in tensors.modalities order: the Bayes grid covers every subset of them.
+GRID_MODALITIES = ("aMRI", "DTI", "fMRI", "conn", "clinical", "serum")
 
 
 def log_likelihood(scores, observed, means) -> np.ndarray:
@@ -36,6 +38,24 @@ def subject_arrays(subjects, names) -> tuple[np.ndarray, np.ndarray]:
     obs = np.array([[bool(get(r, NEEDS[n])) if n in NEEDS else True for n in names] for r in subjects],
                    bool).reshape(s.shape)
     return s, obs
+
+
+def seen_by(names, modalities) -> np.ndarray:
+    """(S,) bool: which scores a model of ``modalities`` can see (their tensors encode them)."""
+    return np.array([bool(set(SCORE_MODALITIES.get(n, ())) & set(modalities)) for n in names])
+
+
+def modality_grid(scores, observed, y, means, names, modalities=GRID_MODALITIES) -> dict:
+    """Balanced accuracy of the Bayes rule restricted to each non-empty subset of ``modalities`` (the 2^M - 1
+    grid, keys 'aMRI+DTI' in ``modalities`` order): what a model given only those inputs can reach."""
+    from itertools import combinations
+
+    out = {}
+    for r in range(1, len(modalities) + 1):
+        for combo in combinations(modalities, r):
+            pred = log_likelihood(scores, np.asarray(observed, bool) & seen_by(names, combo), means).argmax(1)
+            out["+".join(combo)] = round(balanced_accuracy(y, pred), 4)
+    return out
 
 
 def balanced_accuracy(y, pred) -> float:

@@ -157,6 +157,8 @@ def _func_atlas(p):
     shared(p, "--output", required=True, help="atlas dseg NIfTI to write")
     p.add_argument("--output-tsv", required=True, help="atlas dseg TSV to write (index, name, hemisphere, x, y, z)")
     p.add_argument("--n-parcels", type=int, default=100, help="default: %(default)s")
+    p.add_argument("--coverage", choices=("gm", "brain"), default="gm",
+                   help="gm: grey-matter parcels (connectivity); brain: the whole brain mask (region features)")
 
 
 def _qc(p):
@@ -182,6 +184,8 @@ def _tensors(p):
     shared(g, "--params", help="JSON of the config's tensors section")
     g.add_argument("--tensors", nargs="*", default=[], help="per-subject tensor files or unit folders")
     g.add_argument("--units", nargs="*", default=[], help="cohort rows (sub-X[_ses-Y]); default participants.tsv")
+    g.add_argument("--atlas", nargs=2, default=None, metavar=("NIFTI", "TSV"),
+                   help="labels on the working grid + TSV (index, name): image modalities become region tables")
 
 
 def _train(p):

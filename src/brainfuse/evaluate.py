@@ -145,7 +145,7 @@ def bayes_reference(bayes: dict | None, keys: list, y: np.ndarray, labelled: np.
     means = np.array([bayes["latent_means"][n] for n in names]).T
     scores, observed = bf_bayes.subject_arrays([known[keys[i][0]] for i in idx], names)
     if modalities is not None:
-        observed &= np.array([bool(set(bf_bayes.SCORE_MODALITIES.get(n, ())) & set(modalities)) for n in names])
+        observed &= bf_bayes.seen_by(names, modalities)
     return np.array(idx), bf_bayes.posterior(scores, observed, means)
 
 

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-AUX_NAMES = ("balance", "cv2", "switch", "z", "entropy", "specialization")
+AUX_NAMES = ("balance", "cv2", "switch", "z", "entropy", "specialization", "modality")
 ENCODERS = {"volume": ("vit", "cnn", "mlp"), "tabular": ("mlp",)}
 
 
@@ -96,6 +96,7 @@ class MoEConfig:
     router_hidden: int = 0               # >0: Linear-ReLU-Dropout before the gate (NeuroMoE's 2-layer gate)
     router_dropout: float = 0.0
     missing: str = "learned"             # zeros | learned (one vector per modality) | bank (per combination)
+    residual_experts: bool = True        # expert(x) = x + ffn(x): the MoE layer as a residual block (Switch, ST-MoE)
     # losses
     aux_weights: dict = field(default_factory=dict)  # name in AUX_NAMES -> coefficient
     balance_complete_only: bool = False  # Flex-MoE: cv2 on complete samples, specialisation on incomplete
@@ -425,7 +426,8 @@ class MultimodalMoE(nn.Module):
     (a router per modality token over one shared expert pool, FuseMoE/PerM-MoE), disjoint (a router and
     an expert pool per modality), conditioned (NeuroMoE: one expert per modality, weighted by a gate on
     the clinical features). All experts run on every token (tiny FFNs: dispatch costs more than it saves);
-    sparse weights zero the unselected ones. The head is linear, so for "conditioned" the prediction is
+    sparse weights zero the unselected ones. Experts are residual (x + ffn(x), ``residual_experts``), as the MoE
+    layers of Switch/ST-MoE sit in a residual block. The head is linear, so for "conditioned" the prediction is
     exactly NeuroMoE's weighted sum of per-expert predictions, sum_i w_i head(expert_i(x_i)).
     """
 
@@ -471,6 +473,10 @@ class MultimodalMoE(nn.Module):
             self.head = mlp(M * d, cfg.expert_hidden, cfg.n_outputs, cfg.head_dropout)
         cw = None if cfg.class_weights is None else torch.tensor(cfg.class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", cw)
+        # aux_weights["modality"]: a linear head per modality embedding, trained on the label too (deep supervision)
+        # so that every encoder learns what its modality alone says; the fused prediction does not use them
+        self.modality_heads = (nn.ModuleList(nn.Linear(d, cfg.n_outputs) for _ in self.used)
+                               if cfg.aux_weights.get("modality") else None)
 
     # -- pieces
     def encode(self, inputs: dict, present: torch.Tensor) -> torch.Tensor:
@@ -494,14 +500,17 @@ class MultimodalMoE(nn.Module):
     def route(self, tokens: torch.Tensor, inputs: dict, present: torch.Tensor):
         """tokens (B, M, d) -> fused (B, head_in), routings per router, expert outputs (B, R, E, d)."""
         cfg = self.cfg
+        # residual experts: a gated sum of x + ffn(x) is x + the gated sum of ffn(x) (the weights sum to 1), so
+        # the layer starts as the identity and a noisy gate cannot erase what the encoders found
+        run = (lambda f, x: x + f(x)) if cfg.residual_experts else (lambda f, x: f(x))  # noqa: E731
         if cfg.router == "joint":
             x = self.fuse(tokens.flatten(1))
             routings = [self.routers[0](x)]
-            outs = torch.stack([f(x) for f in self.experts[0]], 1)[:, None]
+            outs = torch.stack([run(f, x) for f in self.experts[0]], 1)[:, None]
         elif cfg.router in ("per_modality", "disjoint"):
             routings = [r(tokens[:, m]) for m, r in enumerate(self.routers)]
             pool = lambda m: self.experts[0 if cfg.router == "per_modality" else m]  # noqa: E731
-            outs = torch.stack([torch.stack([f(tokens[:, m]) for f in pool(m)], 1)
+            outs = torch.stack([torch.stack([run(f, tokens[:, m]) for f in pool(m)], 1)
                                 for m in range(tokens.shape[1])], 1)
         else:
             name, B = self.names[self.cond], tokens.shape[0]
@@ -510,7 +519,7 @@ class MultimodalMoE(nn.Module):
             raw = (torch.where(p[:, None], raw, 0.0) if raw is not None   # where: NaN-safe
                    else tokens.new_zeros(B, self.cfg.modalities[self.used[self.cond]].shape[0]))
             routings = [self.routers[0](torch.cat([raw.float(), present.float()], 1))]
-            outs = torch.stack([f(tokens[:, m]) for m, f in enumerate(self.experts[0])], 1)[:, None]
+            outs = torch.stack([run(f, tokens[:, m]) for m, f in enumerate(self.experts[0])], 1)[:, None]
         weights = torch.stack([r.weights for r in routings], 1)                # (B, R, E)
         fused = torch.einsum("bre,bred->brd", weights.to(outs.dtype), outs).flatten(1)
         return fused, routings, outs
@@ -520,7 +529,7 @@ class MultimodalMoE(nn.Module):
         complete = present.all(1)
         rows = complete if self.cfg.balance_complete_only else torch.ones_like(complete)
         spec_rows = ~complete if self.cfg.balance_complete_only else None
-        parts = {k: [] for k in AUX_NAMES if k != "entropy"}
+        parts = {k: [] for k in AUX_NAMES if k not in ("entropy", "modality")}
         for r in routings:
             E = r.weights.shape[-1]
             sparse = self.cfg.top_k is not None and self.cfg.top_k < E
@@ -534,6 +543,20 @@ class MultimodalMoE(nn.Module):
         out["entropy"] = entropy_regulariser(torch.stack([r.weights for r in routings], 1))
         return out
 
+    def task_loss(self, prediction: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.cfg.task == "classification":
+            return F.cross_entropy(prediction.float(), targets.long(), weight=self.class_weights)
+        return F.mse_loss(prediction.float(), targets.float().view_as(prediction))
+
+    def modality_loss(self, encoded: torch.Tensor, present: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over modalities of the task loss of each modality's own head, on the samples that have it."""
+        parts = []
+        for j, head in enumerate(self.modality_heads):
+            rows = present[:, j]
+            if bool(rows.any()):
+                parts.append(self.task_loss(head(encoded[rows, j]), targets[rows]))
+        return torch.stack(parts).mean() if parts else encoded.new_zeros(())
+
     # -- forward
     def forward(self, inputs: dict, present: torch.Tensor, targets: torch.Tensor | None = None) -> MoEOutput:
         cfg = self.cfg
@@ -546,24 +569,23 @@ class MultimodalMoE(nn.Module):
                              f"{[m.name for m in cfg.modalities]}")
         present = present[:, self.used]   # "single": its one modality may be absent (learned/zero fill)
         combo = combination_index(present)
-        tokens = self.missing(self.encode(inputs, present), present, combo)
-        tokens = self.mixer(tokens)
+        encoded = self.encode(inputs, present)
+        tokens = self.mixer(self.missing(encoded, present, combo))
         zero = tokens.new_zeros(())
         if cfg.fusion == "moe":
             fused, routings, expert_outputs = self.route(tokens, inputs, present)
             aux_losses = self.aux(routings, present, combo)
-            aux_loss = sum((w * aux_losses[k] for k, w in cfg.aux_weights.items() if w), zero)
             routing_weights = {n: r.weights for n, r in zip(self.router_names, routings)}
         else:
-            fused, expert_outputs, aux_losses, aux_loss, routing_weights = tokens.flatten(1), None, {}, zero, {}
+            fused, expert_outputs, aux_losses, routing_weights = tokens.flatten(1), None, {}, {}
+        if self.modality_heads is not None or cfg.fusion == "moe":
+            aux_losses["modality"] = (self.modality_loss(encoded, present, targets)
+                                      if self.modality_heads is not None and targets is not None else zero)
+        aux_loss = sum((w * aux_losses[k] for k, w in cfg.aux_weights.items() if w), zero)
         prediction = self.head(fused)
         loss = None
         if targets is not None:
-            if cfg.task == "classification":
-                task_loss = F.cross_entropy(prediction.float(), targets.long(), weight=self.class_weights)
-            else:
-                task_loss = F.mse_loss(prediction.float(), targets.float().view_as(prediction))
-            loss = task_loss + aux_loss
+            loss = self.task_loss(prediction, targets) + aux_loss
         return MoEOutput(prediction, loss, aux_loss, aux_losses, routing_weights, expert_outputs)
 
 

@@ -79,7 +79,7 @@ def strata(target: np.ndarray, task: str, n_bins: int = 4) -> np.ndarray:
     return np.digitize(target, edges)
 
 
-def _group_folds(y, groups, n_splits, seed):
+def group_folds(y, groups, n_splits, seed):
     """StratifiedGroupKFold, with a readable error when there are too few groups."""
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
@@ -107,13 +107,13 @@ def make_splits(participants, target, task: str = "classification", n_folds: int
         raise ValueError(f"val_fraction={val_fraction} must lie in (0, 0.5)")
     y = strata(target, task)
     rows = []
-    for fold, (trainval, test) in enumerate(_group_folds(y, groups, n_folds, seed)):
+    for fold, (trainval, test) in enumerate(group_folds(y, groups, n_folds, seed)):
         n_inner = max(2, round(1 / val_fraction))
         # small cohorts: no more inner folds than groups of the rarest stratum (sklearn's requirement)
         _, first = np.unique(groups[trainval], return_index=True)
         rarest = min(c for c in np.bincount(y[trainval][first]) if c > 0)
         n_inner = max(2, min(n_inner, rarest))
-        inner = _group_folds(y[trainval], groups[trainval], n_inner, seed + 1000 + fold)
+        inner = group_folds(y[trainval], groups[trainval], n_inner, seed + 1000 + fold)
         role = np.full(len(participants), "", dtype=object)
         role[test] = "test"
         role[trainval] = "train"

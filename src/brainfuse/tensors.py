@@ -279,7 +279,11 @@ DEFAULTS = {
     "covariates": ["age", "sex"],
     "levels": {},
     "tables": {},
+    "image_features": "regions",
+    "region_parcels": 200,
+    "atlas": None,
 }
+IMAGE_FEATURES = ("regions", "volumes")
 
 
 def settings(cfg: dict | None) -> dict:
@@ -405,14 +409,19 @@ def expand_tensor_inputs(items) -> list[str]:
 
 
 def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | None = None,
-           units: list | None = None) -> dict:
+           units: list | None = None, atlas: tuple | None = None) -> dict:
     """Stack the per-subject caches and participant tables into ``out_dir`` (see module docstring).
 
     ``tensors``: per-subject tensor files or unit folders of them (their availability defines the has_<m> flags).
     ``units``: rows of the cohort ("sub-X" or "sub-X_ses-Y"); default: the participants.tsv rows, which is
     how a dataset without images (tabular modalities only) is gathered.
+    ``atlas``: (labels NIfTI, TSV) on the working grid; with ``image_features: regions`` each volume modality is
+    gathered as a table of parcel means per channel (see :func:`region_means`) instead of a stack of volumes.
     """
     cfg = settings(cfg)
+    if cfg["image_features"] not in IMAGE_FEATURES:
+        raise TensorError(f"config tensors.image_features must be one of {IMAGE_FEATURES}, not {cfg['image_features']!r}")
+    regions = cfg["image_features"] == "regions"
     out_dir = Path(out_dir)
     task = cfg["task"]
     if task not in ("classification", "regression"):
@@ -512,7 +521,7 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
     for c in role_cols:
         clinical[c] = participant_column(c)
 
-    specs, feature_names, channels, written = [], {}, {}, {}
+    specs, feature_names, channels, written, region_info = [], {}, {}, {}, {}
     qc = [[] for _ in rows]        # per row: QC records of its image caches (read_qc), deduplicated by file
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_paths = []
@@ -559,10 +568,20 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
                 continue
             ref = _read_sidecar(have[0])
             shape, dtype = tuple(ref["shape"]), np.dtype(ref["dtype"])
+            as_regions = regions and ref["kind"] == "volume"
+            if as_regions:
+                if atlas is None:
+                    raise TensorError(f"config tensors.image_features is 'regions' but the gather got no atlas "
+                                      f"(--atlas NIFTI TSV) for {m}")
+                parcels = read_atlas(*atlas, shape[1:], ref["affine"])
+                names = [f"{c}_{name}" for c in ref["channels"] for name in parcels[2]]
+                out_shape, out_dtype = (len(names),), np.dtype(np.float32)
+            else:
+                out_shape, out_dtype = shape, dtype
             tmp = out_dir / f".{m}.tmp.npy"
             tmp_paths.append(tmp)
-            fill = 0 if ref["kind"] == "volume" else np.nan
-            stacked = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, *shape))
+            fill = 0 if ref["kind"] == "volume" and not as_regions else np.nan
+            stacked = np.lib.format.open_memmap(tmp, mode="w+", dtype=out_dtype, shape=(n, *out_shape))
             for i, p in enumerate(paths):
                 if p is None:
                     stacked[i] = fill
@@ -575,14 +594,18 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
                                           f"({_short(ref.get(key))}); rebuild the caches on one grid")
                 if a.shape != shape or a.dtype != dtype:
                     raise TensorError(f"{p}: array {a.shape} {a.dtype} does not match its sidecar {shape} {dtype}")
-                stacked[i] = a
+                stacked[i] = region_means(a, *parcels[:2]) if as_regions else a
                 qc[i] += [r for r in side.get("qc", []) if r not in qc[i]]
             stacked.flush()
             del stacked
             written[m] = tmp
-            specs.append({"name": m, "kind": ref["kind"], "shape": list(shape)})
+            specs.append({"name": m, "kind": "tabular" if as_regions else ref["kind"], "shape": list(out_shape)})
             if ref["kind"] == "tabular":
                 feature_names[m] = ref["feature_names"]
+            elif as_regions:
+                feature_names[m] = names
+                region_info[m] = {"channels": ref["channels"], "atlas": [{"path": str(f), "sha256": file_sha256(f)}
+                                                                          for f in atlas]}
             else:
                 channels[m] = ref["channels"]
                 grid = {"affine": ref["affine"], "spacing": ref["spacing"], "template": ref["template"],
@@ -608,6 +631,8 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
             info["classes_source"] = classes_source
         if channels:
             info["grid"] = grid
+        if region_info:
+            info["regions"] = region_info
         # rename all at the end, cohort.json last: a failed gather never leaves a cohort.json over a mix
         for old in ("cohort.json", "manifest.tsv"):
             (out_dir / old).unlink(missing_ok=True)
@@ -622,6 +647,38 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
             if tmp.exists():
                 tmp.unlink()
     return info
+
+
+def read_atlas(nii, tsv, shape, affine) -> tuple[np.ndarray, np.ndarray, list]:
+    """(flat labels of the grid, the table's label values, their names): a labels NIfTI on the working grid and a
+    TSV with ``index`` and ``name`` (atlas-brainfuseRegions, or a user's atlas resampled to the template grid)."""
+    img, data = load_nifti(nii, "region atlas", ndim=(3,), fix="rebuild it on the working grid (rule atlas_regions)")
+    if tuple(data.shape) != tuple(shape) or not np.allclose(img.affine, np.asarray(affine), atol=AFFINE_ATOL):
+        raise TensorError(f"shape {data.shape} / affine differ from the tensors' {TEMPLATE} grid {tuple(shape)}; an "
+                          f"atlas must be resampled (nearest neighbour) to the working grid first", path=nii)
+    table = read_tsv(tsv, "region atlas table", required=("index", "name"), fix="give columns index and name")
+    index = table["index"].to_numpy(dtype=np.int64)
+    if index.min() < 1 or len(set(index)) != len(index):
+        raise TensorError("atlas indices must be unique positive integers (0 is background)", path=tsv)
+    labels = np.rint(np.asarray(data)).astype(np.int64).ravel()
+    return np.where(labels > 0, labels, 0), index, [str(v) for v in table["name"]]
+
+
+def region_means(volume: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """(C * P,) float32 parcel means of each channel of a (C, X, Y, Z) volume, channel-major; NaN for a parcel
+    with no voxel on this grid (imputed inside each training fold like any missing value).
+
+    Why regions: the demo's planted effects (putamen Jacobian, CST FA) sit in a few parcels among ~50,000 voxels;
+    a classifier of ~30 subjects finds a few informative columns among hundreds, not among thousands of voxels
+    (README, "Image features")."""
+    size = max(int(labels.max()), int(index.max())) + 1
+    counts = np.bincount(labels, minlength=size)[index].astype(np.float64)
+    out = np.empty((volume.shape[0], len(index)), np.float64)
+    for c in range(volume.shape[0]):
+        sums = np.bincount(labels, weights=np.asarray(volume[c], np.float64).ravel(), minlength=size)[index]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[c] = np.where(counts > 0, sums / counts, np.nan)
+    return out.ravel().astype(np.float32)
 
 
 def _warn_degenerate_classes(target: np.ndarray, classes: list, label: str, source: str, participants_tsv):
@@ -948,7 +1005,8 @@ def cli(argv=None) -> int:
             print(f"[tensors] {unit_key(sub_label, ses)} {modality}: {info['shape']} -> {out}")
         _warn_qc_unit(unit_key(sub_label, ses), qc or [])
     else:
-        info = gather(args.out_dir, args.participants, json.loads(args.params), args.tensors, args.units)
+        info = gather(args.out_dir, args.participants, json.loads(args.params), args.tensors, args.units,
+                      atlas=args.atlas)
         print(f"[tensors] gathered {info['n']} rows, modalities "
               + ", ".join(f"{m['name']}{tuple(m['shape'])}" for m in info["modalities"]) + f" -> {args.out_dir}")
     return 0

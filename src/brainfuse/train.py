@@ -34,7 +34,7 @@ from . import io as bf_io
 from . import splits as bf_splits
 from .errors import BrainfuseError
 from .inputs import InputFileError, load_torch
-from .moe import ModalitySpec, MultimodalMoE, MoEConfig, preset_config
+from .moe import PRESETS, ModalitySpec, MultimodalMoE, MoEConfig, preset_config
 from .provenance import code_version
 
 CHECKPOINT_FORMAT = "brainfuse-moe-1"
@@ -58,11 +58,29 @@ def model_overrides(settings: dict, preset: str, cohort_modalities: list) -> dic
     """MoEConfig overrides: preset defaults < ``model.common`` < ``model.overrides[preset]``."""
     m = settings["model"]
     out = {**m["common"], **m["overrides"].get(preset, {})}
+    names = [s.name for s in cohort_modalities]
     if preset == "single" and "single_modality" not in out:
-        names = [s.name for s in cohort_modalities]
         if m["single_modality"] in names:
             out["single_modality"] = m["single_modality"]
+    if PRESETS[preset].get("router") == "conditioned" and "condition_on" not in out:
+        out["condition_on"] = condition_modality(m.get("condition_on", "clinical"), cohort_modalities)
+    weight = float(m.get("modality_heads") or 0.0)
+    if weight and preset != "single":
+        out["aux_weights"] = {**PRESETS[preset].get("aux_weights", {}), **out.get("aux_weights", {}), "modality": weight}
     return out
+
+
+def condition_modality(name: str, cohort_modalities: list) -> str:
+    """The tabular modality that drives NeuroMoE's gate: ``model.condition_on`` (any tabular modality, e.g. a
+    table of demographics), else the cohort's first tabular modality."""
+    tabular = [s.name for s in cohort_modalities if s.kind == "tabular"]
+    if name in tabular:
+        return name
+    if not tabular:
+        raise BrainfuseError(f"config model.condition_on={name!r}: the conditioned router (neuromoe) needs a "
+                             f"tabular modality and this cohort has none ({', '.join(s.name for s in cohort_modalities)})",
+                             fix="drop neuromoe from model.presets, or add a table (tensors.tables)")
+    return tabular[0]
 
 
 # --------------------------------------------------------------------------------------------- cohort
@@ -109,7 +127,8 @@ def _volume_batch(array, rows, pool: int) -> torch.Tensor:
 
 
 def fit_preprocessing(cohort, rows: np.ndarray, pool: int, volume_norm: str = "voxel",
-                      tabular_components: int | None = None) -> dict:
+                      tabular_components: int | None = None, tabular_reduce: str = "pca",
+                      y: np.ndarray | None = None) -> dict:
     """Per-modality statistics fitted on ``rows`` (the training fold) only, as tensors (checkpoint-safe).
     Tabular: median imputation + standard scaling (sklearn); a table wider than ``tabular_components`` columns
     is then projected on its first principal components (whitened; at most rows - 1). Why: an MLP encoder of
@@ -135,7 +154,15 @@ def fit_preprocessing(cohort, rows: np.ndarray, pool: int, volume_norm: str = "v
             stats[spec.name] = {"fill": torch.tensor(fill, dtype=torch.float32),
                                 "mean": torch.tensor(mean, dtype=torch.float32),
                                 "scale": torch.tensor(scale, dtype=torch.float32)}
-            if tabular_components and F_ > tabular_components and len(have) >= 2:
+            if tabular_components and F_ > tabular_components and len(have) >= 2 and tabular_reduce == "select":
+                # the columns most associated with the target in the training fold (ANOVA F / correlation):
+                # a selection matrix, so the checkpoint format (centre, projection) stays the same
+                keep = select_columns(scaler.transform(X), y[have], cohort.task, tabular_components)
+                proj = np.zeros((F_, len(keep)))
+                proj[keep, np.arange(len(keep))] = 1.0
+                stats[spec.name].update(centre=torch.zeros(F_, dtype=torch.float32),
+                                        projection=torch.tensor(proj, dtype=torch.float32))
+            elif tabular_components and F_ > tabular_components and len(have) >= 2:
                 from sklearn.decomposition import PCA
 
                 k = min(tabular_components, len(have) - 1)
@@ -163,6 +190,17 @@ def fit_preprocessing(cohort, rows: np.ndarray, pool: int, volume_norm: str = "v
             floor = 1e-3 * float(sd.max()) if sd.numel() else 0.0
             stats[spec.name] = {"mean": mean.float(), "scale": torch.where(sd > floor, sd, 1.0).float()}
     return stats
+
+
+def select_columns(X: np.ndarray, y: np.ndarray, task: str, k: int) -> np.ndarray:
+    """Indices (ascending) of the ``k`` columns with the largest ANOVA F (classification) or squared correlation
+    (regression) with ``y``, ties broken by column order; constant columns score 0."""
+    from sklearn.feature_selection import f_classif, f_regression
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = (f_classif if task == "classification" else f_regression)(X, y)[0]
+    score = np.nan_to_num(score, nan=0.0, posinf=0.0)
+    return np.sort(np.argsort(-score, kind="stable")[:k])
 
 
 def _volume_stat(t: torch.Tensor) -> torch.Tensor:
@@ -300,7 +338,8 @@ def _phase(cohort, rows: dict, fit: str, settings: dict, preset: str, y: np.ndar
     m_cfg = settings["model"]
     pool = int(m_cfg["pool"])
     fit_rows = rows[fit]
-    stats = fit_preprocessing(cohort, fit_rows, pool, m_cfg["volume_norm"], m_cfg["tabular_components"])
+    stats = fit_preprocessing(cohort, fit_rows, pool, m_cfg["volume_norm"], m_cfg["tabular_components"],
+                              m_cfg.get("tabular_reduce", "pca"), y)
     specs = model_specs(cohort, pool, stats)
     parts = {"fit": fit_rows, "val": rows["val"] if fit == "train" else rows["val"][:0], "test": rows["test"]}
     data = {k: materialise(cohort, r, stats, pool) for k, r in parts.items()}
@@ -382,9 +421,10 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
                device: str = "auto", threads: int | None = None, log=print) -> dict:
     """Train ``preset`` on ``fold``; write checkpoint.pt and predictions.tsv in ``out_dir``; return the checkpoint.
 
-    Phase 1 trains on the training part and stops early on the inner validation set. With ``model.refit``
-    (default), phase 2 then trains the same model from the same initial weights on training + validation rows
-    for the number of epochs phase 1 chose, as the linear baselines are fitted on both: with ~30 subjects per
+    Phase 1 chooses the number of epochs: with ``model.inner_folds`` > 1 (default 3) from that many inner folds
+    of the training part (:func:`choose_epochs`), else by early stopping on the splits' inner validation set. With
+    ``model.refit`` (default), phase 2 then trains the same model from the same initial weights on training +
+    validation rows for the number of epochs phase 1 chose, as the linear baselines are fitted on both: with ~30 subjects per
     fold, the validation fifth is too much data to leave out of the final model."""
     m_cfg, cv = settings["model"], settings["cv"]
     out_dir = Path(out_dir)
@@ -409,7 +449,13 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
             log(f"[train] resuming {preset} fold {fold} in phase {state['phase']} after epoch {state['epoch']}")
         except Exception as e:      # loads, but its content does not fit this model: as damaged
             _warn_damaged(resume_path, e, log)
-    if P is None:
+    if P is None and refit and int(m_cfg["inner_folds"]) > 1:
+        # epoch count from inner folds, then straight to the refit on train + val
+        phase1 = choose_epochs(cohort, rows, settings, preset, y, seed, dev, keys, log)
+        P = _phase(cohort, rows, "train_val", settings, preset, y, seed, dev)
+        state = _fresh_state(2, P["model"])
+        state["phase1"] = phase1
+    elif P is None:
         P = _phase(cohort, rows, "train", settings, preset, y, seed, dev)
         state = _fresh_state(1, P["model"])
 
@@ -471,43 +517,14 @@ def _train_epochs(P: dict, state: dict, max_epochs: int, m_cfg: dict, task: str,
                   log, t0: float) -> None:
     """Epochs of one phase until ``max_epochs`` or (with a validation set) ``patience`` epochs without a
     better validation loss; ``state`` and the resume file are updated after every epoch."""
-    model, opt, gen, data, target = P["model"], P["opt"], P["gen"], P["data"], P["target"]
-    n, bs = P["n"], int(m_cfg["batch_size"])
-    has_val = len(target["val"]) > 0
+    has_val = len(P["target"]["val"]) > 0
     try:
         from tqdm import tqdm
         bar = tqdm(total=max_epochs, initial=state["epoch"], desc=desc, disable=None, file=sys.stderr)
     except ImportError:  # pragma: no cover
         bar = None
     while state["epoch"] < max_epochs and state["bad_epochs"] < int(m_cfg["patience"]):
-        model.train()
-        order = torch.randperm(n, generator=gen)
-        losses = []
-        for start in range(0, n, bs):
-            idx = order[start:start + bs]
-            if len(idx) < 2 and n >= 2:     # a batch of one adds noise, not signal
-                continue
-            inputs, present = batch(data["fit"], idx, dev)
-            present = drop_modalities(present.cpu(), float(m_cfg["modality_dropout"]), gen).to(dev)
-            for g in opt.param_groups:
-                g["lr"] = m_cfg["lr"] * lr_factor(state["step"], P["warmup"], P["total"])
-            with _autocast(dev):
-                out = model(inputs, present, target["fit"][idx].to(dev))
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), m_cfg["grad_clip"])
-            opt.step()
-            state["step"] += 1
-            losses.append(float(out.loss.detach()))
-        val_loss = evaluate_loss(model, data["val"], target["val"], dev, task) if has_val else None
-        state["epoch"] += 1
-        train_loss = float(np.mean(losses)) if losses else None
-        state["history"].append({"epoch": state["epoch"], "train_loss": train_loss, "val_loss": val_loss})
-        if has_val and val_loss < state["best_loss"] - 1e-4:
-            state.update(best_loss=val_loss, best_epoch=state["epoch"], bad_epochs=0,
-                         best_state=copy.deepcopy(model.state_dict()))
-        elif has_val:
-            state["bad_epochs"] += 1
+        train_loss, val_loss = _epoch(P, state, m_cfg, task, dev)
         save_resume()
         if bar is not None:
             bar.update(1)
@@ -519,6 +536,78 @@ def _train_epochs(P: dict, state: dict, max_epochs: int, m_cfg: dict, task: str,
                        if has_val else "") + f", {time.time() - t0:.1f} s")
     if bar is not None:
         bar.close()
+
+
+def _epoch(P: dict, state: dict, m_cfg: dict, task: str, dev) -> tuple:
+    """One epoch over the fitted rows, then the validation loss; updates ``state`` (history, best weights)."""
+    model, opt, gen, data, target = P["model"], P["opt"], P["gen"], P["data"], P["target"]
+    n, bs = P["n"], int(m_cfg["batch_size"])
+    has_val = len(target["val"]) > 0
+    model.train()
+    order = torch.randperm(n, generator=gen)
+    losses = []
+    for start in range(0, n, bs):
+        idx = order[start:start + bs]
+        if len(idx) < 2 and n >= 2:     # a batch of one adds noise, not signal
+            continue
+        inputs, present = batch(data["fit"], idx, dev)
+        present = drop_modalities(present.cpu(), float(m_cfg["modality_dropout"]), gen).to(dev)
+        for g in opt.param_groups:
+            g["lr"] = m_cfg["lr"] * lr_factor(state["step"], P["warmup"], P["total"])
+        with _autocast(dev):
+            out = model(inputs, present, target["fit"][idx].to(dev))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), m_cfg["grad_clip"])
+        opt.step()
+        state["step"] += 1
+        losses.append(float(out.loss.detach()))
+    val_loss = evaluate_loss(model, data["val"], target["val"], dev, task) if has_val else None
+    state["epoch"] += 1
+    train_loss = float(np.mean(losses)) if losses else None
+    state["history"].append({"epoch": state["epoch"], "train_loss": train_loss, "val_loss": val_loss})
+    if has_val and val_loss < state["best_loss"] - 1e-4:
+        state.update(best_loss=val_loss, best_epoch=state["epoch"], bad_epochs=0,
+                     best_state=copy.deepcopy(model.state_dict()))
+    elif has_val:
+        state["bad_epochs"] += 1
+    return train_loss, val_loss
+
+
+def choose_epochs(cohort, rows: dict, settings: dict, preset: str, y: np.ndarray, seed: int, dev, keys: list,
+                  log=print) -> dict:
+    """The epoch count of the final model from ``model.inner_folds`` inner folds of the training part (train +
+    val rows, grouped by participant, stratified): one model per inner fold, trained epoch by epoch side by side,
+    stopped ``patience`` epochs after the best mean validation loss. Why: one inner validation set of ~6 people
+    chose epoch 1-3 in several folds of the demo (a refit of 1 epoch is an untrained model); the mean of three
+    curves over every training row is far steadier (README, "Image features")."""
+    m_cfg = settings["model"]
+    pool = rows["train_val"]
+    groups = np.array([keys[i][0] for i in pool])
+    try:
+        folds = bf_splits.group_folds(bf_splits.strata(y[pool], cohort.task), groups, int(m_cfg["inner_folds"]),
+                                      seed + 500)
+    except ValueError as e:
+        raise BrainfuseError(f"config model.inner_folds={m_cfg['inner_folds']}: {e}",
+                             fix="lower model.inner_folds (1 = the splits' own validation set)") from None
+    runs = []
+    for fit, val in folds:
+        P = _phase(cohort, {"train": pool[fit], "val": pool[val], "test": pool[:0]}, "train", settings, preset, y,
+                   seed, dev)
+        runs.append((P, _fresh_state(1, P["model"])))
+    curve, best, best_epoch, bad = [], float("inf"), 1, 0
+    while len(curve) < int(m_cfg["epochs"]) and bad < int(m_cfg["patience"]):
+        losses = np.array([_epoch(P, st, m_cfg, cohort.task, dev) for P, st in runs], dtype=float)
+        curve.append({"epoch": len(curve) + 1, "train_loss": float(losses[:, 0].mean()),
+                      "val_loss": float(losses[:, 1].mean())})
+        if curve[-1]["val_loss"] < best - 1e-4:
+            best, best_epoch, bad = curve[-1]["val_loss"], len(curve), 0
+        else:
+            bad += 1
+    log(f"[train] {preset}: {len(runs)} inner folds, mean validation loss lowest ({best:.4f}) at epoch {best_epoch} "
+        f"of {len(curve)}")
+    return {"best_epoch": best_epoch, "best_loss": best, "epoch": len(curve), "history": curve,
+            "inner_folds": len(runs)}
 
 
 @torch.no_grad()
@@ -541,7 +630,8 @@ def load_checkpoint(path, device="cpu") -> tuple[dict, MultimodalMoE]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputFileError(f"not a brainfuse checkpoint (format {CHECKPOINT_FORMAT!r} expected)", path=path, fix=fix)
     try:
-        model = MultimodalMoE(MoEConfig(**ckpt["config"]))
+        # checkpoints written before residual experts existed were trained without them
+        model = MultimodalMoE(MoEConfig(**{"residual_experts": False, **ckpt["config"]}))
         model.load_state_dict(ckpt["model"])
         for key in ("preset", "task", "classes", "modalities", "preprocessing", "pool"):
             ckpt[key]

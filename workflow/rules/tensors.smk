@@ -4,6 +4,7 @@ import functools
 import shlex
 
 from brainfuse import stageqc as bf_stageqc
+from brainfuse import templates as bf_templates
 from brainfuse import tensors as bf_tensors
 from brainfuse.bids import parse_name
 
@@ -20,6 +21,16 @@ TEMPLATE_MASK = bf_tensors.template_mask_path(TENSOR_RES, TPL_ROOT)
 PARTICIPANTS_TSV = (f"{BIDS_DIR}/participants.tsv" if MODE == "dicom"
                     else config["participants_tsv"] or f"{BIDS_DIR}/participants.tsv")
 IMAGE_TENSORS = [m for m in TENSOR_SETTINGS["modalities"] if m in bf_tensors.IMAGE_MODALITIES]
+# image_features: regions -> the volume modalities are gathered as parcel-mean tables of this atlas
+# (atlas-brainfuseRegions built below, or the user's tensors.atlas on the working grid)
+REGION_VOLUMES = [m for m in IMAGE_TENSORS if m in bf_tensors.VOLUME_CHANNELS]
+if TENSOR_SETTINGS["image_features"] == "regions" and REGION_VOLUMES:
+    _user_atlas = TENSOR_SETTINGS.get("atlas")
+    REGION_ATLAS = ([_user_atlas["nifti"], _user_atlas["tsv"]] if _user_atlas else
+                    [f"{TPL_ROOT}/tpl-{TEMPLATE}/tpl-{TEMPLATE}_res-{TENSOR_RES}_atlas-brainfuseRegions_dseg{e}"
+                     for e in (".nii.gz", ".tsv")])
+else:
+    REGION_ATLAS = []
 
 def bold_run_entities(unit):
     """Entities of the BOLD run the tensors use: the first task-rest run (sorted), else the first run."""
@@ -98,12 +109,38 @@ rule tensors_subject:
         " --mask {input.mask} --out-dir {params.out_dir} {params.modalities} --qc {input.qc} > {log} 2>&1"
 
 
+rule atlas_regions:
+    """atlas-brainfuseRegions: k-means parcels of the whole template brain (GM, WM, deep nuclei) per hemisphere,
+    for the region features of the image modalities (no download; src/brainfuse/atlas.py)."""
+    input:
+        gm=bf_templates.template_path(TPL_ROOT, TENSOR_RES, "probseg", label="GM"),
+        mask=TEMPLATE_MASK,
+    output:
+        nii=f"{TPL_ROOT}/tpl-{TEMPLATE}/tpl-{TEMPLATE}_res-{TENSOR_RES}_atlas-brainfuseRegions_dseg.nii.gz",
+        tsv=f"{TPL_ROOT}/tpl-{TEMPLATE}/tpl-{TEMPLATE}_res-{TENSOR_RES}_atlas-brainfuseRegions_dseg.tsv",
+    params:
+        n=TENSOR_SETTINGS["region_parcels"],
+        code=code_version("atlas"),
+    log:
+        f"{LOGS}/atlas_regions.log",
+    conda:
+        "../../envs/func.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "{BRAINFUSE} func atlas --coverage brain --gm {input.gm} --mask {input.mask} --output {output.nii}"
+        " --output-tsv {output.tsv} --n-parcels {params.n} > {log} 2>&1"
+
+
 rule tensors_gather:
     """Stack every cache and the participant tables: manifest.tsv, <modality>.npy, clinical.tsv, cohort.json."""
     input:
         tensors=all_unit_tensors,
         participants=PARTICIPANTS_TSV,
         tables=[t["path"] for t in TENSOR_SETTINGS["tables"].values()],
+        atlas=REGION_ATLAS,
     output:
         # <modality>.npy and covariates.npy are written beside these (which modalities exist is known
         # only once the caches are; cohort.json lists them and load_cohort checks them).
@@ -114,6 +151,7 @@ rule tensors_gather:
         out_dir=TENSORS,
         settings=shlex.quote(json.dumps(TENSOR_SETTINGS, sort_keys=True)),
         units=" ".join(f"sub-{s}" + (f"_ses-{ses}" if ses else "") for s, ses in UNITS),
+        atlas=lambda w, input: f"--atlas {input.atlas[0]} {input.atlas[1]}" if input.atlas else "",
         code=code_version("tensors"),
     log:
         f"{LOGS}/tensors_gather.log",
@@ -126,7 +164,7 @@ rule tensors_gather:
     shell:
         # its WARNING lines (image QC flags, degenerate labels) are repeated on the console, not only in the log
         "{BRAINFUSE} tensors gather --out-dir {params.out_dir} --participants {input.participants}"
-        " --params {params.settings} --units {params.units} --tensors {input.tensors} > {log} 2>&1"
+        " --params {params.settings} --units {params.units} {params.atlas} --tensors {input.tensors} > {log} 2>&1"
         " && (grep -h 'WARNING' {log} >&2 || true)"
 
 
