@@ -337,3 +337,18 @@ def test_neuromoe_gate_takes_any_tabular_modality(tmp_path):
     only_mri = make_cohort({"mri": c.arrays["mri"]}, c.target, classes=c.classes)
     with pytest.raises(bf_train.BrainfuseError, match="model.condition_on='clinical'.*needs a tabular modality"):
         bf_train.train_fold(only_mri, splits_for(only_mri, s), 0, "neuromoe", s, tmp_path / "c", log=lambda m: None)
+
+
+def test_too_small_a_training_part_gets_fewer_inner_folds_with_a_warning(tmp_path):
+    """A cohort whose folds hold 2 rows per class cannot be split into 3 inner folds: the fold still trains, on as
+    many inner folds as it can hold, or on the splits' validation set, and says so (not an error)."""
+    cohort = synthetic_cohort(n=9)
+    s = settings()
+    s["model"].update(inner_folds=3, epochs=2)
+    s["cv"].update(n_folds=3)
+    table = splits_for(cohort, s)
+    logs = []
+    ckpt = bf_train.train_fold(cohort, table, 0, "late", s, tmp_path / "a", log=logs.append)
+    warning = [m for m in logs if "WARNING" in m and "model.inner_folds=3" in m]
+    assert warning and "per class [2, 2, 2]" in warning[0] and "using 2 inner folds" in warning[0], logs
+    assert ckpt["refit"] is not None and (tmp_path / "a" / "predictions.tsv").exists()

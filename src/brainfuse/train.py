@@ -449,9 +449,10 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
             log(f"[train] resuming {preset} fold {fold} in phase {state['phase']} after epoch {state['epoch']}")
         except Exception as e:      # loads, but its content does not fit this model: as damaged
             _warn_damaged(resume_path, e, log)
-    if P is None and refit and int(m_cfg["inner_folds"]) > 1:
+    n_inner = inner_fold_count(cohort, rows["train_val"], y, keys, int(m_cfg["inner_folds"]), log) if refit else 1
+    if P is None and n_inner > 1:
         # epoch count from inner folds, then straight to the refit on train + val
-        phase1 = choose_epochs(cohort, rows, settings, preset, y, seed, dev, keys, log)
+        phase1 = choose_epochs(cohort, rows, settings, preset, y, seed, dev, keys, log, n_inner)
         P = _phase(cohort, rows, "train_val", settings, preset, y, seed, dev)
         state = _fresh_state(2, P["model"])
         state["phase1"] = phase1
@@ -574,8 +575,23 @@ def _epoch(P: dict, state: dict, m_cfg: dict, task: str, dev) -> tuple:
     return train_loss, val_loss
 
 
+def inner_fold_count(cohort, pool: np.ndarray, y: np.ndarray, keys: list, wanted: int, log=print) -> int:
+    """``model.inner_folds``, or fewer when the training part has too few participants or rows per class for
+    them (a small cohort): with a warning, down to 1 (early stopping on the splits' own validation set)."""
+    if wanted <= 1:
+        return 1
+    strata = bf_splits.strata(y[pool], cohort.task)
+    groups = {keys[i][0] for i in pool}
+    k = min(wanted, len(groups), int(np.bincount(strata).max()) if len(pool) else 0)
+    if k < wanted:
+        log(f"[train] WARNING: the training part ({len(pool)} rows, {len(groups)} participants, per class "
+            f"{np.bincount(strata).tolist()}) is too small for model.inner_folds={wanted}; "
+            + (f"using {k} inner folds" if k > 1 else "early stopping on the splits' validation set instead"))
+    return k if k > 1 else 1
+
+
 def choose_epochs(cohort, rows: dict, settings: dict, preset: str, y: np.ndarray, seed: int, dev, keys: list,
-                  log=print) -> dict:
+                  log=print, n_inner: int | None = None) -> dict:
     """The epoch count of the final model from ``model.inner_folds`` inner folds of the training part (train +
     val rows, grouped by participant, stratified): one model per inner fold, trained epoch by epoch side by side,
     stopped ``patience`` epochs after the best mean validation loss. Why: one inner validation set of ~6 people
@@ -585,8 +601,8 @@ def choose_epochs(cohort, rows: dict, settings: dict, preset: str, y: np.ndarray
     pool = rows["train_val"]
     groups = np.array([keys[i][0] for i in pool])
     try:
-        folds = bf_splits.group_folds(bf_splits.strata(y[pool], cohort.task), groups, int(m_cfg["inner_folds"]),
-                                      seed + 500)
+        folds = bf_splits.group_folds(bf_splits.strata(y[pool], cohort.task), groups,
+                                      n_inner or int(m_cfg["inner_folds"]), seed + 500)
     except ValueError as e:
         raise BrainfuseError(f"config model.inner_folds={m_cfg['inner_folds']}: {e}",
                              fix="lower model.inner_folds (1 = the splits' own validation set)") from None
