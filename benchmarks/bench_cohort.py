@@ -45,7 +45,9 @@ BASELINE_PRESETS = ("late", "single")
 def preprocess(n: int, seed: int, out: Path, cores: int) -> tuple[Path, Path]:
     """(tensors folder, truth/bayes.json) of an n-subject demo cohort, built by the workflow (cached)."""
     root = out / f"n{n}-seed{seed}"
-    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "tensors", "-s", str(REPO / "Snakefile"),
+    # --rerun-incomplete: a run stopped half-way (a session's end) picks up where it was
+    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--rerun-incomplete", "tensors", "-s",
+           str(REPO / "Snakefile"),
            "-d", str(root), "--configfile", str(REPO / "config" / "config.yaml"),
            "--config", f"output_dir={root}/results", f"demo={json.dumps({'n_subjects': n, 'seed': seed})}"]
     root.mkdir(parents=True, exist_ok=True)
