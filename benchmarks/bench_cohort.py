@@ -61,14 +61,10 @@ def preprocess(n: int, seed: int, out: Path, cores: int) -> tuple[Path, Path]:
 def cv_predictions(cohort, settings: dict, presets, out: Path) -> dict:
     """Out-of-fold class probabilities per preset and linear baseline, on the splits of ``settings['cv']``."""
     from brainfuse import evaluate as E
-    from brainfuse import splits as S
     from brainfuse import train as T
 
-    cv = settings["cv"]
-    y, labelled = T.targets(cohort, cv)
-    keys = [k for k, ok in zip(T.row_keys(cohort), labelled) if ok]
-    table = S.make_splits([k[0] for k in keys], y[labelled], cohort.task, cv["n_folds"], cv["val_fraction"],
-                          cv["seed"], None, [k[1] for k in keys], classes=cohort.classes)
+    y, _ = T.targets(cohort, settings["cv"])
+    table = T.cohort_splits(cohort, settings["cv"])      # what the splits rule writes
     folds = [int(f) for f in sorted(table.fold.unique())]
     scores = {}
     for preset in presets:

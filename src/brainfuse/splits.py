@@ -79,6 +79,11 @@ def strata(target: np.ndarray, task: str, n_bins: int = 4) -> np.ndarray:
     return np.digitize(target, edges)
 
 
+def max_group_folds(y, groups) -> int:
+    """The most stratified group folds rows can form: no more than groups, nor than rows of the largest stratum."""
+    return min(len(np.unique(groups)), int(np.bincount(np.asarray(y)).max()) if len(y) else 0)
+
+
 def group_folds(y, groups, n_splits, seed):
     """StratifiedGroupKFold, with a readable error when there are too few groups."""
     n_groups = len(np.unique(groups))

@@ -521,7 +521,7 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
     for c in role_cols:
         clinical[c] = participant_column(c)
 
-    specs, feature_names, channels, written, region_info = [], {}, {}, {}, {}
+    specs, feature_names, channels, written, region_info, parcels = [], {}, {}, {}, {}, None
     qc = [[] for _ in rows]        # per row: QC records of its image caches (read_qc), deduplicated by file
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_paths = []
@@ -573,7 +573,8 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
                 if atlas is None:
                     raise TensorError(f"config tensors.image_features is 'regions' but the gather got no atlas "
                                       f"(--atlas NIFTI TSV) for {m}")
-                parcels = read_atlas(*atlas, shape[1:], ref["affine"])
+                if parcels is None:        # every image cache is on the one template mask's grid: read once
+                    parcels = read_atlas(*atlas, shape[1:], ref["affine"])
                 names = [f"{c}_{name}" for c in ref["channels"] for name in parcels[2]]
                 out_shape, out_dtype = (len(names),), np.dtype(np.float32)
             else:

@@ -63,8 +63,8 @@ def model_overrides(settings: dict, preset: str, cohort_modalities: list) -> dic
         if m["single_modality"] in names:
             out["single_modality"] = m["single_modality"]
     if PRESETS[preset].get("router") == "conditioned" and "condition_on" not in out:
-        out["condition_on"] = condition_modality(m.get("condition_on", "clinical"), cohort_modalities)
-    weight = float(m.get("modality_heads") or 0.0)
+        out["condition_on"] = condition_modality(m["condition_on"], cohort_modalities)
+    weight = float(m["modality_heads"])
     if weight and preset != "single":
         out["aux_weights"] = {**PRESETS[preset].get("aux_weights", {}), **out.get("aux_weights", {}), "modality": weight}
     return out
@@ -114,6 +114,26 @@ def targets(cohort, cv: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def modality_names(cohort) -> list:
     return [m.name for m in cohort.modalities]
+
+
+def cohort_splits(cohort, cv: dict, tensors_dir="tensors") -> pd.DataFrame:
+    """The CV splits of the labelled rows (``brainfuse train splits``), grouped by participant or ``cv.group_by``."""
+    y, labelled = targets(cohort, cv)
+    keys = [k for k, ok in zip(row_keys(cohort), labelled) if ok]
+    groups = None
+    if cv["group_by"] != "participant_id":
+        if cv["group_by"] not in cohort.manifest.columns:
+            raise BrainfuseError(f"config cv.group_by={cv['group_by']!r}: no such column in the cohort manifest "
+                                 f"(columns: {', '.join(cohort.manifest.columns)})",
+                                 path=Path(tensors_dir) / "manifest.tsv",
+                                 fix="name a manifest column (participant_id, group or site)")
+        groups = cohort.manifest[cv["group_by"]].astype(str).to_numpy()[labelled]
+    info = cohort.info
+    return bf_splits.make_splits([k[0] for k in keys], y[labelled], cohort.task, cv["n_folds"], cv["val_fraction"],
+                                 cv["seed"], groups, [k[1] for k in keys], classes=cohort.classes,
+                                 label=info.get("label", "label"),
+                                 source=info.get("participants_tsv", {}).get("path") or Path(tensors_dir) / "manifest.tsv",
+                                 classes_source=info.get("classes_source"), group_by=cv["group_by"])
 
 
 # --------------------------------------------------------------------------------- preprocessing
@@ -339,7 +359,7 @@ def _phase(cohort, rows: dict, fit: str, settings: dict, preset: str, y: np.ndar
     pool = int(m_cfg["pool"])
     fit_rows = rows[fit]
     stats = fit_preprocessing(cohort, fit_rows, pool, m_cfg["volume_norm"], m_cfg["tabular_components"],
-                              m_cfg.get("tabular_reduce", "pca"), y)
+                              m_cfg["tabular_reduce"], y)
     specs = model_specs(cohort, pool, stats)
     parts = {"fit": fit_rows, "val": rows["val"] if fit == "train" else rows["val"][:0], "test": rows["test"]}
     data = {k: materialise(cohort, r, stats, pool) for k, r in parts.items()}
@@ -581,10 +601,10 @@ def inner_fold_count(cohort, pool: np.ndarray, y: np.ndarray, keys: list, wanted
     if wanted <= 1:
         return 1
     strata = bf_splits.strata(y[pool], cohort.task)
-    groups = {keys[i][0] for i in pool}
-    k = min(wanted, len(groups), int(np.bincount(strata).max()) if len(pool) else 0)
+    groups = [keys[i][0] for i in pool]
+    k = min(wanted, bf_splits.max_group_folds(strata, groups))
     if k < wanted:
-        log(f"[train] WARNING: the training part ({len(pool)} rows, {len(groups)} participants, per class "
+        log(f"[train] WARNING: the training part ({len(pool)} rows, {len(set(groups))} participants, per class "
             f"{np.bincount(strata).tolist()}) is too small for model.inner_folds={wanted}; "
             + (f"using {k} inner folds" if k > 1 else "early stopping on the splits' validation set instead"))
     return k if k > 1 else 1
@@ -600,12 +620,8 @@ def choose_epochs(cohort, rows: dict, settings: dict, preset: str, y: np.ndarray
     m_cfg = settings["model"]
     pool = rows["train_val"]
     groups = np.array([keys[i][0] for i in pool])
-    try:
-        folds = bf_splits.group_folds(bf_splits.strata(y[pool], cohort.task), groups,
-                                      n_inner or int(m_cfg["inner_folds"]), seed + 500)
-    except ValueError as e:
-        raise BrainfuseError(f"config model.inner_folds={m_cfg['inner_folds']}: {e}",
-                             fix="lower model.inner_folds (1 = the splits' own validation set)") from None
+    folds = bf_splits.group_folds(bf_splits.strata(y[pool], cohort.task), groups,
+                                  n_inner or int(m_cfg["inner_folds"]), seed + 500)   # n_inner: inner_fold_count
     runs = []
     for fit, val in folds:
         P = _phase(cohort, {"train": pool[fit], "val": pool[val], "test": pool[:0]}, "train", settings, preset, y,
@@ -713,27 +729,11 @@ def cli(argv=None):
     cohort = load(args.tensors)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.what == "splits":
-        cv = settings["cv"]
-        y, labelled = targets(cohort, cv)
-        keys = [k for k, ok in zip(row_keys(cohort), labelled) if ok]
-        groups = None
-        if cv["group_by"] != "participant_id":
-            if cv["group_by"] not in cohort.manifest.columns:
-                raise BrainfuseError(f"config cv.group_by={cv['group_by']!r}: no such column in the cohort manifest "
-                                     f"(columns: {', '.join(cohort.manifest.columns)})",
-                                     path=Path(args.tensors) / "manifest.tsv",
-                                     fix="name a manifest column (participant_id, group or site)")
-            groups = cohort.manifest[cv["group_by"]].astype(str).to_numpy()[labelled]
-        info = cohort.info
-        table = bf_splits.make_splits([k[0] for k in keys], y[labelled], cohort.task, cv["n_folds"],
-                                      cv["val_fraction"], cv["seed"], groups, [k[1] for k in keys],
-                                      classes=cohort.classes, label=info.get("label", "label"),
-                                      source=info.get("participants_tsv", {}).get("path") or
-                                      Path(args.tensors) / "manifest.tsv",
-                                      classes_source=info.get("classes_source"), group_by=cv["group_by"])
+        table = cohort_splits(cohort, settings["cv"], args.tensors)
         bf_io.save_tsv(table, args.output)
-        log(f"[splits] {len(keys)} labelled rows ({int((~labelled).sum())} unlabelled left out), "
-            f"{cv['n_folds']} folds -> {args.output}")
+        n_labelled = int(targets(cohort, settings["cv"])[1].sum())
+        log(f"[splits] {n_labelled} labelled rows ({len(cohort) - n_labelled} unlabelled left out), "
+            f"{settings['cv']['n_folds']} folds -> {args.output}")
         return 0
     table = bf_splits.read_splits(args.splits)
     train_fold(cohort, table, args.fold, args.preset, settings, args.out_dir, args.device, args.threads, log)
