@@ -21,7 +21,8 @@ t_import = time.perf_counter() - t_import
 
 import nibabel as nib  # noqa: E402
 
-from brainfuse import anat, demo, templates  # noqa: E402
+from brainfuse import anat, templates  # noqa: E402
+from brainfuse.phantom import generator as demo  # noqa: E402
 from brainfuse.bids import TEMPLATE, bids_path  # noqa: E402
 
 LPS = np.array([-1.0, -1.0, 1.0])

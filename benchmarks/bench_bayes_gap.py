@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_bayes_gap.py [--n 36 72 144 288] [--repeats 200]
 
 Issue 9 asks the best preset's CV balanced accuracy to lie within 5 points of ``truth/bayes.json``'s Bayes accuracy.
-This script draws many cohorts from the demo's own generative model (``brainfuse.demo.plan``: latent disease
+This script draws many cohorts from the demo's own generative model (``brainfuse.phantom.generator.plan``: latent disease
 scores per subject, the configured missingness) and scores, with the workflow's 5-fold stratified CV, three
 classifiers that see the *true latent scores* instead of images, i.e. a perfect imaging pipeline and perfect
 feature extraction:
@@ -29,7 +29,8 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from brainfuse import bayes, demo
+from brainfuse.phantom import bayes
+from brainfuse.phantom import generator as demo
 
 
 def cohort(cfg, seed):

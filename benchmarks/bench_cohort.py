@@ -85,7 +85,7 @@ def cv_predictions(cohort, settings: dict, presets, out: Path) -> dict:
 
 
 def balanced_accuracy(y, prob) -> float:
-    from brainfuse.bayes import balanced_accuracy as bacc
+    from brainfuse.reference import balanced_accuracy as bacc
 
     return bacc(y, np.asarray(prob).argmax(1))
 

@@ -58,7 +58,8 @@ def main(argv=None):
     import nibabel as nib
     import torch
 
-    from brainfuse import demo, dwi, motion, templates
+    from brainfuse import dwi, motion, templates
+    from brainfuse.phantom import generator as demo
 
     torch.set_num_threads(args.threads)
     if args.t1w and args.real_dwi:

@@ -1,6 +1,6 @@
 """Motion correction: brainfuse.motion (batched torch rigid) vs ants.motion_correction, same phantom, same run.
 
-Generates one phantom BOLD run with known head motion (brainfuse.demo, 4 mm voxels by default), corrects it
+Generates one phantom BOLD run with known head motion (brainfuse.phantom.generator, 4 mm voxels by default), corrects it
 with both tools and prints wall time, the speed ratio and the mean displacement error of each against the
 truth (mean over brain voxels and volumes of |H_k x - T_k x|, after expressing both relative to volume 0).
 
@@ -45,7 +45,8 @@ def main(argv=None):
     import nibabel as nib
     import torch
 
-    from brainfuse import demo, motion
+    from brainfuse import motion
+    from brainfuse.phantom import generator as demo
 
     torch.set_num_threads(args.threads)
     cfg = demo.demo_config({"n_bold_volumes": args.volumes, "bold_voxel_mm": args.voxel,

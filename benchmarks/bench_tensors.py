@@ -31,7 +31,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from brainfuse import demo  # noqa: E402
+from brainfuse.phantom import generator as demo  # noqa: E402
 from brainfuse import tensors as T  # noqa: E402
 
 

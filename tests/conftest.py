@@ -38,7 +38,7 @@ def tiny_demo(tmp_path_factory, request):
     """
     from filelock import FileLock
 
-    from brainfuse import demo
+    from brainfuse.phantom import generator as demo
 
     cfg = demo.demo_config(TINY_DEMO)
     base = tmp_path_factory.getbasetemp()

@@ -1,6 +1,6 @@
 """anat stage: recovers the phantom's known transform, brain mask and atrophy; works on a real Siemens T1w.
 
-Ground truth (brainfuse.demo): subject T1w world points x map to template points z = to_template(x); the
+Ground truth (brainfuse.phantom.generator): subject T1w world points x map to template points z = to_template(x); the
 stage's forward transform maps template points to T1w points, so to_template(T(z)) - z is its error.
 """
 import json
@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainfuse import anat, demo, templates
+from brainfuse import anat, templates
+from brainfuse.phantom import generator as demo
 from brainfuse.bids import TEMPLATE, bids_path
 from conftest import REPO
 

@@ -1,7 +1,7 @@
 """convert: every bad input gets one clear line (file or series, problem, what to do) or a loud warning, and a
 refused series never leaves a BIDS image behind while the subject's other series still convert (issue #19).
 
-Tiny series (10 x 12 x 8 T1w, 8 x 8 x 6 x 3 BOLD) exported by brainfuse.dicom_export and converted by the
+Tiny series (10 x 12 x 8 T1w, 8 x 8 x 6 x 3 BOLD) exported by brainfuse.phantom.dicom_export and converted by the
 real dcm2niix; two cases use the real XA30 export (skipped without BRAINFUSE_SHARED_DATA)."""
 import json
 import logging
@@ -29,7 +29,7 @@ BOLD_NAME = "sub-s01/func/sub-s01_task-rest_bold.nii.gz"
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     """A T1w and a BOLD series as a scanner exports them (one file per slice), and the images they hold."""
-    from brainfuse.dicom_export import export_series
+    from brainfuse.phantom.dicom_export import export_series
 
     root = tmp_path_factory.mktemp("export")
     affine = np.diag([-2.0, 2.0, 2.0, 1.0])

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from brainfuse import demo
+from brainfuse.phantom import generator as demo
 from brainfuse import evaluate as bf_eval
 from brainfuse import predict as bf_predict
 from brainfuse import splits as bf_splits

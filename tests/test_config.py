@@ -1,6 +1,7 @@
 """The schema stops bad configs with messages naming the key; bad labels never reach a path."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -89,18 +90,28 @@ def test_index_refuses_bad_folder_labels(tmp_path):
         bids.index_bids(tmp_path / "sub-01")
 
 
-@pytest.mark.parametrize("stage", ["anat", "dwi", "func"])
-def test_module_defaults_equal_the_schema_defaults(stage):
-    """The stage modules' DEFAULTS (used by the CLI and the library) and the schema's (used by the workflow) agree:
-    a default changed in one place only would give a library user and a workflow user different results."""
+@pytest.mark.parametrize("stage", ["anat", "dwi", "func", "tensors"])
+def test_a_library_user_gets_the_workflows_defaults(stage):
+    """A stage called without a config (the CLI, the library) runs with the settings the workflow validates an
+    empty config section to: a default changed in one place only would give the two users different results."""
     import importlib
 
     from brainfuse import config as bf_config
 
     module = importlib.import_module(f"brainfuse.{stage}")
-    schema = bf_config.load_schema()["properties"][stage]["properties"]
-    shared = set(module.DEFAULTS) & set(schema)
-    assert shared, stage
-    differ = {k: (module.DEFAULTS[k], schema[k].get("default")) for k in shared
-              if module.DEFAULTS[k] != schema[k].get("default")}
-    assert not differ, f"{stage}: module DEFAULTS vs schema default: {differ}"
+    validated = bf_config.validate({})[stage]
+    assert module.DEFAULTS and module.DEFAULTS == validated, stage
+
+
+def test_defaults_are_written_only_in_the_schema():
+    """No module keeps its own literal table of settings defaults (they drifted from the schema before)."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "brainfuse"
+    literal = []
+    for f in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and any(
+                    isinstance(t, ast.Name) and t.id == "DEFAULTS" for t in node.targets):
+                literal.append(f"{f.relative_to(src)}:{node.lineno}")
+    assert not literal, f"DEFAULTS written as a dict literal (use schema.section_defaults): {literal}"

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from brainfuse import bayes, demo
+from brainfuse.phantom import bayes
+from brainfuse.phantom import generator as demo
 from brainfuse.bids import TEMPLATE, bids_path
 
 
@@ -61,7 +62,8 @@ def test_cohort_bayes_rule_agrees_with_the_generator_and_scatters_on_small_cohor
     from brainfuse import evaluate as bf_eval
 
     subjects = demo.plan(cfg)
-    record = {"config": cfg, "latent_means": demo.bayes_accuracy(cfg, 1000)["latent_means"], "subjects": [{"label": s.label, "scores": s.scores, "has_dwi": s.has_dwi,
+    record = {"config": cfg, "latent_means": demo.bayes_accuracy(cfg, 1000)["latent_means"], **bayes.truth_mappings(),
+              "subjects": [{"label": s.label, "scores": s.scores, "has_dwi": s.has_dwi,
                                            "has_bold": s.has_bold} for s in subjects]}
     keys = [(f"sub-{s.label}", "") for s in subjects]
     y = np.array([cfg["classes"].index(s.diagnosis) for s in subjects])

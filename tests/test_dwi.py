@@ -1,6 +1,6 @@
 """dwi stage: motion/eddy correction, b-vector rotation, tensor maps, MNI normalisation.
 
-Phantom truth (brainfuse.demo): per-volume rigid motion H_k, rotated b-vectors, the tensor field in the
+Phantom truth (brainfuse.phantom.generator): per-volume rigid motion H_k, rotated b-vectors, the tensor field in the
 reference frame and the planted FA loss in the left corticospinal tract. Real data: the Siemens XA30 DWI of
 ../shared/data, against the scanner's own FA and ADC maps.
 """
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from brainfuse import demo, dwi, motion
+from brainfuse import dwi, motion
+from brainfuse.phantom import generator as demo
 from brainfuse.bids import TEMPLATE
 
 B0_SIGNAL_BRAIN = 500.0   # truth S0 (x1000) above this: brain tissue (WM 1000, GM 1300, CSF 2200), not skull/scalp

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from brainfuse.cli import COMMANDS
-from brainfuse.provenance import dependencies
+from brainfuse.provenance import _module_file, dependencies
 from conftest import REPO
 
 RULES = REPO / "workflow" / "rules"
@@ -47,7 +47,7 @@ def command_rules():
 def third_party_imports(module: str) -> set[str]:
     names = set()
     for dep in dependencies(module):
-        tree = ast.parse((REPO / "src" / "brainfuse" / f"{dep.replace('.', '/')}.py").read_text())
+        tree = ast.parse(_module_file(dep).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names.update(a.name.split(".")[0] for a in node.names)

@@ -153,7 +153,7 @@ def test_predict_new_subjects_with_missing_modalities(trained, tmp_path):
 def test_tabular_only_workflow_trains_evaluates_predicts_and_reports(tmp_path):
     """Tabular-only mode (README): the demo's participant table alone (clinical + serum, no images) as
     participants_tsv with modalities: [], through the Snakemake rules; no image is generated or processed."""
-    from brainfuse import demo as bf_demo
+    from brainfuse.phantom import generator as bf_demo
 
     demo_cfg = bf_demo.demo_config({"n_subjects": 36})
     bf_demo.clinical_table(demo_cfg, bf_demo.plan(demo_cfg)).to_csv(tmp_path / "clinical.tsv", sep="\t", index=False)

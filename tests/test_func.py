@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import torch
 
-from brainfuse import atlas, demo, func, motion
+from brainfuse import atlas, func, motion
+from brainfuse.phantom import generator as demo
 from brainfuse.bids import TEMPLATE
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from brainfuse import atlas, config, derivatives, templates, tensors
-from brainfuse import demo as bf_demo
+from brainfuse.phantom import generator as bf_demo
 from conftest import REPO, job_counts
 from test_bad_input_workflow import make_bids, refused
 

@@ -6,15 +6,14 @@ reference-volume points to volume-k points with R = Rz Ry Rx about the FOV centr
 image, so T_k T_0^-1 is compared with H_k. Parameters: brainfuse writes R = Rx Ry Rz (fMRIPrep), the
 phantom's table uses Rz Ry Rx; the two agree to second order in the angles, matrices agree exactly.
 """
-import os
-
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from brainfuse import demo, motion
+from brainfuse import motion
+from brainfuse.phantom import generator as demo
 
 torch.set_num_threads(1)
 

@@ -35,6 +35,7 @@ def cohort_with_conn():
     clinical = np.nan_to_num(arrays["clinical"])
     bayes = {"bayes_accuracy": 0.9, "config": {"classes": list(base.classes)},
              "latent_means": {"motor": [0.0, 2.0, 0.0], "rbd": [0.0, 0.0, 2.0]},
+             "score_modalities": {"motor": ["clinical"], "rbd": ["clinical"]}, "score_needs": {},
              "subjects": [{"label": f"{i:03d}", "has_dwi": True, "has_bold": True,
                            "scores": {"motor": float(clinical[i, 0]), "rbd": float(clinical[i, 1])}}
                           for i in range(n)]}

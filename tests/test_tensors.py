@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainfuse import demo, stageqc
+from brainfuse import stageqc
+from brainfuse.phantom import generator as demo
 from brainfuse import io as bf_io
 from brainfuse import tensors as T
-from brainfuse.bids import TEMPLATE, bids_path
+from brainfuse.bids import TEMPLATE
 from brainfuse.provenance import code_version, file_sha256
 from conftest import REPO, job_counts
 

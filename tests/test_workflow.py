@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from brainfuse import demo
+from brainfuse.phantom import generator as demo
 from conftest import REPO, job_counts
 
 
@@ -47,7 +47,7 @@ def test_dry_run_on_bids_input(tiny_demo, tmp_path):
 
 
 def test_editing_a_module_reruns_only_its_jobs(tmp_path):
-    """Code versions are params: editing demo.py reruns demo jobs, editing an unrelated module does not."""
+    """Code versions are params: editing the phantom generator reruns demo jobs, editing an unrelated module does not."""
     work = tmp_path / "repo"
     work.mkdir()
     for item in ("Snakefile", "workflow", "config", "src", "profiles", "envs"):
@@ -60,6 +60,7 @@ def test_editing_a_module_reruns_only_its_jobs(tmp_path):
     assert "Nothing to be done" in snakemake("-n", *args, cwd=work).stdout
     (work / "src/brainfuse/cli.py").write_text((work / "src/brainfuse/cli.py").read_text() + "\n# edit\n")
     assert "Nothing to be done" in snakemake("-n", *args, cwd=work).stdout          # demo does not import cli
-    (work / "src/brainfuse/demo.py").write_text((work / "src/brainfuse/demo.py").read_text() + "\n# edit\n")
+    gen = work / "src/brainfuse/phantom/generator.py"
+    gen.write_text(gen.read_text() + "\n# edit\n")
     rerun = snakemake("-n", *args, cwd=work).stdout
     assert "demo_dataset" in rerun and "params" in rerun.lower()

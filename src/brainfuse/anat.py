@@ -39,38 +39,13 @@ from .bids import TEMPLATE, bids_path, check_label
 from .errors import BrainfuseError
 from .inputs import as_stage_error, check_anisotropy, check_finite, load_nifti
 from .provenance import code_version
+from .schema import section_defaults
 from .templates import outputs as template_outputs
 
 TISSUES = ("CSF", "GM", "WM")          # Atropos class order: T1 intensity increases CSF < GM < WM
-DEFAULTS = {
-    "syn_iterations": [100, 70, 20],   # brain -> template SyN, coarse -> fine (shrink 4, 2, 1). The finest level
-                                       # carries the real-scan alignment and nearly all the time; [60, 40, 10] took
-                                       # half the time but lost 0.007 of MNI r on the Philips T1w (0.674 -> 0.667)
-                                       # and 0.02 mm on the 2 mm phantom (0.38 -> 0.41)
-    "skullstrip_iterations": [100, 70, 0],   # head -> head-target SyN (mutual information) carrying the brain mask
-                                       # back; its finest level changed the mask Dice 0.982 -> 0.986 for 13 s at 3 mm
-    "syn_gradient_step": 0.3,
-    "syn_flow_sigma": 3.0,             # update-field smoothing (voxels of the registration grid)
-    "syn_total_sigma": 1.0,            # total-field smoothing. 0 (ANTs' own SyN) brings real scans closer to the
-                                       # template (MNI r xa30 0.63 -> 0.70, Philips 0.69 -> 0.74-0.76; plain ANTs SyN
-                                       # at 1 mm 0.72 / 0.70) but fits noise: 2 mm phantom error 0.41 -> 0.74-0.91 mm
-    "syn_metric": "CC",                # brain -> template: CC (local cross-correlation) | mattes (mutual information)
-    "syn_cc_radius": 1,                # radius 1 beat 2 on the phantom (head-target SyN: 0.41 vs 0.48 mm at 2 mm)
-    "metric_mask_dilation_mm": 8.0,    # brain + this margin drives the SyN metric (sees the brain edge, not scalp)
-    "syn_crop_margin_mm": 6.0,         # SyN's grid: the metric mask's box + this margin (null: the whole head grid)
-    "atropos_prior_weight": 0.25,
-    "atropos_mrf": 0.1,
-    "n4_spline_mm": 60.0,
-    "processing_mm": 2.0,              # N4 and Atropos on a copy at this voxel size when the T1w is finer (Atropos
-                                       # took ~790 s on a 0.5 mm T1w, 40-80 s on the 1 mm Philips one, 8 s at 2 mm;
-                                       # its 3 mm MNI GM map correlates 0.85 with the 1 mm segmentation's)
-    # Input check and QC thresholds (schema: why these values). Not processing parameters: left out of the
-    # outputs' provenance, so that outputs stay byte-identical when only a threshold changes.
-    "max_voxel_anisotropy": 3.0,       # longest / shortest voxel edge; 1 x 1 x 6 mm registered with MNI r -0.05
-    "min_mni_correlation": 0.4,        # phantom 0.82-0.83, real xa30 0.63, Philips 0.67; failed 1x1x6 mm: -0.05
-    "min_mni_mask_dice": 0.85,         # phantom 0.99, real > 0.95; failed 1x1x6 mm: 0.57
-    "brain_volume_ml": [800.0, 2800.0],   # mask volume: Philips 1290, xa30 1200-2100, phantom 1800-2010 ml
-}
+DEFAULTS = section_defaults("anat")    # the schema's anat section: every default, and why each value
+# Input check and QC thresholds: not processing parameters, left out of the outputs' provenance, so that outputs
+# stay byte-identical when only a threshold changes.
 CHECK_KEYS = ("max_voxel_anisotropy", "min_mni_correlation", "min_mni_mask_dice", "brain_volume_ml")
 SKULLSTRIP_SIGMAS = (3.0, 1.0)          # head -> head-target SyN (flow, total): a smooth field carries the mask; the
                                        # synthetic head has no detail for a finer one to follow

@@ -13,7 +13,7 @@ from .errors import debug_enabled, one_line
 
 # command -> (module exposing ``cli(argv) -> int | None``, one-line summary for the top-level help)
 COMMANDS = {
-    "demo": ("brainfuse.demo", "generate the phantom cohort (BIDS, DICOM export, ground truth)"),
+    "demo": ("brainfuse.phantom.generator", "generate the phantom cohort (BIDS, DICOM export, ground truth)"),
     "convert": ("brainfuse.convert", "DICOM -> BIDS with dcm2niix: de-identified, with a series manifest"),
     "templates": ("brainfuse.templates", "MNI152NLin2009aSym template, mask and tissues at a resolution"),
     "anat": ("brainfuse.anat", "T1w: N4, brain mask, tissues, SyN to the template, QC"),

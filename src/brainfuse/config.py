@@ -7,11 +7,12 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from . import schema
 from .bids import LabelError, check_label
 from .errors import BrainfuseError
 
-REPO = Path(__file__).resolve().parents[2]
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+REPO = schema.REPO
+SCHEMA = schema.SCHEMA
 DEFAULT_CONFIG = REPO / "config" / "config.yaml"
 
 
@@ -37,8 +38,7 @@ _Validator = _with_defaults(jsonschema.Draft202012Validator)
 
 
 def load_schema() -> dict:
-    with open(SCHEMA) as f:
-        return yaml.safe_load(f)
+    return schema.load()
 
 
 def _key(error) -> str:

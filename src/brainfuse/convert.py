@@ -965,6 +965,199 @@ def _no_t1w(tag: str, series_list, cands, rows, scrubber: Scrubber, dicom_dir: P
             + f"until then {tag} goes on without anatomy (stages that need a T1w leave it out)")
 
 
+@dataclass
+class _Subject:
+    """One ``convert_subject`` call: who and where, and the manifest rows gathered so far (in manifest order)."""
+    subject: str
+    session: str | None
+    tag: str
+    dicom_dir: Path
+    bids_root: Path
+    mapping: Mapping
+    scrubber: Scrubber
+    rows: list = field(default_factory=list)
+
+    def add(self, series: Series | None, **values) -> dict:
+        """Append one manifest row (values scrubbed by ``_row``) and return it."""
+        row = _row(self.subject, self.session, series, self.scrubber, self.dicom_dir, **values)
+        self.rows.append(row)
+        return row
+
+    def label(self, series: Series) -> str:
+        return f"{self.tag}: series {series.number} '{self.scrubber.clean(series.first.description)}'"
+
+
+def _check_dicom_dir(dicom_dir: Path, subject: str) -> None:
+    if not dicom_dir.is_dir():
+        problem = "is a file, not a folder" if dicom_dir.exists() else "does not exist"
+        raise ConvertInputError(f"DICOM folder of sub-{subject} {problem}", path=dicom_dir,
+                                fix="point --dicom-dir (or the config's dicom_dir) at a folder holding one folder "
+                                    "of DICOM files per subject")
+
+
+def _record_bad_files(s: _Subject, bad) -> None:
+    """One row per file that is not DICOM or is corrupt (scan's BadFile)."""
+    for b in bad:
+        rel = s.scrubber.clean(os.path.relpath(b.path, s.dicom_dir))
+        s.add(None, decision=b.decision, reason=b.reason, source=rel)
+        (log.warning if b.decision == "failed" else log.info)("%s: %s: %s: %s", s.tag, b.decision, rel, b.reason)
+
+
+def _record_nothing_usable(s: _Subject, bad) -> None:
+    reason = (f"nothing usable: no DICOM image series among {len(bad)} files" if bad
+              else "nothing usable: the folder holds no files")
+    s.add(None, decision="failed", reason=reason, source=".")
+    # An error line, but no failed job: one subject's empty export must not stop the others.
+    log.error("%s: %s in %s: the subject is carried on with no images; copy its DICOM export there and rerun",
+              s.tag, reason, s.scrubber.clean(str(s.dicom_dir)))
+
+
+def _series_problem(series: Series, images, dicom_dir: Path) -> str | None:
+    """Why a series cannot be converted as it stands (damaged files, missing geometry, missing slices), else None."""
+    problem = _damaged_reason(series, dicom_dir) if series.damaged else None
+    if problem is None and images:
+        problem = check_geometry_present(series) or check_complete(series)
+        if problem and problem.startswith("incomplete"):
+            problem += "; copy the whole series again from the scanner or PACS"
+    return problem
+
+
+def _refuse(s: _Subject, series: Series, label: str, problem: str) -> None:
+    """A series with a problem fails, unless a rule skips it from its header alone (then no failure)."""
+    skip = _skipped_by_header(s.mapping.rules, series)
+    if skip is None:
+        s.add(series, decision="failed", reason=problem)
+        log.error("%s failed: %s", label, s.scrubber.clean(problem))
+    else:       # the rules skip it whatever dcm2niix would write (localizer, derived...): no failure
+        reason = f"{skip.get('reason') or 'skipped by rule'} (rule {skip['name']}); {problem}"
+        s.add(series, decision="skipped", reason=reason)
+        log.info("%s skipped: %s", label, s.scrubber.clean(reason))
+
+
+def _dcm2niix_series(s: _Subject, series: Series, images, work: Path, timeout: int, label: str) -> list | None:
+    """Run dcm2niix on the series' image files; the images it wrote, or None (a failed row) when it failed."""
+    rc, text = run_dcm2niix([f.path for f in images], work, timeout)
+    messages = _messages(text, s.scrubber, work, [os.path.relpath(f.path, s.dicom_dir) for f in images])
+    for m in messages:
+        log.info("%s: dcm2niix: %s", label, m)
+    produced = sorted((work / "out").glob("img*.nii.gz"))
+    if rc != 0 or not produced:
+        last = f": {messages[-1]}" if messages else ""
+        why = (f"dcm2niix failed (exit code {rc}){last}" + (" (partial output discarded)" if produced else "")
+               if rc != 0 else f"dcm2niix wrote no image{last}")
+        row = s.add(series, decision="failed", reason=why)
+        log.error("%s failed: %s", label, row["reason"])
+        return None
+    return produced
+
+
+def _read_outputs(s: _Subject, series: Series, produced) -> list[Candidate]:
+    """One Candidate per image dcm2niix wrote (with its sidecar, b-values, volumes); a failed row per unreadable one."""
+    series_cands = []
+    for nii in produced:
+        variant = _VARIANT_RE.match(nii.name)["variant"]
+        stem = nii.name[: -len(".nii.gz")]
+        files = {"nii.gz": nii}
+        for ext in ("json", "bval", "bvec"):
+            p = nii.with_name(f"{stem}.{ext}")
+            if p.exists():
+                files[ext] = p
+        try:
+            sidecar = json.loads(files["json"].read_text()) if "json" in files else {}
+            hdr = nib.load(str(nii))
+            volumes = hdr.shape[3] if len(hdr.shape) > 3 else 1
+            affine = hdr.affine
+        except Exception as e:
+            s.add(series, decision="failed", reason=f"unreadable dcm2niix output ({type(e).__name__})")
+            continue
+        series_cands.append(Candidate(series, variant, files, sidecar, volumes, affine, notes=[]))
+    return series_cands
+
+
+def _decide_series(s: _Subject, series: Series, series_cands: list[Candidate], label: str) -> list[Candidate]:
+    """Apply the mapping rules to each image of the series; [] (a failed row) when dcm2niix split the series."""
+    # dcm2niix split the series for a reason other than echoes/phase (geometry varies, etc.).
+    odd = [c for c in series_cands if not re.fullmatch(r"(_e\d+)?(_ph|_real|_imaginary)?", c.variant)]
+    if len(odd) > 1:
+        names = ", ".join(c.variant.strip("_") for c in odd[:4])
+        row = s.add(series, decision="failed",
+                    reason=f"dcm2niix split the series into {len(series_cands)} images ({names}, …): "
+                           f"inconsistent geometry or missing files")
+        log.error("%s failed: %s", label, row["reason"])
+        return []
+    for c in series_cands:
+        if c in odd and any(o.variant == "" for o in series_cands):
+            c.decision = "skipped"
+            c.reason = f"extra image dcm2niix wrote for the series (variant {c.variant.strip('_')})"
+        else:
+            _decide(c, s.mapping, s.scrubber)
+    return series_cands
+
+
+def _convert_series(s: _Subject, index: int, series: Series, work_root: Path, timeout: int) -> list[Candidate]:
+    """One series: checked, converted by dcm2niix and decided; its candidates ([] when it failed or is skipped
+    before conversion, with its row already added)."""
+    label = s.label(series)
+    images = [f for f in series.files if f.has_pixels]
+    problem = _series_problem(series, images, s.dicom_dir)
+    if problem:
+        _refuse(s, series, label, problem)
+        return []
+    if not images:
+        what = _NON_IMAGE_SOP.get(series.first.sop_class, "no pixel data")
+        s.add(series, decision="skipped", reason=f"not an image ({what}; SOP class {series.first.sop_class})")
+        log.info("%s skipped: not an image", label)
+        return []
+    produced = _dcm2niix_series(s, series, images, work_root / f"series{index:04d}", timeout, label)
+    if produced is None:
+        return []
+    return _decide_series(s, series, _read_outputs(s, series, produced), label)
+
+
+def _check_t1w(s: _Subject, series_list, cands: list[Candidate], keep: list[Candidate], strict: bool) -> None:
+    """No converted T1w: one warning (with ``strict``, the error) naming the series that looked like one."""
+    if not any(c.suffix == "T1w" for c in keep):
+        problem = _no_t1w(s.tag, series_list, cands, s.rows, s.scrubber, s.dicom_dir)
+        if strict:
+            raise ConvertInputError(problem, path=s.scrubber.clean(str(s.dicom_dir)),
+                                    fix="or set strict: false to carry the subject on without anatomy")
+        log.warning("%s", problem)
+
+
+def _install_and_record(s: _Subject, cands: list[Candidate]) -> None:
+    """Write each converted image into the BIDS tree and add every candidate's manifest row."""
+    for c in cands:
+        label = s.label(c.series)
+        if c.decision == "converted":
+            try:
+                _install(c, s.bids_root, s.subject, s.session, s.scrubber, s.mapping)
+            except Exception as e:
+                c.decision, c.reason = "failed", f"could not write the BIDS files ({type(e).__name__}: {s.scrubber.clean(str(e))[:200]})"
+        several = sum(o.series is c.series for o in cands) > 1
+        image = [f"image {c.variant.strip('_')}"] if several and c.variant else []
+        reason = "; ".join(image + [c.reason] + c.notes)
+        bids_name = c.outputs[-1] if c.outputs else ""
+        s.add(c.series, decision=c.decision, reason=reason,
+              datatype=c.datatype if c.decision == "converted" else "",
+              suffix=c.suffix if c.decision == "converted" else "",
+              bids_name=bids_name, outputs=";".join(c.outputs))
+        if c.decision == "converted":
+            log.info("%s -> %s", label, bids_name)
+        else:
+            (log.error if c.decision == "failed" else log.info)("%s %s: %s", label, c.decision, reason)
+
+
+def _warn_stale(s: _Subject, subject_dir: Path) -> None:
+    """Outside Snakemake (which empties the subject's folder first) an earlier run's images may remain, e.g. of a
+    series refused now: say so rather than let them pass for this run's."""
+    written = {s.bids_root / p for r in s.rows for p in str(r.get("outputs") or "").split(";") if p}
+    stale = sorted(p for p in subject_dir.rglob("*.nii.gz") if p not in written)
+    if stale:
+        log.warning("%s: %d image(s) in %s were not written by this conversion (left from an earlier run?), e.g. %s; "
+                    "remove that folder and rerun so that only this run's images remain", s.tag, len(stale),
+                    s.scrubber.clean(str(subject_dir)), s.scrubber.clean(os.path.relpath(stale[0], s.bids_root)))
+
+
 def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = None, mapping=None,
                     work_dir=None, timeout: int = 600, strict: bool = False) -> pd.DataFrame:
     """Convert one subject's (or session's) DICOM folder into ``bids_root``; return its manifest rows.
@@ -979,11 +1172,7 @@ def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = No
     session = check_label(session, "session label") if session else None
     mapping = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
     dicom_dir, bids_root = Path(dicom_dir), Path(bids_root)
-    if not dicom_dir.is_dir():
-        problem = "is a file, not a folder" if dicom_dir.exists() else "does not exist"
-        raise ConvertInputError(f"DICOM folder of sub-{subject} {problem}", path=dicom_dir,
-                                fix="point --dicom-dir (or the config's dicom_dir) at a folder holding one folder "
-                                    "of DICOM files per subject")
+    _check_dicom_dir(dicom_dir, subject)
     tag = f"sub-{subject}" + (f"_ses-{session}" if session else "")
     # The subject's folder exists afterwards even when nothing converts (it is a workflow output).
     subject_dir = bids_root / f"sub-{subject}" / (f"ses-{session}" if session else "")
@@ -992,135 +1181,26 @@ def convert_subject(dicom_dir, bids_root, subject: str, session: str | None = No
     if scrubber.found(subject) or scrubber.found(session or ""):
         log.warning("%s: the subject/session label contains a value of the patient's DICOM headers: "
                     "choose labels that do not identify the participant", tag)
-    rows = []
-    for b in bad:
-        rel = scrubber.clean(os.path.relpath(b.path, dicom_dir))
-        rows.append(_row(subject, session, None, scrubber, dicom_dir, decision=b.decision, reason=b.reason, source=rel))
-        (log.warning if b.decision == "failed" else log.info)("%s: %s: %s: %s", tag, b.decision, rel, b.reason)
+    s = _Subject(subject, session, tag, dicom_dir, bids_root, mapping, scrubber)
+    _record_bad_files(s, bad)
     if not series_list:
-        reason = (f"nothing usable: no DICOM image series among {len(bad)} files" if bad
-                  else "nothing usable: the folder holds no files")
-        rows.append(_row(subject, session, None, scrubber, dicom_dir, decision="failed", reason=reason, source="."))
-        # An error line, but no failed job: one subject's empty export must not stop the others.
-        log.error("%s: %s in %s: the subject is carried on with no images; copy its DICOM export there and rerun",
-                  tag, reason, scrubber.clean(str(dicom_dir)))
-        return _frame(rows)
+        _record_nothing_usable(s, bad)
+        return _frame(s.rows)
 
     work_root = Path(tempfile.mkdtemp(prefix=f"brainfuse-convert-{tag}-", dir=work_dir))
     try:
         cands: list[Candidate] = []
         for index, series in enumerate(series_list):
-            label = f"{tag}: series {series.number} '{scrubber.clean(series.first.description)}'"
-            images = [f for f in series.files if f.has_pixels]
-            problem = _damaged_reason(series, dicom_dir) if series.damaged else None
-            if problem is None and images:
-                problem = check_geometry_present(series) or check_complete(series)
-                if problem and problem.startswith("incomplete"):
-                    problem += "; copy the whole series again from the scanner or PACS"
-            if problem:
-                skip = _skipped_by_header(mapping.rules, series)
-                if skip is None:
-                    rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="failed", reason=problem))
-                    log.error("%s failed: %s", label, scrubber.clean(problem))
-                else:       # the rules skip it whatever dcm2niix would write (localizer, derived...): no failure
-                    reason = f"{skip.get('reason') or 'skipped by rule'} (rule {skip['name']}); {problem}"
-                    rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="skipped", reason=reason))
-                    log.info("%s skipped: %s", label, scrubber.clean(reason))
-                continue
-            if not images:
-                what = _NON_IMAGE_SOP.get(series.first.sop_class, "no pixel data")
-                rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="skipped",
-                                 reason=f"not an image ({what}; SOP class {series.first.sop_class})"))
-                log.info("%s skipped: not an image", label)
-                continue
-            work = work_root / f"series{index:04d}"
-            rc, text = run_dcm2niix([f.path for f in images], work, timeout)
-            messages = _messages(text, scrubber, work, [os.path.relpath(f.path, dicom_dir) for f in images])
-            for m in messages:
-                log.info("%s: dcm2niix: %s", label, m)
-            produced = sorted((work / "out").glob("img*.nii.gz"))
-            if rc != 0 or not produced:
-                last = f": {messages[-1]}" if messages else ""
-                why = (f"dcm2niix failed (exit code {rc}){last}" + (" (partial output discarded)" if produced else "")
-                       if rc != 0 else f"dcm2niix wrote no image{last}")
-                rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="failed", reason=why))
-                log.error("%s failed: %s", label, rows[-1]["reason"])
-                continue
-            series_cands = []
-            for nii in produced:
-                variant = _VARIANT_RE.match(nii.name)["variant"]
-                stem = nii.name[: -len(".nii.gz")]
-                files = {"nii.gz": nii}
-                for ext in ("json", "bval", "bvec"):
-                    p = nii.with_name(f"{stem}.{ext}")
-                    if p.exists():
-                        files[ext] = p
-                try:
-                    sidecar = json.loads(files["json"].read_text()) if "json" in files else {}
-                    hdr = nib.load(str(nii))
-                    volumes = hdr.shape[3] if len(hdr.shape) > 3 else 1
-                    affine = hdr.affine
-                except Exception as e:
-                    rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="failed",
-                                     reason=f"unreadable dcm2niix output ({type(e).__name__})"))
-                    continue
-                series_cands.append(Candidate(series, variant, files, sidecar, volumes, affine, notes=[]))
-            # dcm2niix split the series for a reason other than echoes/phase (geometry varies, etc.).
-            odd = [c for c in series_cands if not re.fullmatch(r"(_e\d+)?(_ph|_real|_imaginary)?", c.variant)]
-            if len(odd) > 1:
-                names = ", ".join(c.variant.strip("_") for c in odd[:4])
-                rows.append(_row(subject, session, series, scrubber, dicom_dir, decision="failed",
-                                 reason=f"dcm2niix split the series into {len(series_cands)} images ({names}, …): "
-                                        f"inconsistent geometry or missing files"))
-                log.error("%s failed: %s", label, rows[-1]["reason"])
-                continue
-            for c in series_cands:
-                if c in odd and any(o.variant == "" for o in series_cands):
-                    c.decision = "skipped"
-                    c.reason = f"extra image dcm2niix wrote for the series (variant {c.variant.strip('_')})"
-                else:
-                    _decide(c, mapping, scrubber)
-            cands.extend(series_cands)
-
+            cands.extend(_convert_series(s, index, series, work_root, timeout))
         keep = [c for c in cands if c.decision == "converted"]
-        if not any(c.suffix == "T1w" for c in keep):
-            problem = _no_t1w(tag, series_list, cands, rows, scrubber, dicom_dir)
-            if strict:
-                raise ConvertInputError(problem, path=scrubber.clean(str(dicom_dir)),
-                                        fix="or set strict: false to carry the subject on without anatomy")
-            log.warning("%s", problem)
+        _check_t1w(s, series_list, cands, keep, strict)
         _assign_dirs(keep)
         _assign_runs(keep)
-        for c in cands:
-            label = f"{tag}: series {c.series.number} '{scrubber.clean(c.series.first.description)}'"
-            if c.decision == "converted":
-                try:
-                    _install(c, bids_root, subject, session, scrubber, mapping)
-                except Exception as e:
-                    c.decision, c.reason = "failed", f"could not write the BIDS files ({type(e).__name__}: {scrubber.clean(str(e))[:200]})"
-            several = sum(o.series is c.series for o in cands) > 1
-            image = [f"image {c.variant.strip('_')}"] if several and c.variant else []
-            reason = "; ".join(image + [c.reason] + c.notes)
-            bids_name = c.outputs[-1] if c.outputs else ""
-            rows.append(_row(subject, session, c.series, scrubber, dicom_dir, decision=c.decision, reason=reason,
-                             datatype=c.datatype if c.decision == "converted" else "",
-                             suffix=c.suffix if c.decision == "converted" else "",
-                             bids_name=bids_name, outputs=";".join(c.outputs)))
-            if c.decision == "converted":
-                log.info("%s -> %s", label, bids_name)
-            else:
-                (log.error if c.decision == "failed" else log.info)("%s %s: %s", label, c.decision, reason)
+        _install_and_record(s, cands)
     finally:
         shutil.rmtree(work_root, ignore_errors=True)
-    # Outside Snakemake (which empties the subject's folder first) an earlier run's images may remain, e.g. of a
-    # series refused now: say so rather than let them pass for this run's.
-    written = {bids_root / p for r in rows for p in str(r.get("outputs") or "").split(";") if p}
-    stale = sorted(p for p in subject_dir.rglob("*.nii.gz") if p not in written)
-    if stale:
-        log.warning("%s: %d image(s) in %s were not written by this conversion (left from an earlier run?), e.g. %s; "
-                    "remove that folder and rerun so that only this run's images remain", tag, len(stale),
-                    scrubber.clean(str(subject_dir)), scrubber.clean(os.path.relpath(stale[0], bids_root)))
-    frame = _frame(rows)
+    _warn_stale(s, subject_dir)
+    frame = _frame(s.rows)
     if not (frame["decision"] == "converted").any():
         log.warning("%s: no series converted (%d rows in the manifest)", tag, len(frame))
     return frame

@@ -62,36 +62,9 @@ from .bids import TEMPLATE, bids_path, check_label, parse_name, sidecar, with_ex
 from .errors import BrainfuseError
 from .inputs import as_stage_error, check_anisotropy, check_finite, load_nifti, read_sidecar
 from .provenance import code_version
+from .schema import section_defaults
 
-DEFAULTS = {
-    "registration": "torch",     # torch | ants
-    "dw_dof": "rigid",           # rigid | affine for diffusion-weighted volumes (b0s are always rigid). Affine
-                                 # added ~0.4 mm spurious scale/shear on the phantom (contrast differs per
-                                 # direction) and lowered the XA30 tensor residual only 0.020 -> 0.018.
-    "dw_to_b0": "auto",          # DW frame onto the b0 (place_dw_frame): auto | mutual_information | mapped_ssd |
-                                 # zero_gradient | none. Single-b0 phantom at 2 mm: MI 0.18, mapped_ssd 0.10-0.16,
-                                 # auto 0.10-0.14, none 0.6-0.86, zero_gradient 0.64-0.98 mm (its head drifts from
-                                 # the b0, which only a cross-contrast step can see); Canon/XA30 AP-PA agreement:
-                                 # zero_gradient best (the one that improves Canon's FA and MD r and MAD)
-    "refine_iterations": 0,      # torch: rounds of registration to the leave-one-out tensor prediction (3
-                                 # rounds: phantom scatter between DW volumes 0.1 -> 0.05-0.09 mm, ~3x the time)
-    "b0_threshold": 50,          # s/mm^2: volumes at or below are b0s
-    "max_bval": 1500,            # s/mm^2: tensor fit uses b <= this (the DTI regime)
-    "fit_method": "WLS",         # WLS | OLS
-    "interpolation": 3,          # spline order used to resample corrected volumes
-    "max_diffusivity": 3.5e-3,   # mm^2/s: tensor eigenvalues clipped to [0, this] (free water ~3e-3 at 37 C)
-    "outside_fov": "covering",   # covering | exclude: a voxel some corrected volume sampled outside its field of
-                                 # view is fitted from the volumes covering it (when they still determine a
-                                 # tensor) or left out. Canon cut to a 10-slice slab, 2 volumes 1 slice lower:
-                                 # those 1,757 voxels |FA - full-FOV fit| 0.033 from the covering volumes, as
-                                 # those volumes give without the motion; 0.097 taking every volume's samples
-    # input check and QC thresholds (schema: why these values)
-    "max_voxel_anisotropy": 6.0,       # longest / shortest voxel edge: real 1.0 (XA30, Canon 3 mm iso), clinical
-                                       # 2D DWI 0.9 x 0.9 x 5 mm = 5.6
-    "qc_max_clipped_fraction": 0.2,    # fitted voxels with an eigenvalue clipped to [0, max_diffusivity]: real
-                                       # 0.06-1.6 %, phantom 2.2 %; b-values 10x too low 99.97 %
-    "qc_max_mean_fd_mm": 5.0,          # a run's mean FD (mm; includes eddy shifts): real 1.7-3.0, phantom 0.6-0.9
-}
+DEFAULTS = section_defaults("dwi")     # the schema's dwi section: every default, and why each value
 PARAM_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 MAPS = ("fa", "md", "ad", "rd")
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (ITK)
@@ -814,20 +787,16 @@ def qc_flags(tables: dict, qc: dict, p: dict) -> tuple[list, dict, dict]:
     return flags, m, t
 
 
-def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transforms, template, res: int,
-            params: dict | None = None, threads: int = 1, log=print, strict: bool = False) -> dict:
-    """Correct, fit and normalise every DWI run of one subject; all outputs written atomically. QC
-    (``qc_flags``) below a threshold: a ``WARNING`` log line and a flag in the QC JSON; with ``strict``, a
-    :class:`~brainfuse.stageqc.QCError` before anything is renamed into place."""
-    p = {**DEFAULTS, **(params or {})}
+def _check_settings(p: dict) -> None:
     if p["registration"] not in ("torch", "ants") or p["dw_dof"] not in ("affine", "rigid") \
             or p["fit_method"] not in ("WLS", "OLS") or p["outside_fov"] not in ("exclude", "covering") \
             or not 0 < p["max_diffusivity"] < 1:
         raise ValueError(f"dwi settings: registration torch|ants, dw_dof affine|rigid, fit_method WLS|OLS, outside_fov "
                          f"exclude|covering, 0 < max_diffusivity (mm^2/s) < 1; got {p}")
-    sub = check_label(sub, "subject label")
-    ses = check_label(ses, "session label") if ses else None
-    dwi_paths = sorted(str(x) for x in dwi_paths)
+
+
+def _load_inputs(dwi_paths: list[str], t1w, template, transforms, p: dict) -> list[Run]:
+    """Check the anat/template inputs exist and load every run; bad input fails here, before ANTs and torch load."""
     for f in [t1w, template, *transforms]:
         if not os.path.exists(str(f)):
             raise InputError(f"missing (needed to bring the DWI maps to {TEMPLATE})", path=f,
@@ -841,6 +810,98 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
     prefixes = [json.dumps(run_prefix(x), sort_keys=True) for x in dwi_paths]
     if len(set(prefixes)) != len(prefixes):
         raise InputError(f"DWI runs {dwi_paths} are not told apart by acq/dir/run entities")
+    return runs
+
+
+def _write_run(run: Run, corr, bvecs, table, fp: dict, placed: dict, A0, p: dict, code: str, stage) -> None:
+    """Stage one corrected run: the image, .bval, rotated .bvec, motion table and sidecar."""
+    # integer input (the scanner's precision): written rounded in that type (half the bytes to gzip);
+    # values beyond the type's range (spline overshoot) clipped
+    info_t = np.iinfo(run.dtype) if run.dtype != "float32" else None
+    bf_io.save_nifti(np.clip(np.round(corr), info_t.min, info_t.max) if info_t else corr,
+                     stage("preproc", fp["preproc"]), affine=A0, dtype=np.dtype(run.dtype), units=UNITS)
+    np.savetxt(stage("bval", fp["bval"]), run.bvals[None], fmt="%g")
+    np.savetxt(stage("bvec", fp["bvec"]), bvecs, fmt="%.6f")
+    table.to_csv(stage("motion", fp["motion"]), sep="\t", index=False, float_format="%.6f")
+    side = {k: run.sidecar[k] for k in SAFE_SIDECAR_KEYS if k in run.sidecar}
+    side.update({"SkullStripped": False, "Sources": [os.path.basename(run.path)],
+                 "Description": "Motion/eddy-current corrected on the first run's b0 reference; b-vectors "
+                                "rotated by each volume's rotation (FSL convention, this image's axes).",
+                 "RegistrationMethod": p["registration"], "DiffusionWeightedDOF": p["dw_dof"],
+                 "MeanFramewiseDisplacement": float(table["framewise_displacement"].mean()),
+                 "DWFramePlacement": placed,
+                 "GeneratedBy": [{"Name": "brainfuse dwi", "CodeVersion": code}]})
+    bf_io.save_json(side, stage("json", sidecar(fp["preproc"])))
+
+
+def _resample_runs(runs: list[Run], transforms_runs, ref, info: dict, final: dict, p: dict, code: str, stage):
+    """Every run resampled onto the first run's grid, staged (``_write_run``) and concatenated:
+    (data, bvals, bvecs, FOV coverage, motion tables by run name)."""
+    A0, shape0 = runs[0].affine, runs[0].data.shape[:3]
+    support = signal_support(ref)
+    center = np.asarray(A0 @ np.r_[(np.asarray(shape0) - 1) / 2, 1.0])[:3]
+    all_data, all_bvals, all_bvecs, all_cov, tables = [], [], [], [], {}
+    placements = info.get("placement", [{}] * len(runs))
+    for run, T, fp, placed in zip(runs, transforms_runs, final["runs"], placements):
+        corr = resample(run.data, run.affine, T, A0, shape0, order=p["interpolation"], support=support)
+        all_cov.append(fov_coverage(run.data.shape, run.affine, T, A0, shape0))
+        bvecs = rotate_bvecs(run.bvecs, T, run.affine, A0)
+        table = motion_table(T, center)
+        tables[os.path.basename(fp["preproc"]).split("_desc-")[0]] = table
+        _write_run(run, corr, bvecs, table, fp, placed, A0, p, code, stage)
+        all_data.append(corr)
+        all_bvals.append(run.bvals)
+        all_bvecs.append(bvecs)
+    return (np.concatenate(all_data, 3), np.concatenate(all_bvals), np.concatenate(all_bvecs, 1),
+            np.concatenate(all_cov, 3), tables)
+
+
+_MAP_UNITS = {"fa": "arbitrary", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "cfa": "arbitrary"}
+
+
+def _write_native(maps: dict, meta: dict, mask, mean_b0, A0, final: dict, stage) -> None:
+    """Stage the tensor maps (with sidecars), the brain mask and the mean b0 on the DWI grid."""
+    for m in (*MAPS, "cfa"):
+        bf_io.save_nifti(maps[m], stage(m, final[m]), affine=A0, dtype=np.float32, units=UNITS)
+        bf_io.save_json({**meta, "Units": _MAP_UNITS[m]}, stage(m, sidecar(final[m])))
+    bf_io.save_nifti(mask.astype(np.uint8), stage("mask", final["mask"]), affine=A0, dtype=np.uint8, units=UNITS)
+    bf_io.save_nifti(mean_b0, stage("b0", final["b0"]), affine=A0, dtype=np.float32, units=UNITS)
+
+
+def _normalise(maps: dict, meta: dict, mean_b0, mask, A0, t1w, t1w_mask, transforms, template, res: int,
+               final: dict, work: str, stage) -> None:
+    """b0 -> T1w, then the anat chain to the template: stage the transform and the template-space maps."""
+    mat, _ = register_to_t1w(mean_b0, mask, A0, t1w, t1w_mask, work)
+    shutil.copy(mat, stage("xfm", final["xfm"]))
+    chain = list(transforms) + [os.path.join(work, os.path.basename(final["xfm"]))]
+    mni = to_template({m: (maps[m], A0) for m in MAPS}, chain, template, work)
+    tpl_affine = nib.load(str(template)).affine
+    for m in MAPS:
+        bf_io.save_nifti(mni[m], stage(m, final[f"mni_{m}"]), affine=tpl_affine, dtype=np.float32, units=UNITS)
+        bf_io.save_json({**meta, "Units": _MAP_UNITS[m], "Resolution": f"{res} mm", "SpatialReference": TEMPLATE,
+                    "Transforms": [os.path.basename(x) for x in chain]}, stage(m, sidecar(final[f"mni_{m}"])))
+
+
+def _map_meta(p: dict, limit: float, used: int, dwi_paths, qc: dict, code: str) -> dict:
+    """The sidecar shared by every tensor map."""
+    return {"Model": "tensor (dipy TensorModel)", "FitMethod": p["fit_method"], "MaxBValue": limit,
+            "VolumesUsed": used, "Sources": [os.path.basename(x) for x in dwi_paths],
+            # voxels a corrected volume sampled outside its acquired field of view; eigenvalues clipped
+            "QualityControl": qc, "OutsideFieldOfView": p["outside_fov"],
+            "GeneratedBy": [{"Name": "brainfuse dwi", "CodeVersion": code}]}
+
+
+def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transforms, template, res: int,
+            params: dict | None = None, threads: int = 1, log=print, strict: bool = False) -> dict:
+    """Correct, fit and normalise every DWI run of one subject; all outputs written atomically. QC
+    (``qc_flags``) below a threshold: a ``WARNING`` log line and a flag in the QC JSON; with ``strict``, a
+    :class:`~brainfuse.stageqc.QCError` before anything is renamed into place."""
+    p = {**DEFAULTS, **(params or {})}
+    _check_settings(p)
+    sub = check_label(sub, "subject label")
+    ses = check_label(ses, "session label") if ses else None
+    dwi_paths = sorted(str(x) for x in dwi_paths)
+    runs = _load_inputs(dwi_paths, t1w, template, transforms, p)
     # after the input checks: bad input fails in a second, without loading ANTs and torch
     load_ants(threads)       # ITK's thread count (read at import) and the registration seed
     import torch
@@ -853,8 +914,10 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
     work = tempfile.mkdtemp(prefix=".dwi-", dir=dwi_dir)   # ANTs outprefix and staged outputs
     staged = {}
     timings, t_start = {}, time.perf_counter()
+    label = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
     try:
         def stage(key, path):
+            """Where to write ``path`` first: in ``work``, renamed into place once everything is written."""
             tmp = os.path.join(work, os.path.basename(path))
             staged[tmp] = path
             return tmp
@@ -864,83 +927,29 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
         transforms_runs, ref = correct_runs(runs, p, work, log, info)
         timings["correction_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        A0, shape0 = runs[0].affine, runs[0].data.shape[:3]
-        support = signal_support(ref)
-        center = np.asarray(A0 @ np.r_[(np.asarray(shape0) - 1) / 2, 1.0])[:3]
-        all_data, all_bvals, all_bvecs, all_cov, tables = [], [], [], [], {}
+        A0 = runs[0].affine
         code = code_version("dwi")
-        placements = info.get("placement", [{}] * len(runs))
-        for run, T, fp, placed in zip(runs, transforms_runs, final["runs"], placements):
-            corr = resample(run.data, run.affine, T, A0, shape0, order=p["interpolation"], support=support)
-            all_cov.append(fov_coverage(run.data.shape, run.affine, T, A0, shape0))
-            bvecs = rotate_bvecs(run.bvecs, T, run.affine, A0)
-            table = motion_table(T, center)
-            tables[os.path.basename(fp["preproc"]).split("_desc-")[0]] = table
-            # integer input (the scanner's precision): written rounded in that type (half the bytes to gzip);
-            # values beyond the type's range (spline overshoot) clipped
-            info_t = np.iinfo(run.dtype) if run.dtype != "float32" else None
-            bf_io.save_nifti(np.clip(np.round(corr), info_t.min, info_t.max) if info_t else corr,
-                             stage("preproc", fp["preproc"]), affine=A0, dtype=np.dtype(run.dtype), units=UNITS)
-            np.savetxt(stage("bval", fp["bval"]), run.bvals[None], fmt="%g")
-            np.savetxt(stage("bvec", fp["bvec"]), bvecs, fmt="%.6f")
-            table.to_csv(stage("motion", fp["motion"]), sep="\t", index=False, float_format="%.6f")
-            side = {k: run.sidecar[k] for k in SAFE_SIDECAR_KEYS if k in run.sidecar}
-            side.update({"SkullStripped": False, "Sources": [os.path.basename(run.path)],
-                         "Description": "Motion/eddy-current corrected on the first run's b0 reference; b-vectors "
-                                        "rotated by each volume's rotation (FSL convention, this image's axes).",
-                         "RegistrationMethod": p["registration"], "DiffusionWeightedDOF": p["dw_dof"],
-                         "MeanFramewiseDisplacement": float(table["framewise_displacement"].mean()),
-                         "DWFramePlacement": placed,
-                         "GeneratedBy": [{"Name": "brainfuse dwi", "CodeVersion": code}]})
-            bf_io.save_json(side, stage("json", sidecar(fp["preproc"])))
-            all_data.append(corr)
-            all_bvals.append(run.bvals)
-            all_bvecs.append(bvecs)
-        data = np.concatenate(all_data, 3)
-        bvals, bvecs = np.concatenate(all_bvals), np.concatenate(all_bvecs, 1)
+        data, bvals, bvecs, coverage, tables = _resample_runs(runs, transforms_runs, ref, info, final, p, code, stage)
         timings["resampling_s"] = time.perf_counter() - t0
-        b0 = bvals <= p["b0_threshold"]
-        mean_b0 = data[..., b0].mean(3)
+        mean_b0 = data[..., bvals <= p["b0_threshold"]].mean(3)
         # one run: its reference is the mean of these same aligned b0s, already masked
         mask = info.get("mask") if len(runs) == 1 and info.get("mask") is not None else brain_mask(mean_b0)
         t0 = time.perf_counter()
         limit = shell_limit(bvals, p["max_bval"], p["b0_threshold"])
         qc = {}
-        maps = fit_tensor(data, bvals, bvecs, mask, limit, p["fit_method"], p["b0_threshold"],
-                          coverage=np.concatenate(all_cov, 3), max_diffusivity=p["max_diffusivity"],
-                          outside_fov=p["outside_fov"], qc=qc)
+        maps = fit_tensor(data, bvals, bvecs, mask, limit, p["fit_method"], p["b0_threshold"], coverage=coverage,
+                          max_diffusivity=p["max_diffusivity"], outside_fov=p["outside_fov"], qc=qc)
         flags, qc_metrics, thresholds = qc_flags(tables, qc, p)
         qc.pop("fitted"), qc.pop("clipped")
         timings["tensor_fit_s"] = time.perf_counter() - t0
         log(f"[dwi] sub-{sub}: tensor fit QC: " + ", ".join(f"{k} {v}" for k, v in qc.items()))
-        label = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
         stageqc.settle(flags, strict=strict, label=label, stage="dwi", path=dwi_paths[0], log=log)
         stageqc.save(stage("qc_json", final["qc_json"]), flags, qc_metrics, thresholds)
-        used = int((bvals <= limit).sum())
-        meta = {"Model": "tensor (dipy TensorModel)", "FitMethod": p["fit_method"], "MaxBValue": limit,
-                "VolumesUsed": used, "Sources": [os.path.basename(x) for x in dwi_paths],
-                # voxels a corrected volume sampled outside its acquired field of view; eigenvalues clipped
-                "QualityControl": qc, "OutsideFieldOfView": p["outside_fov"],
-                "GeneratedBy": [{"Name": "brainfuse dwi", "CodeVersion": code}]}
-        units = {"fa": "arbitrary", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "cfa": "arbitrary"}
-        for m in (*MAPS, "cfa"):
-            bf_io.save_nifti(maps[m], stage(m, final[m]), affine=A0, dtype=np.float32, units=UNITS)
-            bf_io.save_json({**meta, "Units": units[m]}, stage(m, sidecar(final[m])))
-        bf_io.save_nifti(mask.astype(np.uint8), stage("mask", final["mask"]), affine=A0, dtype=np.uint8, units=UNITS)
-        bf_io.save_nifti(mean_b0, stage("b0", final["b0"]), affine=A0, dtype=np.float32, units=UNITS)
-        # b0 -> T1w, then the anat chain to the template
+        meta = _map_meta(p, limit, int((bvals <= limit).sum()), dwi_paths, qc, code)
+        _write_native(maps, meta, mask, mean_b0, A0, final, stage)
         t0 = time.perf_counter()
-        mat, _ = register_to_t1w(mean_b0, mask, A0, t1w, t1w_mask, work)
-        shutil.copy(mat, stage("xfm", final["xfm"]))
-        chain = list(transforms) + [os.path.join(work, os.path.basename(final["xfm"]))]
-        mni = to_template({m: (maps[m], A0) for m in MAPS}, chain, template, work)
-        tpl_affine = nib.load(str(template)).affine
-        for m in MAPS:
-            bf_io.save_nifti(mni[m], stage(m, final[f"mni_{m}"]), affine=tpl_affine, dtype=np.float32, units=UNITS)
-            bf_io.save_json({**meta, "Units": units[m], "Resolution": f"{res} mm", "SpatialReference": TEMPLATE,
-                        "Transforms": [os.path.basename(x) for x in chain]}, stage(m, sidecar(final[f"mni_{m}"])))
+        _normalise(maps, meta, mean_b0, mask, A0, t1w, t1w_mask, transforms, template, res, final, work, stage)
         timings["normalisation_s"] = time.perf_counter() - t0
-        label = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
         qc_fa(maps["fa"], maps["cfa"], A0, stage("qc", final["qc_fa"]), f"{label}: FA and colour FA ({p['fit_method']})")
         qc_motion(tables, stage("qc", final["qc_motion"]), f"{label}: DWI motion ({p['registration']})")
         for tmp, dest in staged.items():

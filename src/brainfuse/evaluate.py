@@ -33,9 +33,9 @@ from sklearn.metrics import (confusion_matrix, mean_absolute_error, mean_squared
                              roc_auc_score, roc_curve)
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
-from . import bayes as bf_bayes  # noqa: E402
 from . import cliargs  # noqa: E402
 from . import io as bf_io  # noqa: E402
+from . import reference as bf_reference  # noqa: E402
 from . import splits as bf_splits  # noqa: E402
 from . import train as bf_train  # noqa: E402
 from .inputs import read_json, read_tsv  # noqa: E402
@@ -133,9 +133,13 @@ def scores_of(pred: pd.DataFrame, task: str, classes: list) -> np.ndarray:
 def bayes_reference(bayes: dict | None, keys: list, y: np.ndarray, labelled: np.ndarray, classes: list,
                     modalities: tuple | None = None):
     """(rows, class probabilities) of the demo generator's Bayes rule for the labelled cohort rows it knows,
-    from ``truth/bayes.json`` (per-subject latent scores and scans present); None for other datasets.
-    ``modalities``: only the scores those tensor modalities encode (the missing-modality grid's reference)."""
-    if not bayes or "subjects" not in bayes or list(bayes.get("config", {}).get("classes", [])) != list(classes):
+    from ``truth/bayes.json`` (per-subject latent scores and scans present; ``score_needs``: the subject field a
+    score needs to be observed, e.g. 'fa' -> 'has_dwi'); None for other datasets and for a file without them.
+    ``modalities``: only the scores those tensor modalities encode (the missing-modality grid's reference; the
+    file's ``score_modalities`` says which encode which, None without it)."""
+    needed = ("subjects", "score_needs") + (("score_modalities",) if modalities is not None else ())
+    if (not bayes or any(k not in bayes for k in needed)
+            or list(bayes.get("config", {}).get("classes", [])) != list(classes)):
         return None
     known = {f"sub-{s['label']}": s for s in bayes["subjects"]}
     idx = [i for i, (pid, _) in enumerate(keys) if labelled[i] and pid in known]
@@ -143,10 +147,10 @@ def bayes_reference(bayes: dict | None, keys: list, y: np.ndarray, labelled: np.
         return None
     names = list(bayes["latent_means"])    # per score: class means with effects applied (demo.bayes_accuracy)
     means = np.array([bayes["latent_means"][n] for n in names]).T
-    scores, observed = bf_bayes.subject_arrays([known[keys[i][0]] for i in idx], names)
+    scores, observed = bf_reference.subject_arrays([known[keys[i][0]] for i in idx], names, bayes["score_needs"])
     if modalities is not None:
-        observed &= bf_bayes.seen_by(names, modalities)
-    return np.array(idx), bf_bayes.posterior(scores, observed, means)
+        observed &= bf_reference.seen_by(names, modalities, bayes["score_modalities"])
+    return np.array(idx), bf_reference.posterior(scores, observed, means)
 
 
 # ------------------------------------------------------------------------------------------ baselines
@@ -652,21 +656,52 @@ def unit_name(key) -> str:
 # ------------------------------------------------------------------------------------------- driver
 def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: dict, out_dir,
              bayes: dict | None = None, log=print) -> pd.DataFrame:
+    """Every analysis of the trained models in ``models_dir`` on the splits ``table``; writes results.tsv,
+    predictions.tsv, summary.json and figures/ in ``out_dir`` (last: they appear only when all succeeded) and
+    returns the results table."""
     out_dir = Path(out_dir)
-    figs = out_dir / "figures"
     cv, task = settings["cv"], cohort.task
     y, labelled = bf_train.targets(cohort, cv)
     keys = bf_train.row_keys(cohort)
     bf_splits.check_splits(table, [k[0] for k, ok in zip(keys, labelled) if ok])
     folds = sorted(table["fold"].unique())
     classes = list(cohort.classes) if task == "classification" else []
-    n_classes = len(classes) if classes else 1
     n_boot, seed = int(cv["bootstrap"]), int(cv["seed"])
-    results = []
+    names = bf_train.modality_names(cohort)
 
-    # models: every checkpoint read first (a damaged one stops the run here), out-of-fold test predictions,
-    # each checked against the splits
+    # models: every checkpoint read first (a damaged one stops the run here)
     models = load_models(models_dir, presets, folds)
+    preds = _out_of_fold_predictions(cohort, table, models_dir, presets, folds)
+    flagged = qc_flagged(preds)
+    results = _cv_rows(preds, flagged, presets, task, classes, n_boot, seed, log)
+    results += _qc_rows(flagged, log)
+    ref_rows, cohort_bayes = _bayes_rows(bayes, keys, y, labelled, classes, task, cv, names, n_boot, seed, log)
+    results += ref_rows
+    baseline_scores = {}        # label -> (truth, out-of-fold scores): the best one joins the ROC figure
+    if cv["baselines"]:
+        base_rows, baseline_scores = _baseline_rows(cohort, y, labelled, table, folds, names, task, classes, keys,
+                                                    n_boot, seed, log)
+        results += base_rows
+    if cv["missing_grid"] or cv["ablations"]:
+        results += _grid_ablation_rows(cohort, y, table, models_dir, presets, folds, settings, log, models)
+
+    res = pd.DataFrame(results, columns=RESULT_COLUMNS)
+    summary, best = _summary(res, task, classes, cv, flagged, bayes, cohort_bayes)
+    _figures(cohort, res, preds, labelled, models_dir, presets, folds, models, classes, names, baseline_scores,
+             bayes, out_dir / "figures")
+
+    # write last, atomically: the rule's outputs appear only when everything succeeded
+    bf_io.save_tsv(preds, out_dir / "predictions.tsv")
+    bf_io.save_json(summary, out_dir / "summary.json", newline=False)
+    bf_io.save_tsv(res, out_dir / "results.tsv")
+    metric = MAIN_METRIC[task]
+    log(f"[evaluate] best preset {best.model}: {metric} {best.value:.3f} [{best.ci_low:.3f}, {best.ci_high:.3f}]")
+    return res
+
+
+def _out_of_fold_predictions(cohort, table: pd.DataFrame, models_dir, presets: list, folds: list) -> pd.DataFrame:
+    """The test predictions of every preset and fold, each checked to be exactly that fold's test set in the
+    splits (LeakageError otherwise), with the cohort's image QC columns where it has them."""
     preds = []
     for preset, fold, path in fold_models(models_dir, presets, folds):
         p = read_tsv(path.parent / "predictions.tsv", "predictions of a trained fold",
@@ -684,7 +719,14 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
     qc = qc_table(cohort)
     if qc is not None:
         preds = preds.merge(qc, on=["participant_id", "session"], how="left")
-    flagged = qc_flagged(preds)
+    return preds
+
+
+def _cv_rows(preds: pd.DataFrame, flagged: pd.DataFrame, presets: list, task: str, classes: list, n_boot: int,
+             seed: int, log) -> list:
+    """Cross-validated metrics with bootstrap CIs per preset (condition 'all'), and again without the rows
+    whose image QC failed or raised flags (condition 'QC passed') when there are any."""
+    results = []
     for preset in presets:
         p = preds[preds.preset == preset]
         stats = bootstrap(task, p.target.to_numpy(), scores_of(p, task, classes), n_boot, seed, p.participant_id)
@@ -696,58 +738,83 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
                 stats = bootstrap(task, p.target.to_numpy(), scores_of(p, task, classes), n_boot, seed,
                                   p.participant_id)
                 results += rows_for("cv", preset, "QC passed", stats, len(p))
-    # flagged rows listed in the results (analysis qc: value 1 = passed with flags, 0 = failed)
+    return results
+
+
+def _qc_rows(flagged: pd.DataFrame, log) -> list:
+    """The flagged rows listed in the results (analysis qc: value 1 = passed with flags, 0 = failed), and
+    one warning naming them."""
+    results = []
     for key, ok, flags in zip(flagged.index, flagged.qc_pass, flagged.qc_flags):
         results += rows_for("qc", "image QC", f"{unit_name(key)}: {flags}", {"qc_pass": float(ok == "True")}, 1)
     if len(flagged):
         log(f"[evaluate] WARNING: image QC flagged {len(flagged)} evaluated rows (results.tsv: analysis qc; "
             f"condition 'QC passed': the metrics without them): "
             + "; ".join(f"{unit_name(k)} ({f})" for k, f in zip(flagged.index, flagged.qc_flags)))
+    return results
 
-    # the demo's Bayes rule on the same subjects: the ceiling this cohort allows (nothing fitted)
-    ref = bayes_reference(bayes, keys, y, labelled, classes) if task == "classification" and not cv["permute_labels"] else None
-    cohort_bayes = None
-    if ref is not None:
-        idx, sc = ref
-        stats = bootstrap(task, y[idx], sc, n_boot, seed, [keys[i][0] for i in idx])
-        cohort_bayes = float(stats[MAIN_METRIC[task]][0])
-        results += rows_for("reference", BAYES_MODEL, "all", stats, len(idx))
-        log(f"[evaluate] Bayes rule on this cohort: {MAIN_METRIC[task]} {stats[MAIN_METRIC[task]][0]:.3f}")
 
-    # baselines (refitted per fold) and the permuted-label canary
-    names = bf_train.modality_names(cohort)
-    if ref is not None and cv["missing_grid"]:   # and with only the scores each modality subset encodes
+def _bayes_rows(bayes, keys, y, labelled, classes, task, cv, names, n_boot, seed, log) -> tuple[list, float | None]:
+    """(result rows, its main metric) of the demo's Bayes rule on the same subjects: the ceiling this cohort
+    allows (nothing fitted); with the missing-modality grid also given only the scores each modality subset
+    encodes. No rows (and None) for other datasets, regression and the permuted-label canary."""
+    if task != "classification" or cv["permute_labels"]:
+        return [], None
+    ref = bayes_reference(bayes, keys, y, labelled, classes)
+    if ref is None:
+        return [], None
+    idx, sc = ref
+    stats = bootstrap(task, y[idx], sc, n_boot, seed, [keys[i][0] for i in idx])
+    cohort_bayes = float(stats[MAIN_METRIC[task]][0])
+    results = rows_for("reference", BAYES_MODEL, "all", stats, len(idx))
+    log(f"[evaluate] Bayes rule on this cohort: {MAIN_METRIC[task]} {stats[MAIN_METRIC[task]][0]:.3f}")
+    if cv["missing_grid"]:
         for combo in subsets(names):
             idx, sc = bayes_reference(bayes, keys, y, labelled, classes, modalities=combo)
             results += rows_for("reference", BAYES_MODEL, "+".join(combo), metrics(task, y[idx], sc), len(idx))
-    baseline_scores = {}        # label -> (truth, out-of-fold scores): the best one joins the ROC figure
-    if cv["baselines"]:
-        configs = [("baseline", "linear (all modalities)", names, y, False)]
-        configs += [("baseline", f"linear ({n} only)", [n], y, True) for n in names]
-        yp = y.copy()
-        yp[labelled] = np.random.default_rng([seed, 13]).permutation(y[labelled])
-        configs.append(("canary", "linear, permuted labels", names, yp, False))
-        for analysis, label, mods, yy, only in configs:
-            idx, sc = run_baseline(cohort, yy, table, folds, mods, task, n_classes, only)
-            if len(idx) < 2:
-                continue
-            stats = bootstrap(task, yy[idx], sc, n_boot, seed, [keys[i][0] for i in idx])
-            results += rows_for(analysis, label, "all", stats, len(idx))
-            if analysis == "baseline":
-                baseline_scores[label] = (yy[idx].astype(int) if task == "classification" else yy[idx], sc)
-            log(f"[evaluate] {label}: {MAIN_METRIC[task]} {stats[MAIN_METRIC[task]][0]:.3f}")
+    return results, cohort_bayes
 
-    # missing-modality grid and ablations (point estimates; n = rows evaluated)
-    if cv["missing_grid"] or cv["ablations"]:
-        recs = grid_and_ablations(cohort, y, table, models_dir, presets, folds, settings, log, models)
-        df = pd.DataFrame(recs)
-        if len(df):
-            for (analysis, model, cond), g in df.groupby(["analysis", "model", "condition"], sort=False):
-                rows = g.row.to_numpy()
-                sc = np.stack(g.scores.to_numpy()) if task == "classification" else g.scores.to_numpy(float)
-                results += rows_for(analysis, model, cond, metrics(task, y[rows], sc), len(rows))
 
-    res = pd.DataFrame(results, columns=RESULT_COLUMNS)
+def _baseline_rows(cohort, y, labelled, table, folds, names, task, classes, keys, n_boot, seed,
+                   log) -> tuple[list, dict]:
+    """Linear baselines refitted per fold (all modalities, each alone) and the permuted-label canary:
+    (result rows, {baseline label: (truth, out-of-fold scores)})."""
+    n_classes = len(classes) if classes else 1
+    configs = [("baseline", "linear (all modalities)", names, y, False)]
+    configs += [("baseline", f"linear ({n} only)", [n], y, True) for n in names]
+    yp = y.copy()
+    yp[labelled] = np.random.default_rng([seed, 13]).permutation(y[labelled])
+    configs.append(("canary", "linear, permuted labels", names, yp, False))
+    results, baseline_scores = [], {}
+    for analysis, label, mods, yy, only in configs:
+        idx, sc = run_baseline(cohort, yy, table, folds, mods, task, n_classes, only)
+        if len(idx) < 2:
+            continue
+        stats = bootstrap(task, yy[idx], sc, n_boot, seed, [keys[i][0] for i in idx])
+        results += rows_for(analysis, label, "all", stats, len(idx))
+        if analysis == "baseline":
+            baseline_scores[label] = (yy[idx].astype(int) if task == "classification" else yy[idx], sc)
+        log(f"[evaluate] {label}: {MAIN_METRIC[task]} {stats[MAIN_METRIC[task]][0]:.3f}")
+    return results, baseline_scores
+
+
+def _grid_ablation_rows(cohort, y, table, models_dir, presets, folds, settings, log, models) -> list:
+    """The missing-modality grid and routing ablations (point estimates; n = rows evaluated)."""
+    task = cohort.task
+    recs = grid_and_ablations(cohort, y, table, models_dir, presets, folds, settings, log, models)
+    df = pd.DataFrame(recs)
+    results = []
+    if len(df):
+        for (analysis, model, cond), g in df.groupby(["analysis", "model", "condition"], sort=False):
+            rows = g.row.to_numpy()
+            sc = np.stack(g.scores.to_numpy()) if task == "classification" else g.scores.to_numpy(float)
+            results += rows_for(analysis, model, cond, metrics(task, y[rows], sc), len(rows))
+    return results
+
+
+def _summary(res: pd.DataFrame, task: str, classes: list, cv: dict, flagged: pd.DataFrame, bayes: dict | None,
+             cohort_bayes: float | None) -> tuple[dict, pd.Series]:
+    """(summary.json's content, the best preset's cv row on the main metric)."""
     metric = MAIN_METRIC[task]
     cvres = res[(res.analysis == "cv") & (res.metric == metric) & (res.condition == "all")]
     best = cvres.sort_values("value", ascending=False).iloc[0]
@@ -762,13 +829,35 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
         summary["bayes_accuracy"] = bayes.get("bayes_accuracy")
         if cohort_bayes is not None:
             summary["cohort_bayes"] = cohort_bayes
+    return summary, best
 
-    # figures
+
+def _figures(cohort, res, preds, labelled, models_dir, presets, folds, models, classes, names, baseline_scores,
+             bayes, figs) -> None:
+    """Every figure in ``figs`` (captions: workflow/report/figures.rst)."""
+    task = cohort.task
     figs.mkdir(parents=True, exist_ok=True)
-    chance = 1.0 / n_classes if task == "classification" else 0.0
+    chance = 1.0 / (len(classes) if classes else 1) if task == "classification" else 0.0
     plot_metrics(res, task, figs / "cv_performance.png", bayes if task == "classification" else None, chance)
     if task == "classification":
         plot_confusions(preds, classes, presets, figs / "confusion_matrices.png")
+    _heatmap_figures(res, task, chance, figs)
+    if len(res[res.analysis == "grid"]):
+        plot_missing_summary(res, task, names, figs / "missing_modality_summary.png", chance)
+    if task == "classification":
+        _roc_figures(res, preds, presets, classes, baseline_scores, figs)
+    # by the true labels, also in the canary run (the connectivity itself is not permuted)
+    conn = connectivity_matrices(cohort, np.asarray(cohort.target, float), labelled, classes)
+    if conn is not None:
+        plot_connectivity(*conn, figs / "connectivity.png")
+    for preset in presets:
+        plot_utilisation(preds, preset, classes, names, figs / f"utilisation_{preset}.png")
+    plot_training(models_dir, presets, folds, figs / "training_curves.png", models)
+
+
+def _heatmap_figures(res: pd.DataFrame, task: str, chance: float, figs) -> None:
+    """The missing-modality grid and the routing ablations as heatmaps of the main metric."""
+    metric = MAIN_METRIC[task]
     for analysis, fname, title in [("grid", "missing_modality_grid.png", "Missing-modality grid"),
                                    ("ablation", "ablations.png", "Routing ablations")]:
         t = res[(res.analysis == analysis) & (res.metric == metric)]
@@ -781,34 +870,22 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
                                figs / fname, vmin=chance if task == "classification" else None,
                                vmax=1 if task == "classification" else None,
                                xlabel="" if wide else label, ylabel=label if wide else "")
-    if len(res[res.analysis == "grid"]):
-        plot_missing_summary(res, task, names, figs / "missing_modality_summary.png", chance)
-    if task == "classification":
-        curves = {}
-        for preset in presets:
-            p = preds[preds.preset == preset]
-            curves[preset] = (p.target.to_numpy(int), scores_of(p, task, classes))
-        base = res[(res.analysis == "baseline") & (res.metric == metric) & (res.condition == "all")]
-        if len(base):
-            best_base = base.sort_values("value", ascending=False, kind="mergesort").iloc[0].model
-            curves[best_base] = baseline_scores[best_base]
-        plot_roc(curves, classes, figs / "roc_curves.png")
-        plot_calibration(curves, classes, figs / "calibration.png")
-    # by the true labels, also in the canary run (the connectivity itself is not permuted)
-    conn = connectivity_matrices(cohort, np.asarray(cohort.target, float), labelled, classes)
-    if conn is not None:
-        plot_connectivity(*conn, figs / "connectivity.png")
+
+
+def _roc_figures(res: pd.DataFrame, preds: pd.DataFrame, presets: list, classes: list, baseline_scores: dict,
+                 figs) -> None:
+    """ROC curves and calibration of every preset and of the best linear baseline (classification)."""
+    task, metric = "classification", MAIN_METRIC["classification"]
+    curves = {}
     for preset in presets:
-        plot_utilisation(preds, preset, classes, names, figs / f"utilisation_{preset}.png")
-    plot_training(models_dir, presets, folds, figs / "training_curves.png", models)
-
-    # write last, atomically: the rule's outputs appear only when everything succeeded
-    bf_io.save_tsv(preds, out_dir / "predictions.tsv")
-    bf_io.save_json(summary, out_dir / "summary.json", newline=False)
-    bf_io.save_tsv(res, out_dir / "results.tsv")
-    log(f"[evaluate] best preset {best.model}: {metric} {best.value:.3f} [{best.ci_low:.3f}, {best.ci_high:.3f}]")
-    return res
-
+        p = preds[preds.preset == preset]
+        curves[preset] = (p.target.to_numpy(int), scores_of(p, task, classes))
+    base = res[(res.analysis == "baseline") & (res.metric == metric) & (res.condition == "all")]
+    if len(base):
+        best_base = base.sort_values("value", ascending=False, kind="mergesort").iloc[0].model
+        curves[best_base] = baseline_scores[best_base]
+    plot_roc(curves, classes, figs / "roc_curves.png")
+    plot_calibration(curves, classes, figs / "calibration.png")
 
 def cli(argv=None):
     args = cliargs.parser("evaluate").parse_args(argv)

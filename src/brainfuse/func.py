@@ -40,31 +40,11 @@ from .antsconfig import load_ants
 from .bids import TEMPLATE, bids_path, parse_name, sidecar
 from .errors import BrainfuseError
 from .inputs import as_stage_error, check_anisotropy, check_finite, load_nifti, plausible_tr, read_sidecar
+from .schema import section_defaults
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
-DEFAULTS = {
-    "min_volumes": 20,          # fewer volumes cannot give a meaningful band-passed correlation
-    "high_pass": 0.01,          # Hz
-    "low_pass": 0.08,           # Hz
-    "filter": "butterworth",    # nilearn signal.clean filter ("butterworth" or "cosine": high-pass only)
-    # regressed out (fnmatch patterns of confound columns). Few on purpose: after a 0.01-0.08 Hz band-pass
-    # a 100-volume run at TR 2 s keeps about 28 degrees of freedom, and the 24-parameter set would use them up.
-    "denoise_confounds": ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "white_matter", "csf"],
-    "alff_band": [0.01, 0.08],  # Hz, ALFF / fALFF (computed before the band-pass)
-    "fd_threshold": None,       # mm; scrub volumes above it (None: no scrubbing); also the max-FD warning level
-    # motion estimates beyond these (from the reference volume, any axis) are re-estimated from the identity,
-    # then stop the run: a still volunteer stays far below (Philips 75-volume rest: 0.2 deg, 0.3 mm), issue
-    # #17's runaway did not (154 deg, 22 mm); so does a real head turn (dcm_qa_nih GE series: 52 deg)
-    "max_rotation_deg": 15.0,
-    "max_translation_mm": 20.0,
-    "acompcor": False,          # add a_comp_cor_00..04 (nipype ACompCor on WM+CSF)
-    "n_acompcor": 5,
-    "motion_device": "cpu",
-    # input checks (schema: why these values)
-    "repetition_time_s": [0.2, 10.0],   # plausible RepetitionTime (s); 2000 is a TR in milliseconds
-    "max_voxel_anisotropy": 4.0,        # longest / shortest voxel edge: real BOLD 1.0-2.0 (Philips 2.26 x 2.26 x 2.5)
-}
+DEFAULTS = section_defaults("func")    # the schema's func section: every default, and why each value
 
 
 TSV = {"na_rep": "n/a", "float_format": "%.6g"}   # how every table is written (confounds, time series, relmat)
@@ -516,92 +496,30 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
     data = np.asarray(img.dataobj, np.float32)
     A = img.affine
     with tempfile.TemporaryDirectory(dir=Path(out["confounds"]).parent, prefix=".func-") as wd:
-        conf, mc, corrected = native_confounds(data, A, cfg, wd, name=str(bold_path))
-        qc = motion_qc(conf, mc, cfg)
-        log(f"[func] motion + native confounds: {data.shape[3]} volumes in {time.time() - t0:.1f} s, "
-            f"mean FD {qc['MeanFramewiseDisplacement']:.2f} mm, max FD {qc['MaxFramewiseDisplacement']:.2f} mm, "
-            f"max rotation {qc['MaxRotation']:.2f} deg, max translation {qc['MaxTranslation']:.2f} mm")
-        if strict:
-            stageqc.settle(qc["Warnings"], strict=True, label=Path(bold_path).name.split("_bold.nii")[0],
-                           stage="func (motion)", path=bold_path)
-        for w in qc["Warnings"]:
-            log(f"[func] WARNING: {bold_path}: {w}")
-        keep = None
-        if cfg["fd_threshold"] is not None:   # checked before anything is written
-            keep = np.flatnonzero(np.nan_to_num(conf["framewise_displacement"].to_numpy()) <= cfg["fd_threshold"])
-            if len(keep) < cfg["min_volumes"]:
-                raise FuncInputError(f"{bold_path}: only {len(keep)} volumes with FD <= {cfg['fd_threshold']} mm "
-                                     f"remain after scrubbing (need {cfg['min_volumes']}, func.min_volumes)")
-        boldref = corrected.mean(3)
+        conf, mc, corrected, qc, keep = _motion_and_scrubbing(data, A, cfg, wd, bold_path, strict, log, t0)
         # 3. BOLD -> T1w
-        ref_img = nib.Nifti1Image(boldref, A)
-        if bold_to_t1w_mat is None:
-            bold_to_t1w(ref_img, nib.load(str(t1w)), out["xfm"], nib.load(str(t1w_mask)) if t1w_mask else None,
-                        workdir=wd)
-        else:
-            import shutil
-            with bf_io.atomic_path(out["xfm"]) as tmp:
-                shutil.copyfile(bold_to_t1w_mat, tmp)
+        ref_img = nib.Nifti1Image(corrected.mean(3), A)
+        _bold_to_t1w_transform(ref_img, t1w, t1w_mask, bold_to_t1w_mat, out["xfm"], wd)
         log(f"[func] bold->T1w done at {time.time() - t0:.1f} s")
         # 4. one interpolation from raw volumes to MNI
         tpl = nib.load(str(template))
         grid = tpl.shape[:3]
-        pts, inside = mni_coordinates(tpl, list(mni_transforms) + [out["xfm"]], ref_img, workdir=wd)
-        tpl_brain = np.asarray(nib.load(str(template_mask)).dataobj) > 0
-        # sample only in and around the brain: the rest of the grid stays 0 (faster, smaller files)
-        roi = _dilate(tpl_brain, 2).reshape(-1) & inside
-        vals, valid = motion.sample_series(data, A, mc.transforms, pts[roi], device=cfg["motion_device"])
-        covered = np.zeros(len(pts), bool)
-        covered[roi] = valid.all(1)
+        tpl_brain, covered, mni = _sample_mni(data, A, mc, ref_img, tpl, template_mask,
+                                              list(mni_transforms) + [out["xfm"]], wd, cfg)
         brain = tpl_brain.reshape(-1) & covered
-        load_prob = lambda path: np.asarray(nib.load(str(path)).dataobj, np.float32).reshape(-1)
-        masks = {"white_matter": _tissue_mask(load_prob(wm), covered, grid),
-                 "csf": _tissue_mask(load_prob(csf), covered, grid)}
+        masks = _tissue_masks(wm, csf, covered, grid)
         # checked before anything is written to MNI space
         if brain.sum() < MIN_BRAIN_VOXELS or min(m.sum() for m in masks.values()) < MIN_TISSUE_VOXELS:
             raise coverage_error(bold_path, img, brain.sum(), tpl_brain.sum(), masks, out["xfm"], qc)
-        mni = np.zeros((len(pts), data.shape[3]), np.float32)
-        mni[roi] = np.where(valid.all(1)[:, None], vals, 0.0)
-        mni_img = nib.Nifti1Image(mni.reshape(*grid, -1), tpl.affine)
-        mni_img.header.set_xyzt_units("mm", "sec")
-        mni_img.header.set_zooms((*tpl.header.get_zooms()[:3], tr))
-        mni_img.header.set_data_dtype(np.int16)   # nibabel scales (slope/intercept): half the size, ample precision
-        bf_io.save_nifti(mni_img, out["preproc"])
+        mni_img = _save_mni_series(mni, grid, tpl, tr, out["preproc"])
         log(f"[func] MNI series written at {time.time() - t0:.1f} s ({brain.sum()} brain voxels)")
         # 5. MNI-space tissue signals
-        conf.insert(0, "global_signal", mni[brain].mean(0))
-        for i, (name, m) in enumerate(masks.items()):
-            conf.insert(1 + i, name, mni[m].mean(0))
-        if cfg["acompcor"]:
-            acc_mask = nib.Nifti1Image((masks["white_matter"] | masks["csf"]).reshape(tpl.shape[:3]).astype(np.uint8),
-                                       tpl.affine)
-            acc = nipype_acompcor(mni_img, acc_mask, cfg["n_acompcor"], tr, wd)
-            for c in acc.columns:
-                conf[c] = acc[c].to_numpy()
+        _add_tissue_signals(conf, mni, brain, masks, mni_img, tpl, tr, cfg, wd)
         bf_io.save_tsv(conf, out["confounds"], **TSV)
         bf_io.save_json(qc, out["motion_qc"])
     # 6. denoising and derivatives
-    from fnmatch import fnmatchcase
-
-    cols = [c for c in conf.columns if any(fnmatchcase(c, p) for p in cfg["denoise_confounds"])]
-    X = conf[cols].fillna(0.0).to_numpy() if cols else None
-    ts = mni[brain].T.astype(np.float64)  # (T, V)
-    psc = ts / np.maximum(ts.mean(0), 1e-6) * 100   # percent signal: ALFF comparable across scanners
-    resid = clean_signals(psc, X, tr, cfg, band=False)
-    alff, falff = alff_falff(resid, tr, tuple(cfg["alff_band"]))
-    den = clean_signals(psc, X, tr, cfg, sample_mask=keep)
-    vol = lambda v: _from_mask(v, brain, grid)
-    bf_io.save_nifti(nib.Nifti1Image(vol(alff), tpl.affine), out["alff"])
-    bf_io.save_nifti(nib.Nifti1Image(vol(falff), tpl.affine), out["falff"])
-    den4d = np.zeros((*grid, den.shape[0]), np.float32)
-    den4d[brain.reshape(grid)] = den.T
-    bf_io.save_nifti(nib.Nifti1Image(reho(den4d, brain.reshape(grid)), tpl.affine), out["reho"])
-    labels_img = nib.load(str(atlas))
-    table = pd.read_csv(atlas_tsv, sep="\t")
-    lab = np.asarray(labels_img.dataobj).astype(int).reshape(-1)[brain]
-    pts_ts = parcel_timeseries(den, _relabel(lab, table["index"].to_numpy()), list(table["name"]))
-    bf_io.save_tsv(pts_ts, out["timeseries"], **TSV)
-    bf_io.save_tsv(fisher_z_connectivity(pts_ts), out["relmat"], **TSV)
+    alff, falff, den = _denoise(conf, mni, brain, tr, cfg, keep)
+    _save_derivatives(alff, falff, den, brain, grid, tpl, atlas, atlas_tsv, out)
     # QC
     motion_figure(conf, out["fig_motion"], title=Path(bold_path).name)
     carpet_figure(mni, brain, tr, out["fig_carpet"], conf, title=Path(bold_path).name)
@@ -614,6 +532,117 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
     log(f"[func] done: {json.dumps(summary)}")
     return {**out, "summary": summary, "motion": mc}
 
+
+def _motion_and_scrubbing(data, A, cfg, wd, bold_path, strict, log, t0):
+    """(confounds, MotionResult, corrected series, motion QC, volumes kept by FD scrubbing or None): motion
+    correction and native confounds, the QC logged (a warning stops a strict run) and the scrubbing checked,
+    all before anything is written."""
+    conf, mc, corrected = native_confounds(data, A, cfg, wd, name=str(bold_path))
+    qc = motion_qc(conf, mc, cfg)
+    log(f"[func] motion + native confounds: {data.shape[3]} volumes in {time.time() - t0:.1f} s, "
+        f"mean FD {qc['MeanFramewiseDisplacement']:.2f} mm, max FD {qc['MaxFramewiseDisplacement']:.2f} mm, "
+        f"max rotation {qc['MaxRotation']:.2f} deg, max translation {qc['MaxTranslation']:.2f} mm")
+    if strict:
+        stageqc.settle(qc["Warnings"], strict=True, label=Path(bold_path).name.split("_bold.nii")[0],
+                       stage="func (motion)", path=bold_path)
+    for w in qc["Warnings"]:
+        log(f"[func] WARNING: {bold_path}: {w}")
+    keep = None
+    if cfg["fd_threshold"] is not None:   # checked before anything is written
+        keep = np.flatnonzero(np.nan_to_num(conf["framewise_displacement"].to_numpy()) <= cfg["fd_threshold"])
+        if len(keep) < cfg["min_volumes"]:
+            raise FuncInputError(f"{bold_path}: only {len(keep)} volumes with FD <= {cfg['fd_threshold']} mm "
+                                 f"remain after scrubbing (need {cfg['min_volumes']}, func.min_volumes)")
+    return conf, mc, corrected, qc, keep
+
+
+def _bold_to_t1w_transform(ref_img, t1w, t1w_mask, bold_to_t1w_mat, xfm, wd) -> None:
+    """Write the BOLD reference -> T1w transform to ``xfm``: registered, or copied from ``bold_to_t1w_mat``."""
+    if bold_to_t1w_mat is None:
+        bold_to_t1w(ref_img, nib.load(str(t1w)), xfm, nib.load(str(t1w_mask)) if t1w_mask else None,
+                    workdir=wd)
+    else:
+        import shutil
+        with bf_io.atomic_path(xfm) as tmp:
+            shutil.copyfile(bold_to_t1w_mat, tmp)
+
+
+def _sample_mni(data, A, mc, ref_img, tpl, template_mask, transforms, wd, cfg):
+    """(template brain mask, covered: flat grid voxels every volume's field of view reaches, (voxels, T)
+    series) on the template grid, by one interpolation from the raw volumes (motion and ``transforms``
+    composed), only in and around the brain: the rest of the grid stays 0 (faster, smaller files)."""
+    pts, inside = mni_coordinates(tpl, transforms, ref_img, workdir=wd)
+    tpl_brain = np.asarray(nib.load(str(template_mask)).dataobj) > 0
+    roi = _dilate(tpl_brain, 2).reshape(-1) & inside
+    vals, valid = motion.sample_series(data, A, mc.transforms, pts[roi], device=cfg["motion_device"])
+    covered = np.zeros(len(pts), bool)
+    covered[roi] = valid.all(1)
+    mni = np.zeros((len(pts), data.shape[3]), np.float32)
+    mni[roi] = np.where(valid.all(1)[:, None], vals, 0.0)
+    return tpl_brain, covered, mni
+
+
+def _tissue_masks(wm, csf, covered, grid) -> dict:
+    """{confound name: flat mask} of the white matter and CSF probability maps (``_tissue_mask``)."""
+    load_prob = lambda path: np.asarray(nib.load(str(path)).dataobj, np.float32).reshape(-1)
+    return {"white_matter": _tissue_mask(load_prob(wm), covered, grid),
+            "csf": _tissue_mask(load_prob(csf), covered, grid)}
+
+
+def _save_mni_series(mni, grid, tpl, tr, path):
+    """The MNI series as an int16 NIfTI (nibabel scales: slope/intercept), TR in its zooms; returns the image."""
+    mni_img = nib.Nifti1Image(mni.reshape(*grid, -1), tpl.affine)
+    mni_img.header.set_xyzt_units("mm", "sec")
+    mni_img.header.set_zooms((*tpl.header.get_zooms()[:3], tr))
+    mni_img.header.set_data_dtype(np.int16)   # nibabel scales (slope/intercept): half the size, ample precision
+    bf_io.save_nifti(mni_img, path)
+    return mni_img
+
+
+def _add_tissue_signals(conf, mni, brain, masks, mni_img, tpl, tr, cfg, wd) -> None:
+    """Insert the MNI-space confounds into ``conf``: global signal, white matter, CSF (first columns) and,
+    with func.acompcor, a_comp_cor_* (last)."""
+    conf.insert(0, "global_signal", mni[brain].mean(0))
+    for i, (name, m) in enumerate(masks.items()):
+        conf.insert(1 + i, name, mni[m].mean(0))
+    if cfg["acompcor"]:
+        acc_mask = nib.Nifti1Image((masks["white_matter"] | masks["csf"]).reshape(tpl.shape[:3]).astype(np.uint8),
+                                   tpl.affine)
+        acc = nipype_acompcor(mni_img, acc_mask, cfg["n_acompcor"], tr, wd)
+        for c in acc.columns:
+            conf[c] = acc[c].to_numpy()
+
+
+def _denoise(conf, mni, brain, tr, cfg, keep):
+    """(ALFF, fALFF, denoised (T, V) series) of the brain voxels in percent signal (ALFF comparable across
+    scanners): the func.denoise_confounds columns regressed out; ALFF before the band-pass, the denoised
+    series band-passed and scrubbed (``keep``)."""
+    from fnmatch import fnmatchcase
+
+    cols = [c for c in conf.columns if any(fnmatchcase(c, p) for p in cfg["denoise_confounds"])]
+    X = conf[cols].fillna(0.0).to_numpy() if cols else None
+    ts = mni[brain].T.astype(np.float64)  # (T, V)
+    psc = ts / np.maximum(ts.mean(0), 1e-6) * 100   # percent signal: ALFF comparable across scanners
+    resid = clean_signals(psc, X, tr, cfg, band=False)
+    alff, falff = alff_falff(resid, tr, tuple(cfg["alff_band"]))
+    den = clean_signals(psc, X, tr, cfg, sample_mask=keep)
+    return alff, falff, den
+
+
+def _save_derivatives(alff, falff, den, brain, grid, tpl, atlas, atlas_tsv, out) -> None:
+    """ALFF, fALFF and ReHo maps, the atlas parcels' time series and their Fisher-z connectivity."""
+    vol = lambda v: _from_mask(v, brain, grid)
+    bf_io.save_nifti(nib.Nifti1Image(vol(alff), tpl.affine), out["alff"])
+    bf_io.save_nifti(nib.Nifti1Image(vol(falff), tpl.affine), out["falff"])
+    den4d = np.zeros((*grid, den.shape[0]), np.float32)
+    den4d[brain.reshape(grid)] = den.T
+    bf_io.save_nifti(nib.Nifti1Image(reho(den4d, brain.reshape(grid)), tpl.affine), out["reho"])
+    labels_img = nib.load(str(atlas))
+    table = pd.read_csv(atlas_tsv, sep="\t")
+    lab = np.asarray(labels_img.dataobj).astype(int).reshape(-1)[brain]
+    pts_ts = parcel_timeseries(den, _relabel(lab, table["index"].to_numpy()), list(table["name"]))
+    bf_io.save_tsv(pts_ts, out["timeseries"], **TSV)
+    bf_io.save_tsv(fisher_z_connectivity(pts_ts), out["relmat"], **TSV)
 
 def _dilate(mask, iterations):
     from scipy import ndimage

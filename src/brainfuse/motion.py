@@ -450,14 +450,7 @@ def register_series(data4d, affine, reference=None, mask=None, dof: str = "rigid
     is kept if it fits the reference as well (correlation within 0.005) or better; volumes still beyond
     raise ``MotionBoundsError`` naming them and their parameters.
     """
-    data = np.asarray(data4d)
-    if data.ndim != 4:
-        raise ValueError(f"register_series needs a 4D series, got shape {data.shape}")
-    if dof not in ("rigid", "affine") or similarity not in ("ssd", "mi"):
-        raise ValueError(f"dof must be rigid|affine and similarity ssd|mi, got {dof!r}, {similarity!r}")
-    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-    if bad:     # they spread through every volume's metric: estimates silently wrong (stages check their files first)
-        raise ValueError(f"register_series: the series holds {bad} NaN/Inf value(s); check the input image")
+    data = _checked_series(data4d, dof, similarity)
     affine = np.asarray(affine, float)
     if max_iter is None:
         max_iter = (30, 20, 10) if similarity == "ssd" else (20, 20, 20)
@@ -490,16 +483,7 @@ def register_series(data4d, affine, reference=None, mask=None, dof: str = "rigid
     ref_vol = None
     if reference is None:
         ref_vol = central_volume(data)
-        starts = ()
-        if init is None and similarity == "ssd":   # large offsets start close: centroid shifts
-            shift = np.tile(np.eye(4), (n, 1, 1))
-            cen = _centroids(data, affine)
-            shift[:, :3, 3] = cen - cen[ref_vol]
-            starts = (shift,)
-        # the first pass only builds the mean reference: the coarse levels are enough for that
-        T, cost = run(data[..., ref_vol], T, levels[:-1] or levels, max_iter[:-1] or max_iter, starts=starts)
-        use = None if cost is None else (1 - cost.cpu().numpy()) >= MIN_CORRELATION ** 2
-        reference = _mean_reference(data, affine, T.cpu().numpy(), use, dev)
+        T, reference = _first_pass_reference(run, data, affine, T, ref_vol, init, similarity, levels, max_iter, dev)
     elif np.isscalar(reference):
         ref_vol = int(reference)
         reference = data[..., ref_vol]
@@ -515,6 +499,35 @@ def register_series(data4d, affine, reference=None, mask=None, dof: str = "rigid
     return MotionResult(T, params, framewise_displacement(params), np.asarray(reference), center, corr, ref_vol,
                         redone)
 
+
+def _checked_series(data4d, dof: str, similarity: str) -> np.ndarray:
+    """``data4d`` as an array, refused (ValueError) unless 4D and finite, with a known dof and similarity."""
+    data = np.asarray(data4d)
+    if data.ndim != 4:
+        raise ValueError(f"register_series needs a 4D series, got shape {data.shape}")
+    if dof not in ("rigid", "affine") or similarity not in ("ssd", "mi"):
+        raise ValueError(f"dof must be rigid|affine and similarity ssd|mi, got {dof!r}, {similarity!r}")
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:     # they spread through every volume's metric: estimates silently wrong (stages check their files first)
+        raise ValueError(f"register_series: the series holds {bad} NaN/Inf value(s); check the input image")
+    return data
+
+
+def _first_pass_reference(run, data, affine, T, ref_vol, init, similarity, levels, max_iter, dev):
+    """(transforms, mean reference): a first pass against volume ``ref_vol`` (with ssd and no ``init``, each
+    volume also started from its centroid shift), then the mean of that corrected series over the volumes
+    that fit it (``_mean_reference``)."""
+    n = data.shape[3]
+    starts = ()
+    if init is None and similarity == "ssd":   # large offsets start close: centroid shifts
+        shift = np.tile(np.eye(4), (n, 1, 1))
+        cen = _centroids(data, affine)
+        shift[:, :3, 3] = cen - cen[ref_vol]
+        starts = (shift,)
+    # the first pass only builds the mean reference: the coarse levels are enough for that
+    T, cost = run(data[..., ref_vol], T, levels[:-1] or levels, max_iter[:-1] or max_iter, starts=starts)
+    use = None if cost is None else (1 - cost.cpu().numpy()) >= MIN_CORRELATION ** 2
+    return T, _mean_reference(data, affine, T.cpu().numpy(), use, dev)
 
 def _reestimate(run, reference, T, corr, center, levels, max_iter, max_rotation_deg, max_translation_mm,
                 ref_vol=None):

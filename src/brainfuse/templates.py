@@ -7,7 +7,7 @@ Writes into ``<root>/tpl-MNI152NLin2009aSym/`` (names from the Stage contract in
 * ``tpl-T_res-{res}_desc-head_T1w``: a registration target with a head around the brain (CSF, skull and
   scalp shells on a grid padded by 18 mm). No head template ships offline (ENVIRONMENT.md); skull stripping
   registers the subject's whole head to this one and maps the template brain mask back. It is the same
-  synthetic head the phantom generator uses (``brainfuse.demo.head_model``), intensity white matter = 1.
+  synthetic head the phantom generator uses (``brainfuse.headmodel.head_model``), intensity white matter = 1.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def build(res, root="resources") -> dict:
     """Resample nilearn's template, mask and tissue maps to ``res`` mm and write them; returns the paths."""
     from nilearn import datasets, image
 
-    from .demo import head_model
+    from .headmodel import head_model
 
     res = int(res)
     if res not in (1, 2, 3, 4):

@@ -45,6 +45,7 @@ from .bids import TEMPLATE, LabelError, bids_path, check_label
 from .errors import BrainfuseError
 from .inputs import CacheError, array_record, check_array, load_nifti, read_json, read_tsv
 from .provenance import code_version, file_sha256
+from .schema import section_defaults
 
 # ------------------------------------------------------------------------------------------ modalities
 # name -> channels: (channel name, datatype, suffix, extra entities, pattern its file name must contain)
@@ -267,22 +268,7 @@ def build_subject(modality: str, sources: list[str], mask_path: str, out: str, r
 
 
 # ------------------------------------------------------------------------------------------- settings
-DEFAULTS = {
-    "modalities": ["aMRI", "DTI", "fMRI", "conn", "clinical", "serum"],
-    "task": "classification",
-    "label": "diagnosis",
-    "classes": None,
-    "group": "participant_id",
-    "site": "site",
-    "clinical": ["age", "sex", "updrs_iii", "rbdsq"],
-    "serum": ["nfl_pg_ml"],
-    "covariates": ["age", "sex"],
-    "levels": {},
-    "tables": {},
-    "image_features": "regions",
-    "region_parcels": 200,
-    "atlas": None,
-}
+DEFAULTS = section_defaults("tensors")   # the schema's tensors section
 IMAGE_FEATURES = ("regions", "volumes")
 
 
@@ -418,14 +404,75 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
     ``atlas``: (labels NIfTI, TSV) on the working grid; with ``image_features: regions`` each volume modality is
     gathered as a table of parcel means per channel (see :func:`region_means`) instead of a stack of volumes.
     """
+    cfg = _gather_settings(cfg)
+    out_dir = Path(out_dir)
+    part = _read_participants(participants_tsv, cfg)
+    found = _found_tensors(tensors)
+    rows = _cohort_rows(units, part)
+    modalities = _gather_modalities(cfg)
+    manifest = pd.DataFrame({"participant_id": [r[0] for r in rows], "session": [r[1] or "n/a" for r in rows]})
+    part.locate(rows)
+    classes, classes_source = _label_and_target(manifest, cfg, part, rows)
+    _group_and_site(manifest, cfg, part)
+    clinical = _clinical_table(manifest, cfg, part)
+    st = _Stacks(out_dir, len(rows))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for m in modalities:
+            if m in PARTICIPANT_MODALITIES or m in cfg["tables"]:
+                _stack_tabular(st, manifest, m, *_tabular_source(m, cfg, part, rows))
+            else:
+                _stack_image(st, manifest, m, [found.get((pid, ses, m)) for pid, ses in rows],
+                             cfg["image_features"] == "regions", atlas)
+        cov_names = _stack_covariates(st, clinical, cfg, part)
+        if not st.specs:
+            raise TensorError("no modality to gather: no subject has any of " + ", ".join(modalities))
+        _add_qc(manifest, st.qc)
+        info = _cohort_info(cfg, classes, classes_source, cov_names, st, part)
+        _write_cohort(out_dir, st.written, clinical, manifest, info)
+    finally:
+        for tmp in st.tmp_paths:
+            if tmp.exists():
+                tmp.unlink()
+    return info
+
+
+def _gather_settings(cfg: dict | None) -> dict:
+    """The tensors settings (defaults filled in), their image_features and task checked."""
     cfg = settings(cfg)
     if cfg["image_features"] not in IMAGE_FEATURES:
         raise TensorError(f"config tensors.image_features must be one of {IMAGE_FEATURES}, not {cfg['image_features']!r}")
-    regions = cfg["image_features"] == "regions"
-    out_dir = Path(out_dir)
-    task = cfg["task"]
-    if task not in ("classification", "regression"):
-        raise TensorError(f"config tensors.task must be classification or regression, not {task!r}")
+    if cfg["task"] not in ("classification", "regression"):
+        raise TensorError(f"config tensors.task must be classification or regression, not {cfg['task']!r}")
+    return cfg
+
+
+@dataclass
+class _Participants:
+    """The participants table and, once :meth:`locate` ran, the table row of each cohort row."""
+    path: object                     # participants.tsv as given (error messages, cohort.json)
+    table: pd.DataFrame              # as strings
+    index: dict                      # (participant_id, session) -> table row
+    levels: dict                     # categorical levels: the table's JSON sidecar, then config tensors.levels
+    rows: list = field(default_factory=list)   # per cohort row: its table row, None if not in the table
+
+    def locate(self, cohort_rows: list) -> None:
+        self.rows = [_lookup(self.index, pid, ses) for pid, ses in cohort_rows]
+        not_in_table = [unit_key(pid[4:], ses or None) for (pid, ses), r in zip(cohort_rows, self.rows) if r is None]
+        if not_in_table:   # kept (they still get predictions), but say so: usually an ID typo
+            print(f"[tensors] warning: {len(not_in_table)} rows are not in {self.path} (no label, no "
+                  f"clinical/serum): {', '.join(not_in_table[:5])}{' …' if len(not_in_table) > 5 else ''}")
+
+    def column(self, col) -> list:
+        """Column ``col`` per cohort row ("n/a" for a row not in the table)."""
+        if col not in self.table.columns:
+            raise TensorError(f"{self.path}: column {col!r} (declared in config tensors) is missing; "
+                              f"columns are {list(self.table.columns)}")
+        return [self.table[col].iloc[r] if r is not None else "n/a" for r in self.rows]
+
+
+def _read_participants(participants_tsv, cfg: dict) -> _Participants:
+    """participants.tsv, refused without the label column or with a repeated (participant, session) row."""
     part = _read_tsv(participants_tsv, "participants table",
                      fix="set participants_tsv in the config, or add participants.tsv to the BIDS dataset")
     if cfg["label"] not in part.columns:
@@ -433,14 +480,21 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
                           f"{', '.join(map(str, part.columns[:8]))}", path=participants_tsv,
                           fix="set tensors.label to the column holding the target, or add the column (n/a where "
                               "unknown, e.g. new subjects to predict)")
-    part_index = _index_rows(part, str(participants_tsv))
-    levels = {**_levels_from_json(participants_tsv), **cfg["levels"]}
+    index = _index_rows(part, str(participants_tsv))
+    return _Participants(participants_tsv, part, index, {**_levels_from_json(participants_tsv), **cfg["levels"]})
 
-    # rows of the cohort
+
+def _found_tensors(tensors) -> dict:
+    """(participant_id, session, modality) -> cache file, from the given files and unit folders."""
     found = {}
     for p in expand_tensor_inputs(tensors):
         sub, ses, mod = parse_tensor_name(p)
         found[(f"sub-{sub}", ses, mod)] = str(p)
+    return found
+
+
+def _cohort_rows(units, part: _Participants) -> list:
+    """Sorted (participant_id, session) rows of the cohort: the given units, else the participants.tsv rows."""
     if units:
         rows = []
         for u in units:
@@ -449,13 +503,15 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
                 raise TensorError(f"unit {u!r} is not sub-X or sub-X_ses-Y")
             rows.append((f"sub-{m[1]}", m[2] or ""))
     else:
-        rows = list(part_index)
+        rows = list(part.index)
     rows = sorted(set(rows))
-    n = len(rows)
-    if n == 0:
-        raise TensorError(f"{participants_tsv}: no participants to gather")
+    if not rows:
+        raise TensorError(f"{part.path}: no participants to gather")
+    return rows
 
-    # which modalities
+
+def _gather_modalities(cfg: dict) -> list:
+    """Modalities to gather: config tensors.modalities, then any declared feature table not listed there."""
     tables = cfg["tables"]
     for name in tables:
         if name in IMAGE_MODALITIES + PARTICIPANT_MODALITIES + ("covariates",) or not re.fullmatch(r"[A-Za-z0-9]+", name):
@@ -466,188 +522,249 @@ def gather(out_dir, participants_tsv, cfg: dict | None = None, tensors: list | N
         if m not in IMAGE_MODALITIES + PARTICIPANT_MODALITIES and m not in tables:
             raise TensorError(f"config tensors.modalities: {m!r} is neither a built-in modality "
                               f"{IMAGE_MODALITIES + PARTICIPANT_MODALITIES} nor declared in tensors.tables")
-    manifest = pd.DataFrame({"participant_id": [r[0] for r in rows], "session": [r[1] or "n/a" for r in rows]})
-    part_rows = [_lookup(part_index, pid, ses) for pid, ses in rows]
-    not_in_table = [unit_key(pid[4:], ses or None) for (pid, ses), r in zip(rows, part_rows) if r is None]
-    if not_in_table:   # kept (they still get predictions), but say so: usually an ID typo
-        print(f"[tensors] warning: {len(not_in_table)} rows are not in {participants_tsv} (no label, no "
-              f"clinical/serum): {', '.join(not_in_table[:5])}{' …' if len(not_in_table) > 5 else ''}")
+    return modalities
 
-    def participant_column(col):
-        if col not in part.columns:
-            raise TensorError(f"{participants_tsv}: column {col!r} (declared in config tensors) is missing; "
-                              f"columns are {list(part.columns)}")
-        return [part[col].iloc[r] if r is not None else "n/a" for r in part_rows]
 
-    # label and target
-    label = pd.Series(participant_column(cfg["label"]), dtype=str)
+def _label_and_target(manifest: pd.DataFrame, cfg: dict, part: _Participants, rows: list) -> tuple:
+    """The manifest's ``label`` (as written, n/a where missing) and ``target`` columns: class index (-1: no label)
+    or number (NaN: no label). Returns (classes, where they came from), both None for a regression."""
+    label = pd.Series(part.column(cfg["label"]), dtype=str)
     missing_label = _missing(label).to_numpy()
     classes = None
     classes_source = None
-    if task == "classification":
-        classes_source = ("config tensors.classes" if cfg["classes"] else
-                          f"the Levels of {cfg['label']!r} in {re.sub(r'[.]tsv$', '.json', str(participants_tsv))}"
-                          if levels.get(cfg["label"]) else f"the values of column {cfg['label']!r}")
-        classes = [str(c) for c in (cfg["classes"] or levels.get(cfg["label"]) or sorted(set(label[~missing_label])))]
-        unknown = sorted(set(label[~missing_label]) - set(classes))
-        if unknown:
-            raise TensorError(f"{participants_tsv}: labels {unknown} in column {cfg['label']!r} are not among the "
-                              f"classes {classes} (config tensors.classes)")
-        target = np.array([classes.index(v) if not m else -1 for v, m in zip(label, missing_label)], dtype=np.int64)
-        _warn_degenerate_classes(target, classes, cfg["label"], classes_source, participants_tsv)
+    if cfg["task"] == "classification":
+        classes, classes_source, target = _class_target(label, missing_label, cfg, part)
     else:
         num = pd.to_numeric(label.where(~pd.Series(missing_label), None), errors="coerce")
         if (num.isna() & ~missing_label).any():
             i = int(np.flatnonzero((num.isna() & ~missing_label).to_numpy())[0])
-            raise TensorError(f"{participants_tsv}: regression target {cfg['label']!r} of {rows[i][0]} is "
+            raise TensorError(f"{part.path}: regression target {cfg['label']!r} of {rows[i][0]} is "
                               f"{label.iloc[i]!r}, not a number")
         target = num.to_numpy(dtype=np.float64)
     manifest["label"] = label.where(~pd.Series(missing_label), "n/a").to_numpy()
     manifest["target"] = target
+    return classes, classes_source
+
+
+def _class_target(label: pd.Series, missing_label: np.ndarray, cfg: dict, part: _Participants) -> tuple:
+    """(classes, where they came from, class index per row): classes from config tensors.classes, else the
+    label column's declared Levels, else its sorted values; a label outside them is refused."""
+    levels = part.levels
+    classes_source = ("config tensors.classes" if cfg["classes"] else
+                      f"the Levels of {cfg['label']!r} in {re.sub(r'[.]tsv$', '.json', str(part.path))}"
+                      if levels.get(cfg["label"]) else f"the values of column {cfg['label']!r}")
+    classes = [str(c) for c in (cfg["classes"] or levels.get(cfg["label"]) or sorted(set(label[~missing_label])))]
+    unknown = sorted(set(label[~missing_label]) - set(classes))
+    if unknown:
+        raise TensorError(f"{part.path}: labels {unknown} in column {cfg['label']!r} are not among the "
+                          f"classes {classes} (config tensors.classes)")
+    target = np.array([classes.index(v) if not m else -1 for v, m in zip(label, missing_label)], dtype=np.int64)
+    _warn_degenerate_classes(target, classes, cfg["label"], classes_source, part.path)
+    return classes, classes_source, target
+
+
+def _group_and_site(manifest: pd.DataFrame, cfg: dict, part: _Participants) -> None:
+    """The manifest's ``group`` column and, where the table has it, ``site`` (else cfg["site"] becomes None)."""
     group_col = cfg["group"]
     manifest["group"] = (manifest["participant_id"] if group_col == "participant_id"
-                         else pd.Series(participant_column(group_col)))
-    if cfg["site"] and cfg["site"] not in part.columns:
+                         else pd.Series(part.column(group_col)))
+    if cfg["site"] and cfg["site"] not in part.table.columns:
         # optional: many tables have no site column (the default names the demo's)
-        print(f"[tensors] note: {participants_tsv} has no site column {cfg['site']!r}; manifest without site")
+        print(f"[tensors] note: {part.path} has no site column {cfg['site']!r}; manifest without site")
         cfg["site"] = None
     if cfg["site"]:
-        manifest["site"] = participant_column(cfg["site"])
+        manifest["site"] = part.column(cfg["site"])
 
-    # clinical.tsv: the role columns, as validated raw values
+
+def _clinical_table(manifest: pd.DataFrame, cfg: dict, part: _Participants) -> pd.DataFrame:
+    """clinical.tsv: the role columns (label, site, clinical, serum, covariates), as validated raw values."""
     role_cols = [c for c in dict.fromkeys([cfg["label"]] + ([cfg["site"]] if cfg["site"] else [])
                                           + list(cfg["clinical"]) + list(cfg["serum"]) + list(cfg["covariates"]))]
     clinical = manifest[["participant_id", "session"]].copy()
     for c in role_cols:
-        clinical[c] = participant_column(c)
+        clinical[c] = part.column(c)
+    return clinical
 
-    specs, feature_names, channels, written, region_info, parcels = [], {}, {}, {}, {}, None
-    qc = [[] for _ in rows]        # per row: QC records of its image caches (read_qc), deduplicated by file
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_paths = []
-    try:
-        for m in modalities:
-            if m in PARTICIPANT_MODALITIES or m in tables:
-                if m in PARTICIPANT_MODALITIES:
-                    cols = list(cfg[m])
-                    arr, names = encode_columns(part, cols, levels, str(participants_tsv))
-                    idx, src = part_rows, str(participants_tsv)
-                else:
-                    t = tables[m]
-                    id_col = t.get("id_column", "participant_id")
-                    tab = _read_tsv(t["path"], f"table of tabular modality {m!r}", id_col,
-                                    fix=f"check config tensors.tables.{m}.path")
-                    tindex = _index_rows(tab, t["path"], id_col)
-                    cols = t.get("columns") or [c for c in tab.columns if c not in (id_col, "session", "session_id")]
-                    arr, names = encode_columns(tab, cols, {**levels, **t.get("levels", {})}, t["path"])
-                    idx, src = [_lookup(tindex, pid, ses) for pid, ses in rows], t["path"]
-                if not names:
-                    raise TensorError(f"tabular modality {m!r} has no columns")
-                stacked = np.full((n, len(names)), np.nan, dtype=np.float32)
-                for i, r in enumerate(idx):
-                    if r is not None:
-                        stacked[i] = arr[r]
-                present = ~np.isnan(stacked).all(axis=1)
-                manifest[f"has_{m}"] = present
-                manifest[f"path_{m}"] = np.where(present, src, "n/a")
-                tmp = out_dir / f".{m}.tmp.npy"
-                tmp_paths.append(tmp)
-                np.save(tmp, stacked)
-                written[m] = tmp
-                specs.append({"name": m, "kind": "tabular", "shape": [len(names)]})
-                feature_names[m] = names
-                continue
-            # per-subject caches: shapes from the first sidecar, every other one must agree
-            paths = [found.get((pid, ses, m)) for pid, ses in rows]
-            have = [p for p in paths if p]
-            manifest[f"has_{m}"] = [p is not None for p in paths]
-            manifest[f"path_{m}"] = [p or "n/a" for p in paths]
-            if not have:
-                # No subject has it: keep the modality out (a model cannot learn from an all-absent input).
-                manifest.drop(columns=[f"has_{m}", f"path_{m}"], inplace=True)
-                continue
-            ref = _read_sidecar(have[0])
-            shape, dtype = tuple(ref["shape"]), np.dtype(ref["dtype"])
-            as_regions = regions and ref["kind"] == "volume"
-            if as_regions:
-                if atlas is None:
-                    raise TensorError(f"config tensors.image_features is 'regions' but the gather got no atlas "
-                                      f"(--atlas NIFTI TSV) for {m}")
-                if parcels is None:        # every image cache is on the one template mask's grid: read once
-                    parcels = read_atlas(*atlas, shape[1:], ref["affine"])
-                names = [f"{c}_{name}" for c in ref["channels"] for name in parcels[2]]
-                out_shape, out_dtype = (len(names),), np.dtype(np.float32)
-            else:
-                out_shape, out_dtype = shape, dtype
-            tmp = out_dir / f".{m}.tmp.npy"
-            tmp_paths.append(tmp)
-            fill = 0 if ref["kind"] == "volume" and not as_regions else np.nan
-            stacked = np.lib.format.open_memmap(tmp, mode="w+", dtype=out_dtype, shape=(n, *out_shape))
-            for i, p in enumerate(paths):
-                if p is None:
-                    stacked[i] = fill
-                    continue
-                side = _read_sidecar(p)
-                a = _load_cache(p, side)
-                for key in ("shape", "dtype", "template", "resolution_mm", "affine", "channels", "feature_names"):
-                    if side.get(key) != ref.get(key):
-                        raise TensorError(f"{p}: {key} {_short(side.get(key))} differs from {have[0]} "
-                                          f"({_short(ref.get(key))}); rebuild the caches on one grid")
-                if a.shape != shape or a.dtype != dtype:
-                    raise TensorError(f"{p}: array {a.shape} {a.dtype} does not match its sidecar {shape} {dtype}")
-                stacked[i] = region_means(a, *parcels[:2]) if as_regions else a
-                qc[i] += [r for r in side.get("qc", []) if r not in qc[i]]
-            stacked.flush()
-            del stacked
-            written[m] = tmp
-            specs.append({"name": m, "kind": "tabular" if as_regions else ref["kind"], "shape": list(out_shape)})
-            if ref["kind"] == "tabular":
-                feature_names[m] = ref["feature_names"]
-            elif as_regions:
-                feature_names[m] = names
-                region_info[m] = {"channels": ref["channels"], "atlas": [{"path": str(f), "sha256": file_sha256(f)}
-                                                                          for f in atlas]}
-            else:
-                channels[m] = ref["channels"]
-                grid = {"affine": ref["affine"], "spacing": ref["spacing"], "template": ref["template"],
-                        "resolution_mm": ref["resolution_mm"]}
-        cov, cov_names = encode_columns(pd.DataFrame({c: clinical[c] for c in ["participant_id"] + list(cfg["covariates"])}),
-                                        list(cfg["covariates"]), levels, str(participants_tsv))
-        tmp = out_dir / ".covariates.tmp.npy"
-        tmp_paths.append(tmp)
-        np.save(tmp, cov.astype(np.float32))
-        written["covariates"] = tmp
-        if not specs:
-            raise TensorError("no modality to gather: no subject has any of " + ", ".join(modalities))
-        summary = [qc_summary(r) for r in qc]
-        manifest["qc_pass"], manifest["qc_flags"] = [q[0] for q in summary], [q[1] for q in summary]
-        _warn_qc(manifest)
-        info = {"task": task, "classes": classes, "label": cfg["label"], "group": group_col, "site": cfg["site"],
-                "modalities": specs, "feature_names": feature_names, "channels": channels,
-                "covariates": cov_names, "n": n, "settings": cfg, "code_version": code_version("tensors"),
-                "participants_tsv": {"path": str(participants_tsv), "sha256": file_sha256(participants_tsv)},
-                # dtype, shape and content hash of every stacked array, checked by load_cohort
-                "arrays": {m: array_record(tmp) for m, tmp in written.items()}}
-        if classes_source:
-            info["classes_source"] = classes_source
-        if channels:
-            info["grid"] = grid
-        if region_info:
-            info["regions"] = region_info
-        # rename all at the end, cohort.json last: a failed gather never leaves a cohort.json over a mix
-        for old in ("cohort.json", "manifest.tsv"):
-            (out_dir / old).unlink(missing_ok=True)
-        for m, tmp in written.items():
-            os.replace(tmp, out_dir / f"{m}.npy")
-        bf_io.save_tsv(clinical, out_dir / "clinical.tsv", na_rep="n/a")
-        bf_io.save_tsv(manifest, out_dir / "manifest.tsv", na_rep="n/a")
-        info["tables"] = {"manifest.tsv": {"sha256": file_sha256(out_dir / "manifest.tsv")}}     # load_cohort reads it
-        bf_io.save_json(info, out_dir / "cohort.json", **JSON)
-    finally:
-        for tmp in tmp_paths:
-            if tmp.exists():
-                tmp.unlink()
+
+@dataclass
+class _Stacks:
+    """What the gather has stacked so far: temporary ``.<name>.tmp.npy`` files in ``out_dir`` (renamed at the
+    end, removed whatever happens) and what cohort.json will say of each modality."""
+    out_dir: Path
+    n: int                                               # rows of the cohort
+    tmp_paths: list = field(default_factory=list)        # every temporary file started
+    written: dict = field(default_factory=dict)          # name -> its finished temporary file
+    specs: list = field(default_factory=list)
+    feature_names: dict = field(default_factory=dict)    # tabular (and region) modality -> column names
+    channels: dict = field(default_factory=dict)         # volume modality -> channel names
+    region_info: dict = field(default_factory=dict)      # region modality -> channels and atlas files
+    grid: dict | None = None                             # the volumes' grid
+    parcels: tuple | None = None                         # the region atlas (read_atlas), read once
+    qc: list = field(default_factory=list)               # per row: QC records of its image caches, deduplicated
+
+    def __post_init__(self):
+        self.qc = [[] for _ in range(self.n)]
+
+    def new_tmp(self, name: str) -> Path:
+        tmp = self.out_dir / f".{name}.tmp.npy"
+        self.tmp_paths.append(tmp)
+        return tmp
+
+
+def _tabular_source(m: str, cfg: dict, part: _Participants, rows: list) -> tuple:
+    """(encoded values, column names, table row of each cohort row, source file) of a tabular modality: columns
+    of participants.tsv (clinical, serum) or a feature table declared in config tensors.tables."""
+    if m in PARTICIPANT_MODALITIES:
+        cols = list(cfg[m])
+        arr, names = encode_columns(part.table, cols, part.levels, str(part.path))
+        return arr, names, part.rows, str(part.path)
+    t = cfg["tables"][m]
+    id_col = t.get("id_column", "participant_id")
+    tab = _read_tsv(t["path"], f"table of tabular modality {m!r}", id_col,
+                    fix=f"check config tensors.tables.{m}.path")
+    tindex = _index_rows(tab, t["path"], id_col)
+    cols = t.get("columns") or [c for c in tab.columns if c not in (id_col, "session", "session_id")]
+    arr, names = encode_columns(tab, cols, {**part.levels, **t.get("levels", {})}, t["path"])
+    return arr, names, [_lookup(tindex, pid, ses) for pid, ses in rows], t["path"]
+
+
+def _stack_tabular(st: _Stacks, manifest: pd.DataFrame, m: str, arr, names: list, idx: list, src: str) -> None:
+    """One tabular modality as an (N, F) float32 stack, NaN rows where absent."""
+    if not names:
+        raise TensorError(f"tabular modality {m!r} has no columns")
+    stacked = np.full((st.n, len(names)), np.nan, dtype=np.float32)
+    for i, r in enumerate(idx):
+        if r is not None:
+            stacked[i] = arr[r]
+    present = ~np.isnan(stacked).all(axis=1)
+    manifest[f"has_{m}"] = present
+    manifest[f"path_{m}"] = np.where(present, src, "n/a")
+    tmp = st.new_tmp(m)
+    np.save(tmp, stacked)
+    st.written[m] = tmp
+    st.specs.append({"name": m, "kind": "tabular", "shape": [len(names)]})
+    st.feature_names[m] = names
+
+
+def _stack_image(st: _Stacks, manifest: pd.DataFrame, m: str, paths: list, regions: bool, atlas) -> None:
+    """One image modality's per-subject caches (``paths``: per row, None if absent) stacked into a memory map:
+    volumes (zeros where absent), tabular caches (NaN), or with ``regions`` each volume's parcel means."""
+    have = [p for p in paths if p]
+    manifest[f"has_{m}"] = [p is not None for p in paths]
+    manifest[f"path_{m}"] = [p or "n/a" for p in paths]
+    if not have:
+        # No subject has it: keep the modality out (a model cannot learn from an all-absent input).
+        manifest.drop(columns=[f"has_{m}", f"path_{m}"], inplace=True)
+        return
+    # shapes from the first sidecar, every other one must agree
+    ref = _read_sidecar(have[0])
+    shape, dtype = tuple(ref["shape"]), np.dtype(ref["dtype"])
+    as_regions = regions and ref["kind"] == "volume"
+    if as_regions:
+        names = _region_names(st, m, ref, shape, atlas)
+        out_shape, out_dtype = (len(names),), np.dtype(np.float32)
+    else:
+        names, out_shape, out_dtype = None, shape, dtype
+    tmp = st.new_tmp(m)
+    fill = 0 if ref["kind"] == "volume" and not as_regions else np.nan
+    stacked = np.lib.format.open_memmap(tmp, mode="w+", dtype=out_dtype, shape=(st.n, *out_shape))
+    for i, p in enumerate(paths):
+        if p is None:
+            stacked[i] = fill
+            continue
+        side, a = _checked_cache(p, ref, have[0])
+        stacked[i] = region_means(a, *st.parcels[:2]) if as_regions else a
+        st.qc[i] += [r for r in side.get("qc", []) if r not in st.qc[i]]
+    stacked.flush()
+    del stacked
+    st.written[m] = tmp
+    _describe_image(st, m, ref, as_regions, names, out_shape, atlas)
+
+
+def _region_names(st: _Stacks, m: str, ref: dict, shape: tuple, atlas) -> list:
+    """Columns ``<channel>_<parcel>`` of a volume modality gathered as parcel means; the atlas is read on first
+    use (every image cache is on the one template mask's grid)."""
+    if atlas is None:
+        raise TensorError(f"config tensors.image_features is 'regions' but the gather got no atlas "
+                          f"(--atlas NIFTI TSV) for {m}")
+    if st.parcels is None:
+        st.parcels = read_atlas(*atlas, shape[1:], ref["affine"])
+    return [f"{c}_{name}" for c in ref["channels"] for name in st.parcels[2]]
+
+
+def _checked_cache(path, ref: dict, ref_path) -> tuple[dict, np.ndarray]:
+    """(sidecar, array) of one cache, refused unless its grid and layout are those of the first one (``ref``)."""
+    side = _read_sidecar(path)
+    a = _load_cache(path, side)
+    for key in ("shape", "dtype", "template", "resolution_mm", "affine", "channels", "feature_names"):
+        if side.get(key) != ref.get(key):
+            raise TensorError(f"{path}: {key} {_short(side.get(key))} differs from {ref_path} "
+                              f"({_short(ref.get(key))}); rebuild the caches on one grid")
+    shape, dtype = tuple(ref["shape"]), np.dtype(ref["dtype"])
+    if a.shape != shape or a.dtype != dtype:
+        raise TensorError(f"{path}: array {a.shape} {a.dtype} does not match its sidecar {shape} {dtype}")
+    return side, a
+
+
+def _describe_image(st: _Stacks, m: str, ref: dict, as_regions: bool, names, out_shape: tuple, atlas) -> None:
+    """What cohort.json records of a stacked image modality: its spec, and its columns, channels or grid."""
+    st.specs.append({"name": m, "kind": "tabular" if as_regions else ref["kind"], "shape": list(out_shape)})
+    if ref["kind"] == "tabular":
+        st.feature_names[m] = ref["feature_names"]
+    elif as_regions:
+        st.feature_names[m] = names
+        st.region_info[m] = {"channels": ref["channels"], "atlas": [{"path": str(f), "sha256": file_sha256(f)}
+                                                                     for f in atlas]}
+    else:
+        st.channels[m] = ref["channels"]
+        st.grid = {"affine": ref["affine"], "spacing": ref["spacing"], "template": ref["template"],
+                   "resolution_mm": ref["resolution_mm"]}
+
+
+def _stack_covariates(st: _Stacks, clinical: pd.DataFrame, cfg: dict, part: _Participants) -> list:
+    """covariates.npy (config tensors.covariates, encoded like a tabular modality); returns its column names."""
+    cov, cov_names = encode_columns(pd.DataFrame({c: clinical[c] for c in ["participant_id"] + list(cfg["covariates"])}),
+                                    list(cfg["covariates"]), part.levels, str(part.path))
+    tmp = st.new_tmp("covariates")
+    np.save(tmp, cov.astype(np.float32))
+    st.written["covariates"] = tmp
+    return cov_names
+
+
+def _add_qc(manifest: pd.DataFrame, qc: list) -> None:
+    """The manifest's qc_pass / qc_flags columns from each row's image QC records, with a WARNING for flagged rows."""
+    summary = [qc_summary(r) for r in qc]
+    manifest["qc_pass"], manifest["qc_flags"] = [q[0] for q in summary], [q[1] for q in summary]
+    _warn_qc(manifest)
+
+
+def _cohort_info(cfg: dict, classes, classes_source, cov_names: list, st: _Stacks, part: _Participants) -> dict:
+    """cohort.json's content (less the manifest's hash, known once it is written)."""
+    info = {"task": cfg["task"], "classes": classes, "label": cfg["label"], "group": cfg["group"],
+            "site": cfg["site"], "modalities": st.specs, "feature_names": st.feature_names, "channels": st.channels,
+            "covariates": cov_names, "n": st.n, "settings": cfg, "code_version": code_version("tensors"),
+            "participants_tsv": {"path": str(part.path), "sha256": file_sha256(part.path)},
+            # dtype, shape and content hash of every stacked array, checked by load_cohort
+            "arrays": {m: array_record(tmp) for m, tmp in st.written.items()}}
+    if classes_source:
+        info["classes_source"] = classes_source
+    if st.channels:
+        info["grid"] = st.grid
+    if st.region_info:
+        info["regions"] = st.region_info
     return info
+
+
+def _write_cohort(out_dir: Path, written: dict, clinical: pd.DataFrame, manifest: pd.DataFrame, info: dict) -> None:
+    """Rename all at the end, cohort.json last: a failed gather never leaves a cohort.json over a mix."""
+    for old in ("cohort.json", "manifest.tsv"):
+        (out_dir / old).unlink(missing_ok=True)
+    for m, tmp in written.items():
+        os.replace(tmp, out_dir / f"{m}.npy")
+    bf_io.save_tsv(clinical, out_dir / "clinical.tsv", na_rep="n/a")
+    bf_io.save_tsv(manifest, out_dir / "manifest.tsv", na_rep="n/a")
+    info["tables"] = {"manifest.tsv": {"sha256": file_sha256(out_dir / "manifest.tsv")}}     # load_cohort reads it
+    bf_io.save_json(info, out_dir / "cohort.json", **JSON)
 
 
 def read_atlas(nii, tsv, shape, affine) -> tuple[np.ndarray, np.ndarray, list]:
@@ -881,11 +998,37 @@ def make_cohort(arrays: dict, target, *, task: str = "classification", classes=N
                   covariate_names=list(covariate_names or []))
 
 
+class _CohortRows:
+    """The torch-free part of CohortDataset (built by :func:`_dataset_class`, which sets ``cohort``, ``indices``
+    and ``transforms``): tabular rows, batched loading."""
+
+    def _tabular(self, spec, i, j) -> np.ndarray:
+        """Row i of tabular modality ``spec`` (column j of present): zeros if absent, else transformed, NaN -> 0."""
+        c = self.cohort
+        if not c.present[i, j]:
+            return np.zeros(spec.shape, dtype=np.float32)
+        x = np.asarray(c.arrays[spec.name][i], dtype=np.float32)
+        if spec.name in self.transforms:
+            x = np.asarray(self.transforms[spec.name](x), dtype=np.float32)
+        return np.ascontiguousarray(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
+
+    def loader(self, batch_size: int, shuffle: bool = False, seed: int | None = None, drop_last: bool = False,
+               **kwargs):
+        """A DataLoader yielding :meth:`get_batch` batches (torch's batched-loading pattern:
+        ``sampler=BatchSampler(...)``, ``batch_size=None``); ``kwargs`` go to DataLoader (num_workers…)."""
+        import torch
+        from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        base = RandomSampler(range(len(self)), generator=gen) if shuffle else SequentialSampler(range(len(self)))
+        return DataLoader(self, sampler=BatchSampler(base, batch_size, drop_last), batch_size=None, **kwargs)
+
+
 def _dataset_class():
     import torch
     from torch.utils.data import Dataset
 
-    class CohortDataset(Dataset):
+    class CohortDataset(_CohortRows, Dataset):
         """Rows ``indices`` of a Cohort as torch items.
 
         item: {"inputs": {name: float32 tensor}, "present": bool (M,), "target": long/float tensor, "index": int}.
@@ -929,15 +1072,6 @@ def _dataset_class():
             return {"inputs": inputs, "present": torch.from_numpy(c.present[i].copy()),
                     "target": torch.tensor(c.target[i], dtype=dtype), "index": i}
 
-        def _tabular(self, spec, i, j) -> np.ndarray:
-            c = self.cohort
-            if not c.present[i, j]:
-                return np.zeros(spec.shape, dtype=np.float32)
-            x = np.asarray(c.arrays[spec.name][i], dtype=np.float32)
-            if spec.name in self.transforms:
-                x = np.asarray(self.transforms[spec.name](x), dtype=np.float32)
-            return np.ascontiguousarray(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
-
         def get_batch(self, ks) -> dict:
             """Items ``ks`` already collated (the same tensors default_collate would give, with "index" a
             tensor): volumes are cast straight into one batch tensor, with no per-item copies to stack."""
@@ -961,16 +1095,6 @@ def _dataset_class():
             dtype = torch.long if c.task == "classification" else torch.float32
             return {"inputs": inputs, "present": torch.from_numpy(c.present[rows].copy()),
                     "target": torch.as_tensor(c.target[rows], dtype=dtype), "index": torch.from_numpy(rows.copy())}
-
-        def loader(self, batch_size: int, shuffle: bool = False, seed: int | None = None, drop_last: bool = False,
-                   **kwargs):
-            """A DataLoader yielding :meth:`get_batch` batches (torch's batched-loading pattern:
-            ``sampler=BatchSampler(...)``, ``batch_size=None``); ``kwargs`` go to DataLoader (num_workers…)."""
-            from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
-
-            gen = torch.Generator().manual_seed(seed) if seed is not None else None
-            base = RandomSampler(range(len(self)), generator=gen) if shuffle else SequentialSampler(range(len(self)))
-            return DataLoader(self, sampler=BatchSampler(base, batch_size, drop_last), batch_size=None, **kwargs)
 
     CohortDataset.__module__ = __name__
     CohortDataset.__qualname__ = "CohortDataset"

@@ -461,57 +461,14 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
 
     fp = fingerprint(settings, preset, fold, rows, len(keys))
     resume_path = out_dir / "resume.pt"
-    saved = _read_resume(resume_path, fp, log)
-    P, state = None, None
-    if saved:
-        try:
-            P, state = _restore(saved, cohort, rows, settings, preset, y, seed, dev)
-            log(f"[train] resuming {preset} fold {fold} in phase {state['phase']} after epoch {state['epoch']}")
-        except Exception as e:      # loads, but its content does not fit this model: as damaged
-            _warn_damaged(resume_path, e, log)
-    n_inner = inner_fold_count(cohort, rows["train_val"], y, keys, int(m_cfg["inner_folds"]), log) if refit else 1
-    if P is None and n_inner > 1:
-        # epoch count from inner folds, then straight to the refit on train + val
-        phase1 = choose_epochs(cohort, rows, settings, preset, y, seed, dev, keys, log, n_inner)
-        P = _phase(cohort, rows, "train_val", settings, preset, y, seed, dev)
-        state = _fresh_state(2, P["model"])
-        state["phase1"] = phase1
-    elif P is None:
-        P = _phase(cohort, rows, "train", settings, preset, y, seed, dev)
-        state = _fresh_state(1, P["model"])
-
+    P, state = _start_or_resume(cohort, rows, settings, preset, fold, y, seed, dev, keys, refit, resume_path, fp, log)
     log(f"[train] {preset} fold {fold}: {len(rows['train'])} train / {len(rows['val'])} val / {len(rows['test'])} "
         f"test{' (then refit on train + val)' if refit else ''}, device {dev} ({torch.get_num_threads()} CPU threads), "
         f"{sum(p.numel() for p in P['model'].parameters()):,} parameters")
     t0 = time.time()
-
-    def save_resume():
-        bf_io.save_torch({"fingerprint": fp, "model": P["model"].state_dict(), "optimizer": P["opt"].state_dict(),
-                          "rng": {"batches": P["gen"].get_state(), "torch": torch.get_rng_state(),
-                                  "cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None},
-                          "state": state}, resume_path)
-
-    while True:
-        phase = state["phase"]
-        max_epochs = int(m_cfg["epochs"]) if phase == 1 else state["phase1"]["best_epoch"]
-        _train_epochs(P, state, max_epochs, m_cfg, cohort.task, dev, save_resume,
-                      f"{preset} fold {fold}" + (" refit" if phase == 2 else ""), log, t0)
-        if phase == 2 or not refit:
-            break
-        # phase 2: same initial weights and schedule, fitted on train + val, stopped at phase 1's best epoch
-        phase1 = {k: state[k] for k in ("best_epoch", "best_loss", "epoch", "history")}
-        P = _phase(cohort, rows, "train_val", settings, preset, y, seed, dev)
-        state = _fresh_state(2, P["model"])
-        state["phase1"] = {**phase1, "best_epoch": max(1, phase1["best_epoch"])}
-        save_resume()
-    model = P["model"]
-    if state["phase"] == 1:
-        if len(rows["val"]):          # without a validation set the last epoch is the model
-            model.load_state_dict(state["best_state"])
-        best_epoch, epochs_run, history, best_loss = state["best_epoch"], state["epoch"], state["history"], state["best_loss"]
-    else:
-        ph1 = state["phase1"]
-        best_epoch, epochs_run, history, best_loss = ph1["best_epoch"], ph1["epoch"], ph1["history"], ph1["best_loss"]
+    P, state = _run_phases(P, state, cohort, rows, settings, preset, fold, y, seed, dev, refit, resume_path, fp,
+                           log, t0)
+    model, best_epoch, epochs_run, history, best_loss = _final_model(P, state, rows)
     log(f"[train] stopped after epoch {epochs_run}; best val loss {best_loss:.4f} at epoch {best_epoch}"
         + (f"; refit on train + val for {best_epoch} epochs" if state["phase"] == 2 else "")
         + f"; {time.time() - t0:.1f} s")
@@ -533,6 +490,73 @@ def train_fold(cohort, split_table: pd.DataFrame, fold: int, preset: str, settin
     resume_path.unlink(missing_ok=True)
     return ckpt
 
+
+def _start_or_resume(cohort, rows, settings, preset, fold, y, seed, dev, keys, refit, resume_path, fp,
+                     log) -> tuple[dict, dict]:
+    """The phase and state to train from: this run's resume file where it holds a usable one, else a fresh
+    start: phase 1, or (epoch count chosen on inner folds first) straight to phase 2, the refit on train + val."""
+    m_cfg = settings["model"]
+    saved = _read_resume(resume_path, fp, log)
+    P, state = None, None
+    if saved:
+        try:
+            P, state = _restore(saved, cohort, rows, settings, preset, y, seed, dev)
+            log(f"[train] resuming {preset} fold {fold} in phase {state['phase']} after epoch {state['epoch']}")
+        except Exception as e:      # loads, but its content does not fit this model: as damaged
+            _warn_damaged(resume_path, e, log)
+    n_inner = inner_fold_count(cohort, rows["train_val"], y, keys, int(m_cfg["inner_folds"]), log) if refit else 1
+    if P is None and n_inner > 1:
+        # epoch count from inner folds, then straight to the refit on train + val
+        phase1 = choose_epochs(cohort, rows, settings, preset, y, seed, dev, keys, log, n_inner)
+        P = _phase(cohort, rows, "train_val", settings, preset, y, seed, dev)
+        state = _fresh_state(2, P["model"])
+        state["phase1"] = phase1
+    elif P is None:
+        P = _phase(cohort, rows, "train", settings, preset, y, seed, dev)
+        state = _fresh_state(1, P["model"])
+    return P, state
+
+
+def _run_phases(P, state, cohort, rows, settings, preset, fold, y, seed, dev, refit, resume_path, fp, log,
+                t0) -> tuple[dict, dict]:
+    """Train the current phase to its end; after phase 1 with a refit, phase 2: the same initial weights and
+    schedule fitted on train + val, stopped at phase 1's best epoch. The resume file is written after every
+    epoch and at the switch; returns the last phase and state."""
+    m_cfg = settings["model"]
+
+    def save_resume():
+        bf_io.save_torch({"fingerprint": fp, "model": P["model"].state_dict(), "optimizer": P["opt"].state_dict(),
+                          "rng": {"batches": P["gen"].get_state(), "torch": torch.get_rng_state(),
+                                  "cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None},
+                          "state": state}, resume_path)
+
+    while True:
+        phase = state["phase"]
+        max_epochs = int(m_cfg["epochs"]) if phase == 1 else state["phase1"]["best_epoch"]
+        _train_epochs(P, state, max_epochs, m_cfg, cohort.task, dev, save_resume,
+                      f"{preset} fold {fold}" + (" refit" if phase == 2 else ""), log, t0)
+        if phase == 2 or not refit:
+            break
+        # phase 2: same initial weights and schedule, fitted on train + val, stopped at phase 1's best epoch
+        phase1 = {k: state[k] for k in ("best_epoch", "best_loss", "epoch", "history")}
+        P = _phase(cohort, rows, "train_val", settings, preset, y, seed, dev)
+        state = _fresh_state(2, P["model"])
+        state["phase1"] = {**phase1, "best_epoch": max(1, phase1["best_epoch"])}
+        save_resume()
+    return P, state
+
+
+def _final_model(P: dict, state: dict, rows: dict) -> tuple:
+    """(model, best epoch, epochs run, history, best validation loss): phase 1's best weights (its last epoch
+    without a validation set), or the refit's last epoch with phase 1's record."""
+    model = P["model"]
+    if state["phase"] == 1:
+        if len(rows["val"]):          # without a validation set the last epoch is the model
+            model.load_state_dict(state["best_state"])
+        record = state
+    else:
+        record = state["phase1"]
+    return model, record["best_epoch"], record["epoch"], record["history"], record["best_loss"]
 
 def _train_epochs(P: dict, state: dict, max_epochs: int, m_cfg: dict, task: str, dev, save_resume, desc: str,
                   log, t0: float) -> None:

@@ -8,7 +8,7 @@ from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 
 from brainfuse import config as bf_config
-from brainfuse import demo as bf_demo
+from brainfuse.phantom import generator as bf_demo
 from brainfuse.bids import IMAGING, TEMPLATE, bids_path, check_bids_root, check_input_dir, folder_label, index_bids
 from brainfuse.errors import BrainfuseError
 from brainfuse.inputs import check_output_dir

@@ -1,4 +1,4 @@
-# The embedded phantom dataset (src/brainfuse/demo.py), generated when no bids_dir/dicom_dir is given.
+# The embedded phantom dataset (src/brainfuse/phantom/generator.py), generated when no bids_dir/dicom_dir is given.
 DEMO_PARAMS = json.dumps(config["demo"], sort_keys=True)
 demo_t1w = bids_path(f"{DEMO}/bids", "{subject}", "anat", "T1w")
 demo_dwi = bids_path(f"{DEMO}/bids", "{subject}", "dwi", "dwi", dir="AP")
@@ -14,7 +14,7 @@ rule demo_dataset:
         cache=f"{DEMO}/truth/generator_cache.npz",
     params:
         demo=DEMO_PARAMS,
-        code=code_version("demo"),
+        code=code_version("phantom.generator"),
     log:
         f"{LOGS}/demo_dataset.log",
     conda:
@@ -55,7 +55,7 @@ rule demo_subject:
         stage=directory(f"{DEMO_STAGE}/sub-{{subject}}"),
     params:
         demo=DEMO_PARAMS,
-        code=code_version("demo"),
+        code=code_version("phantom.generator"),
     log:
         f"{LOGS}/demo_subject/sub-{{subject}}.log",
     conda:
@@ -82,7 +82,7 @@ rule demo_dwi:
         bval=demo_dwi.replace(".nii.gz", ".bval"),
         bvec=demo_dwi.replace(".nii.gz", ".bvec"),
     params:
-        code=code_version("demo"),
+        code=code_version("phantom.generator"),
         link=_link(_stage_dwi, demo_dwi, (".nii.gz", ".json", ".bval", ".bvec")),
     log:
         f"{LOGS}/demo_dwi/sub-{{subject}}.log",
@@ -103,7 +103,7 @@ rule demo_bold:
         image=demo_bold,
         sidecar=demo_bold.replace(".nii.gz", ".json"),
     params:
-        code=code_version("demo"),
+        code=code_version("phantom.generator"),
         link=_link(_stage_bold, demo_bold, (".nii.gz", ".json")),
     log:
         f"{LOGS}/demo_bold/sub-{{subject}}.log",
@@ -130,7 +130,7 @@ rule demo_dicom:
         directory(f"{DEMO}/dicom/{{subject}}"),
     params:
         demo=DEMO_PARAMS,
-        code=code_version("demo"),
+        code=code_version("phantom.generator"),
     log:
         f"{LOGS}/demo_dicom/sub-{{subject}}.log",
     conda:

@@ -36,8 +36,8 @@ from pydicom.filewriter import correct_ambiguous_vr, write_data_element
 from pydicom.datadict import keyword_dict
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from . import io as bf_io
-from .errors import BrainfuseError
+from .. import io as bf_io
+from ..errors import BrainfuseError
 
 LPS = np.diag([-1.0, -1.0, 1.0])     # RAS (NIfTI world) <-> LPS (DICOM patient) coordinates
 MANUFACTURER = "SIEMENS"             # dcm2niix reads PE polarity / slice times from CSA for Siemens only
