@@ -1,5 +1,6 @@
 # brainfuse: raw DICOM or BIDS -> preprocessing -> cached tensors -> cross-validated mixture-of-experts.
-# Thin on purpose: validation, dataset index and path helpers live in workflow/rules/common.smk,
+# Thin on purpose: validation, dataset index and path patterns live in workflow/rules/common.smk (every name
+# from src/brainfuse/layout.py),
 # each stage in workflow/rules/<stage>.smk, the work itself in src/brainfuse/<stage>.py.
 import sys
 from pathlib import Path

@@ -58,7 +58,7 @@ def main(argv=None):
     import nibabel as nib
     import torch
 
-    from brainfuse import dwi, motion, templates
+    from brainfuse import dwi, layout, motion, templates
     from brainfuse.phantom import generator as demo
 
     torch.set_num_threads(args.threads)
@@ -121,7 +121,7 @@ def main(argv=None):
             print(proc.stdout, proc.stderr)
             return 1
         breakdown = re.findall(r"\[dwi\] sub-[^_\s]+: (.*)", proc.stdout)[-1]
-        paths = dwi.output_paths(work / "deriv", sub, None, 3, [str(run_path)])
+        paths = layout.dwi_paths(work / "deriv", sub, None, 3, [str(run_path)])
         table = np.genfromtxt(paths["runs"][0]["motion"], names=True, delimiter="\t")
         T = motion.matrix_from_params(np.stack([table[c] for c in dwi.PARAM_NAMES], 1),
                                       motion.fov_center(s0.shape, s0.affine))

@@ -27,7 +27,7 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from brainfuse import anat, resources, templates  # noqa: E402
+from brainfuse import layout, resources, templates  # noqa: E402
 from brainfuse.bids import TEMPLATE, bids_path  # noqa: E402
 
 
@@ -70,9 +70,9 @@ def ants_syn_baseline(anat_paths, tpl_dir, res) -> dict:
     from brainfuse.antsconfig import load_ants
 
     ants = load_ants(1)
-    one = templates.build(1, Path(tpl_dir).parent) if not Path(templates.outputs(1, Path(tpl_dir).parent)["T1w"]).exists() \
-        else templates.outputs(1, Path(tpl_dir).parent)
-    grid = templates.outputs(res, Path(tpl_dir).parent)
+    one = layout.template_files(Path(tpl_dir).parent, 1)
+    one = templates.build(1, Path(tpl_dir).parent) if not Path(one["T1w"]).exists() else one
+    grid = layout.template_files(Path(tpl_dir).parent, res)
     brain = ants.image_read(anat_paths["preproc"]) * ants.image_read(anat_paths["mask"])
     fixed, tpl = ants.image_read(one["T1w"]), ants.image_read(grid["T1w"])
     inside = ants.image_read(grid["mask"]).numpy() > 0
@@ -125,7 +125,7 @@ def main():
     rows["anat"] = run_stage("anat", ["anat", "--t1w", t1w, "--out-dir", str(deriv), "--subject", sub,
                                       "--template-dir", str(Path(tpl["T1w"]).parent), "--resolution", res, "--threads", th], logs)
     rows["anat"]["declared"] = resources.anat(t1w)
-    a = anat.output_paths(deriv, sub, None, args.res)
+    a = layout.anat_paths(deriv, sub, None, args.res)
     rows["dwi"] = run_stage("dwi", ["dwi", "--dwi", *dwis, "--subject", sub, "--out-dir", str(deriv), "--t1w", a["preproc"],
                                     "--t1w-mask", a["mask"], "--transforms", a["warp"], a["affine"],
                                     "--template", tpl["T1w"], "--resolution", res, "--threads", th], logs)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainfuse import anat, templates
+from brainfuse import anat, layout, templates
 from brainfuse.phantom import generator as demo
 from brainfuse.bids import TEMPLATE, bids_path
 from conftest import REPO
@@ -35,7 +35,7 @@ def resources(tmp_path_factory):
 
 
 def _tpl(resources, res):
-    return templates.outputs(res, resources)
+    return layout.template_files(resources, res)
 
 
 def _dice(a, b):
@@ -46,7 +46,7 @@ def _displacement_error(paths, anatomy, mask_path):
     """|to_template(T(z)) - z| (mm) over template brain voxels z, T = the stage's [warp, affine]."""
     m = nib.load(mask_path)
     z = demo.apply_affine(m.affine, np.argwhere(m.get_fdata() > 0).astype(float))
-    tl = anat.to_mni_transforms(paths["warp"].rsplit("/anat/", 1)[0] + "/anat")
+    tl = layout.to_mni_transforms(paths["warp"].rsplit("/anat/", 1)[0] + "/anat")
     x = ants.apply_transforms_to_points(3, pd.DataFrame(z * LPS, columns=["x", "y", "z"]), tl,
                                         whichtoinvert=[False, False]).values * LPS
     return np.linalg.norm(anatomy.to_template(x) - z, axis=1)

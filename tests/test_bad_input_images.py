@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brainfuse import dwi, func, stageqc
+from brainfuse import dwi, func, layout, stageqc
 from brainfuse.bids import TEMPLATE, bids_path
 from conftest import brainfuse_cli, brainfuse_error
 
@@ -207,9 +207,9 @@ def test_dwi_qc_flags_clipped_tensors_and_motion():
 
 # ------------------------------------------------------------------------------------ QC record, strict
 def test_qc_json_paths_follow_the_contract():
-    assert stageqc.qc_path("/d", "01", "1", "anat") == "/d/sub-01/ses-1/anat/sub-01_ses-1_desc-qc_T1w.json"
-    assert stageqc.qc_path("/d", "01", None, "dwi") == "/d/sub-01/dwi/sub-01_desc-qc_dwi.json"
-    assert stageqc.qc_path("/d", "01", None, "func") == "/d/sub-01/func/sub-01_desc-qc_bold.json"
+    assert layout.qc_path("/d", "01", "1", "anat") == "/d/sub-01/ses-1/anat/sub-01_ses-1_desc-qc_T1w.json"
+    assert layout.qc_path("/d", "01", None, "dwi") == "/d/sub-01/dwi/sub-01_desc-qc_dwi.json"
+    assert layout.qc_path("/d", "01", None, "func") == "/d/sub-01/func/sub-01_desc-qc_bold.json"
 
 
 def _motion_qc(folder, run, warnings=(), mean_fd=0.1):
@@ -227,7 +227,7 @@ def test_func_subject_qc_summarises_runs_and_strict_stops(tmp_path):
     folder = tmp_path / "deriv" / "sub-01" / "func"
     runs = [_motion_qc(folder, "task-rest_run-1"),
             _motion_qc(folder, "task-rest_run-2", ["mean framewise displacement 0.71 mm > 0.5 mm"], mean_fd=0.71)]
-    out = stageqc.qc_path(tmp_path / "deriv", "01", None, "func")
+    out = layout.qc_path(tmp_path / "deriv", "01", None, "func")
     rec = stageqc.func_subject_qc(runs, out)
     assert json.loads(open(out).read()) == rec and set(rec) == {"qc_pass", "flags", "metrics", "thresholds"}
     assert rec["qc_pass"] is False and rec["flags"] == ["sub-01_task-rest_run-2: mean framewise displacement "
@@ -296,7 +296,7 @@ def test_anat_qc_below_threshold_warns_and_flags(tiny_demo, templates_3mm, tmp_p
     warning = [line for line in out.splitlines() if line.startswith("WARNING: sub-002: anat QC: MNI correlation")]
     assert len(warning) == 1 and "below anat.min_mni_correlation 0.99" in warning[0]
     assert "sub-002_desc-reg_T1w.png" in warning[0]            # the figure to look at (written: not strict)
-    rec = json.loads(open(stageqc.qc_path(tmp_path, "002", None, "anat")).read())
+    rec = json.loads(open(layout.qc_path(tmp_path, "002", None, "anat")).read())
     assert rec["qc_pass"] is False and rec["flags"] == [warning[0].split("anat QC: ", 1)[1]]
     assert 0.5 < rec["metrics"]["mni_correlation"] < 0.99 and rec["thresholds"]["min_mni_correlation"] == 0.99
     assert rec["metrics"]["mni_mask_dice"] > 0.9 and 800 < rec["metrics"]["mask_volume_ml"] < 2800

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from brainfuse import dwi, motion
+from brainfuse import dwi, layout, motion
 from brainfuse.phantom import generator as demo
 from brainfuse.bids import TEMPLATE
 
@@ -126,7 +126,7 @@ def phantom_outputs(tiny_demo, tmp_path_factory):
         rc = dwi.cli(["--dwi", str(run), "--subject", s.label, "--out-dir", str(out), "--t1w", str(t1w), "--t1w-mask", str(mask),
                       "--transforms", *reg["fwdtransforms"], "--template", tpl, "--resolution", "3"])
         assert rc == 0
-        results[s.label] = dwi.output_paths(out, s.label, None, 3, [str(run)])
+        results[s.label] = layout.dwi_paths(out, s.label, None, 3, [str(run)])
     return root, cfg, out, tpl, results
 
 

@@ -1,13 +1,17 @@
 """Where brainfuse writes and what it reads (issue #21): the BIDS-derivatives dataset_description.json, template
-and atlas files under the output root keyed by resolution, and the tabular-only input mode."""
+and atlas files under the output root keyed by resolution, and the tabular-only input mode. One layout module
+(issue #22, brainfuse.layout) names every path, for the rules and the library alike."""
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from brainfuse import atlas, config, derivatives, templates, tensors
+from brainfuse import config, derivatives, layout, provenance, tensors
+from brainfuse.bids import TEMPLATE
+from brainfuse.errors import BrainfuseError
 from brainfuse.phantom import generator as bf_demo
 from conftest import REPO, job_counts
 from test_bad_input_workflow import make_bids, refused
@@ -52,7 +56,7 @@ def test_derivatives_description_is_bids_valid_light_and_byte_identical(tmp_path
     assert list(layout.derivatives) == ["brainfuse"]
     # the rule's command: same input and code, same bytes; standard library only (it runs in every imaging run)
     proc = subprocess.run([sys.executable, "-c", "import sys; from brainfuse.derivatives import cli; "
-                           f"cli(['--source-dir', {str(source)!r}, '--out', {str(out)!r}]); "
+                           f"cli(['--source-dir', {str(source)!r}, '--output', {str(out)!r}]); "
                            "assert not {'numpy', 'pandas'} & set(sys.modules), sorted(sys.modules)"],
                           cwd=REPO, env={"PYTHONPATH": str(REPO / "src")}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -87,11 +91,11 @@ def test_each_imaging_stage_writes_the_description_and_only_under_the_output_roo
 
 def test_two_resolutions_never_share_a_template_or_atlas_file(tmp_path):
     def files(res):
-        return set(templates.outputs(res, tmp_path).values()) | set(atlas.atlas_paths(res, tmp_path)) | \
-            {tensors.template_mask_path(res, tmp_path)}
+        return set(layout.template_files(tmp_path, res).values()) | set(layout.atlas_paths(tmp_path, res)) | \
+            set(layout.region_atlas_paths(tmp_path, res))
 
     two, three = files(2), files(3)
-    assert len(two) == len(three) == 8      # T1w, mask, head, GM, WM, CSF, atlas NIfTI + TSV (the mask is shared)
+    assert len(two) == len(three) == 10     # T1w, mask, head, GM, WM, CSF, atlas and region atlas NIfTI + TSV
     assert not two & three
     assert all(str(p).startswith(str(tmp_path)) for p in two | three)
 
@@ -149,3 +153,82 @@ def test_tabular_mode_plans_no_image_job_and_keeps_sessions_apart(tmp_path):
     assert len(rows) == 24 and {ses for _, ses in rows} == {"1", "2"}
     assert [m.name for m in cohort.modalities] == ["clinical", "serum"]     # the image modalities dropped
     assert not (tmp_path / "out" / "derivatives").exists() and not (tmp_path / "out" / "demo").exists()
+
+
+# ------------------------------------------------------------------------------------ one layout module (#22)
+def test_layout_sits_low_in_the_import_graph():
+    """brainfuse.layout imports brainfuse.bids and errors only (standard library: the rules import it at parse
+    time); func reaches the anat transforms through it, not through the anat stage."""
+    assert provenance.local_imports("layout") == {"bids", "errors"}
+    assert "anat" not in provenance.local_imports("func")
+    for stage in ("anat", "dwi", "func", "templates"):
+        assert "layout" in provenance.local_imports(stage), stage
+    proc = subprocess.run([sys.executable, "-c", "import sys, brainfuse.layout; "
+                           "print(sorted({'numpy', 'pandas', 'nibabel'} & set(sys.modules)))"],
+                          cwd=REPO, env={"PYTHONPATH": str(REPO / "src")}, capture_output=True, text=True)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_rules_build_no_template_or_transform_name_by_hand():
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        text = smk.read_text()
+        assert "tpl-" not in text and "_xfm" not in text, smk.name
+        assert 'config["resolution_mm"]' not in text or smk.name == "common.smk", f"{smk.name}: use RES (common.smk)"
+        assert not re.search(r"^def (converted_images|deferred_targets)\b", text, re.M) or smk.name == "common.smk"
+
+
+def test_include_order_does_not_matter(tmp_path):
+    """The stages' .smk files read what they share from common.smk: included in reverse order they plan the same
+    jobs with the same outputs."""
+    text = (REPO / "Snakefile").read_text()
+    includes = re.findall(r'^include: "(workflow/rules/\w+\.smk)"$', text, re.M)
+    assert includes[0] == "workflow/rules/common.smk" and len(includes) == 8
+    reordered = text.replace('str(Path(workflow.basedir) / "src")', repr(str(REPO / "src")))
+    reordered = reordered.replace('report: "workflow/', f'report: "{REPO}/workflow/')
+    block = "\n".join(f'include: "{REPO / i}"' for i in includes[:1] + includes[:0:-1])
+    reordered = re.sub(r'^include: .*(?:\n\s*include: .*)*', lambda m: block, reordered, count=1, flags=re.M)
+    assert re.findall(r'^include: "(.+)"$', reordered, re.M) == [str(REPO / i) for i in includes[:1] + includes[:0:-1]]
+    (tmp_path / "Snakefile").write_text(reordered)
+
+    def planned(*snakefile):
+        proc = snakemake(*snakefile, "-n", "--cores", "1", "--config", f"output_dir={tmp_path}/out")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return sorted(re.findall(r"^\s+output: (.+)$", proc.stdout, re.M))
+
+    normal = planned()
+    assert any("/reports/qc" in line for line in normal)      # report_qc collects every stage's QC figures
+    assert planned("-s", tmp_path / "Snakefile") == normal
+
+
+def test_layout_names_follow_the_stage_contract():
+    t = f"/t/tpl-{TEMPLATE}/tpl-{TEMPLATE}_res-3"
+    assert layout.template_files("/t", 3)["mask"] == f"{t}_desc-brain_mask.nii.gz"
+    assert layout.atlas_paths("/t", 3) == (f"{t}_atlas-brainfuse_dseg.nii.gz", f"{t}_atlas-brainfuse_dseg.tsv")
+    assert layout.region_atlas_paths("/t", 3)[1] == f"{t}_atlas-brainfuseRegions_dseg.tsv"
+    a = layout.anat_paths("/d", "01", "2", 3)
+    assert a["warp"] == f"/d/sub-01/ses-2/anat/sub-01_ses-2_from-T1w_to-{TEMPLATE}_mode-image_desc-warp_xfm.nii.gz"
+    assert a["affine"] == f"/d/sub-01/ses-2/anat/sub-01_ses-2_from-T1w_to-{TEMPLATE}_mode-image_desc-affine_xfm.mat"
+    assert a["qc_json"] == layout.qc_path("/d", "01", "2", "anat") == \
+        "/d/sub-01/ses-2/anat/sub-01_ses-2_desc-qc_T1w.json"
+    assert layout.dwi_paths("/d", "01", None, 2, ["/raw/sub-01_acq-b1_dir-AP_run-2_dwi.nii.gz"])["runs"][0]["bval"] \
+        == "/d/sub-01/dwi/sub-01_acq-b1_dir-AP_run-2_desc-preproc_dwi.bval"
+    ents = {"sub": "01", "ses": "2", "task": "rest", "echo": "1", "acq": "mb", "suffix": "bold", "ext": ".nii.gz"}
+    key = layout.run_key(ents)
+    assert key == "task-rest_acq-mb_echo-1" and re.fullmatch(layout.BOLD_RUN_REGEX, key)
+    f = layout.func_paths("/d", "01", "2", 3, key)
+    assert f["reho"] == f"/d/sub-01/ses-2/func/sub-01_ses-2_{key}_space-{TEMPLATE}_res-3_stat-reho_boldmap.nii.gz"
+    assert f["qc_carpet"] == "/d/sub-01/ses-2/figures/sub-01_ses-2_task-rest_acq-mb_echo-1_desc-carpet_bold.png"
+    # the rules' pattern, filled in, is the library's name
+    pattern = layout.func_paths("/d", "{subject}", "{session}", 3, "{bold}")
+    assert {k: p.format(subject="01", session="2", bold=key) for k, p in pattern.items()} == f
+
+
+def test_to_mni_transforms_reads_the_labels_from_the_folder(tmp_path):
+    a = layout.anat_paths(tmp_path, "01", "2", 3)
+    with pytest.raises(BrainfuseError, match="anat transforms of sub-01 missing \\(2 of 2\\)"):
+        layout.to_mni_transforms(tmp_path, "01", "2")
+    for key in ("warp", "affine"):
+        Path(a[key]).parent.mkdir(parents=True, exist_ok=True)
+        Path(a[key]).write_bytes(b"")
+    assert layout.to_mni_transforms(tmp_path / "sub-01" / "ses-2" / "anat") == [a["warp"], a["affine"]]
+    assert layout.to_mni_transforms(tmp_path, "sub-01", "2") == [a["warp"], a["affine"]]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainfuse import anat, templates
+from brainfuse import layout, templates
 from brainfuse.bids import TEMPLATE, bids_path
 from conftest import brainfuse_cli
 from test_anat import ANTS_SYN_MNI_R
@@ -46,7 +46,7 @@ def philips(shared_data, tmp_path_factory):
     t1w = bids_path(bids, SUB, "anat", "T1w")
     brainfuse_cli("anat", "--t1w", t1w, "--out-dir", deriv, "--subject", SUB, "--template-dir", os.path.dirname(tpl["T1w"]),
          "--resolution", RES, log=logs / "anat.log")
-    a = anat.output_paths(deriv, SUB, None, RES)
+    a = layout.anat_paths(deriv, SUB, None, RES)
     dwis = sorted((bids / f"sub-{SUB}" / "dwi").glob("*_dwi.nii.gz"))
     brainfuse_cli("dwi", "--dwi", *dwis, "--subject", SUB, "--out-dir", deriv, "--t1w", a["preproc"], "--t1w-mask", a["mask"],
          "--transforms", a["warp"], a["affine"], "--template", tpl["T1w"], "--resolution", RES, log=logs / "dwi.log")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainfuse import stageqc
+from brainfuse import layout
 from brainfuse.phantom import generator as demo
 from brainfuse import io as bf_io
 from brainfuse import tensors as T
@@ -426,8 +426,8 @@ def test_workflow_caches_gathers_and_reruns_only_the_changed_subject(tmp_path, g
             if ok:
                 flags = ["MNI correlation 0.41 < 0.60"] if (sub, datatype) == ("002", "anat") else []
                 bf_io.save_json({"qc_pass": not flags, "flags": flags, "metrics": {}, "thresholds": {}},
-                                stageqc.qc_path(out / "derivatives" / "brainfuse", sub, None, datatype))
-    write_mask(T.template_mask_path(RES, out / "templates"), grid)     # the templates rule writes it there
+                                layout.qc_path(out / "derivatives" / "brainfuse", sub, None, datatype))
+    write_mask(layout.template_files(out / "templates", RES)["mask"], grid)     # the templates rule writes it there
     # volumes: the DTI rows compared below are voxels (region features are tested on the gather)
     args = ["--cores", "2", "--allowed-rules", "tensors_subject", "tensors_gather", "tensors",
             "--config", f"bids_dir={bids}", f"output_dir={out}", "tensors={image_features: volumes}"]

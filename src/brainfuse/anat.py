@@ -17,7 +17,8 @@ One process per subject does every step (``import ants`` alone costs seconds):
 6. T1 brain, tissue maps and the log-Jacobian of the template->subject warp resampled onto the template grid.
 
 Transforms follow ANTs: registering fixed = template, moving = T1w gives ``[warp, affine]`` that takes a T1w-space
-image to the template with ``ants.apply_transforms(fixed=tpl, moving=img, transformlist=[warp, affine])``.
+image to the template with ``ants.apply_transforms(fixed=tpl, moving=img, transformlist=[warp, affine])``
+(``brainfuse.layout.to_mni_transforms``). Output names: ``brainfuse.layout.anat_paths``.
 """
 from __future__ import annotations
 
@@ -35,14 +36,13 @@ import numpy as np
 from . import cliargs
 from . import stageqc
 from .antsconfig import load_ants
-from .bids import TEMPLATE, bids_path, check_label
+from .bids import TEMPLATE, check_label
 from .errors import BrainfuseError
 from .inputs import as_stage_error, check_anisotropy, check_finite, load_nifti
+from .layout import TISSUES, anat_paths, template_files
 from .provenance import code_version
 from .schema import section_defaults
-from .templates import outputs as template_outputs
 
-TISSUES = ("CSF", "GM", "WM")          # Atropos class order: T1 intensity increases CSF < GM < WM
 DEFAULTS = section_defaults("anat")    # the schema's anat section: every default, and why each value
 # Input check and QC thresholds: not processing parameters, left out of the outputs' provenance, so that outputs
 # stay byte-identical when only a threshold changes.
@@ -54,59 +54,6 @@ MAX_VOXEL_MM, MIN_VOXEL_MM = 8.0, 0.2
 
 class InputError(BrainfuseError):
     """A T1w image brainfuse cannot process; the message names the file."""
-
-
-# ------------------------------------------------------------------------------------------------ paths
-
-
-def output_paths(deriv, sub: str, ses: str | None, res: int) -> dict:
-    """Every file the anat stage writes for one subject (session), by short name (the Stage contract)."""
-    a = lambda suffix, ext=".nii.gz", **e: bids_path(deriv, sub, "anat", suffix, ext, ses=ses, **e)
-    fig = lambda desc: bids_path(deriv, sub, "figures", "T1w", ".png", ses=ses, desc=desc)
-    out = {
-        "preproc": a("T1w", desc="preproc"),
-        "mask": a("mask", desc="brain"),
-        "affine": a("xfm", ".mat", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "affine"}),
-        "warp": a("xfm", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "warp"}),
-        "inverse_warp": a("xfm", **{"from": TEMPLATE, "to": "T1w", "mode": "image", "desc": "warp"}),
-        "mni_t1w": a("T1w", space=TEMPLATE, res=res, desc="preproc"),
-        "logjacobian": a("T1w", space=TEMPLATE, res=res, desc="logjacobian"),
-        "qc_mask": fig("brainmask"),
-        "qc_reg": fig("reg"),
-        "qc_json": stageqc.qc_path(deriv, sub, ses, "anat"),   # qc_pass, flags, metrics, thresholds (stageqc)
-    }
-    for t in TISSUES:
-        out[f"{t}"] = a("probseg", label=t)
-        out[f"mni_{t}"] = a("probseg", space=TEMPLATE, res=res, label=t)
-    return out
-
-
-def to_mni_transforms(anat_dir, sub: str | None = None, ses: str | None = None) -> list[str]:
-    """Transform list taking a T1w-space image to the template: ``[warp, affine]``.
-
-    ``anat_dir``: the subject's ``DERIV/sub-X[/ses-Y]/anat`` folder (subject and session read from its path
-    when not given), or the derivatives root ``DERIV`` together with ``sub`` (and ``ses``). Use as
-    ``ants.apply_transforms(fixed=tpl, moving=img, transformlist=to_mni_transforms(...) + [your_to_T1w.mat])``
-    (pass ``whichtoinvert=[False] * n`` explicitly: antspyx inverts a leading .mat of a 2-element list).
-    """
-    anat_dir = Path(anat_dir)
-    if sub is None:
-        parts = anat_dir.resolve().parts
-        subs = [p for p in parts if p.startswith("sub-")]
-        if not subs:
-            raise ValueError(f"{anat_dir}: give sub= or a DERIV/sub-X/anat folder")
-        sub = subs[-1][4:]
-        ses = ses or next((p[4:] for p in parts if p.startswith("ses-")), None)
-        root = Path(*parts[: parts.index(subs[-1])])
-    else:
-        root = anat_dir
-    sub = check_label(sub, "subject label")
-    p = output_paths(root, sub, ses, 0)
-    missing = [x for x in (p["warp"], p["affine"]) if not os.path.exists(x)]
-    if missing:
-        raise InputError(f"anat transforms of sub-{sub} missing ({len(missing)} of 2)", path=missing[0],
-                         fix="run the anat stage for this subject first")
-    return [p["warp"], p["affine"]]
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -184,13 +131,13 @@ def process(t1w_path, out_dir, sub: str, ses: str | None, template_dir, res: int
     ses = check_label(ses, "session label") if ses else None
     res = int(res)
     img = check_t1w(t1w_path, p["max_voxel_anisotropy"])   # before `import ants`: bad input fails in a second
-    tpl_files = template_outputs(res, Path(template_dir).parent)
+    tpl_files = template_files(Path(template_dir).parent, res)
     missing = [f for f in tpl_files.values() if not os.path.exists(f)]
     if missing:
         raise InputError(f"template files missing ({len(missing)} of {len(tpl_files)})", path=missing[0],
                          fix=f"run `brainfuse templates --resolution {res}` (or the workflow's templates rule)")
     ants = load_ants(threads)      # seeded: the affine's metric samples a random 20 % of voxels
-    final = output_paths(out_dir, sub, ses, res)
+    final = anat_paths(out_dir, sub, ses, res)
     anat_dir = Path(final["preproc"]).parent
     anat_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".anat-", dir=anat_dir))       # ANTs outprefix and staged outputs

@@ -8,7 +8,7 @@ roughly equal-volume parcels: no anatomical names, but stable across runs and ma
 scikit-learn version), and fine enough to separate the canonical network nodes.
 
 A user-supplied atlas (labels NIfTI on the template grid + a TSV with ``index`` and ``name`` columns)
-can replace it in the func stage.
+can replace it in the func stage. File names: ``brainfuse.layout.atlas_paths`` / ``region_atlas_paths``.
 
 ``coverage="brain"`` (atlas-brainfuseRegions) parcels the whole template brain mask the same way: grey and white
 matter and the deep nuclei, so region summaries of Jacobian, tissue and FA/MD maps (tensors.image_features) see
@@ -18,7 +18,6 @@ anatomical names either; a user's atlas (tensors.atlas) replaces them.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -26,16 +25,9 @@ import pandas as pd
 
 from . import cliargs
 from . import io as bf_io
-from .bids import TEMPLATE
 
 GM_THRESHOLD = 0.3   # GM probability for a voxel to be parcelled (catches the striatum at 3-4 mm)
 COVERAGE = ("gm", "brain")
-
-
-def atlas_paths(res, root="resources") -> tuple[str, str]:
-    folder = Path(root) / f"tpl-{TEMPLATE}"
-    return (str(folder / f"tpl-{TEMPLATE}_res-{int(res)}_atlas-brainfuse_dseg.nii.gz"),
-            str(folder / f"tpl-{TEMPLATE}_res-{int(res)}_atlas-brainfuse_dseg.tsv"))   # n_voxels is per grid
 
 
 def centroids(n_parcels: int = 100, seed: int = 0, coverage: str = "gm") -> pd.DataFrame:

@@ -19,6 +19,8 @@ ENTITY_ORDER = (
     "sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo",
     "from", "to", "mode", "space", "cohort", "res", "den", "label", "atlas", "seg", "hemi", "model", "desc",
 )
+# What a BOLD run keeps of its name in its derivatives' names (brainfuse.layout.RUN_ENTITIES, the rules' {bold}).
+RUN_ENTITIES = ("task", "acq", "ce", "rec", "dir", "run", "echo")
 LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 TEMPLATE = "MNI152NLin2009aSym"   # nilearn's packaged ICBM152 2009a symmetric template
 

@@ -135,7 +135,7 @@ def _func(p):
     p.add_argument("--bold", required=True, help="one BOLD run (BIDS raw)")
     p.add_argument("--t1w", required=True, help="subject T1w (anat desc-preproc)")
     p.add_argument("--t1w-mask", help="subject brain mask (anat desc-brain_mask)")
-    p.add_argument("--anat-dir", help="anat derivatives folder (transforms found by brainfuse.anat.to_mni_transforms)")
+    p.add_argument("--anat-dir", help="anat derivatives folder (transforms: brainfuse.layout.to_mni_transforms)")
     p.add_argument("--mni-xfm", nargs="+", help="ANTs transform list template -> T1w (instead of --anat-dir)")
     p.add_argument("--template", required=True, help="template T1w at the working resolution")
     p.add_argument("--template-mask", required=True, help="template brain mask")

@@ -43,10 +43,10 @@ def write(path, source_dir, code: str | None = None) -> dict:
 def cli(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m brainfuse.derivatives", description=__doc__.split("\n")[0])
     ap.add_argument("--source-dir", required=True, help="the BIDS dataset the derivatives come from")
-    ap.add_argument("--out", required=True, help="dataset_description.json to write")
+    ap.add_argument("--output", required=True, help="dataset_description.json to write")
     ap.add_argument("--code", help="source hash (default: computed, as brainfuse --version prints it)")
     args = ap.parse_args(argv)
-    write(args.out, args.source_dir, args.code)
+    write(args.output, args.source_dir, args.code)
     return 0
 
 

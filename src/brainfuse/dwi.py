@@ -56,17 +56,18 @@ from scipy import ndimage
 
 from . import cliargs
 from . import io as bf_io
+from . import layout
 from . import stageqc
 from .antsconfig import load_ants
-from .bids import TEMPLATE, bids_path, check_label, parse_name, sidecar, with_ext
+from .bids import TEMPLATE, check_label, parse_name, sidecar, with_ext
 from .errors import BrainfuseError
 from .inputs import as_stage_error, check_anisotropy, check_finite, load_nifti, read_sidecar
+from .layout import DWI_MAPS as MAPS
 from .provenance import code_version
 from .schema import section_defaults
 
 DEFAULTS = section_defaults("dwi")     # the schema's dwi section: every default, and why each value
 PARAM_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
-MAPS = ("fa", "md", "ad", "rd")
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (ITK)
 UNITS = ("mm", "sec")  # NIfTI xyzt units of every image written
 
@@ -732,35 +733,6 @@ def qc_motion(tables: dict, out_png, title):
     bf_io.save_figure(fig, out_png, dpi=80, facecolor=fig.get_facecolor())
 
 
-# -------------------------------------------------------------------------------------------- paths
-def run_prefix(run_path) -> dict:
-    """Entities of a run kept in its outputs (acq, dir, run)."""
-    ents = parse_name(os.path.basename(str(run_path))) or {}
-    return {k: ents[k] for k in ("acq", "dir", "run") if k in ents}
-
-
-def output_paths(deriv, sub: str, ses: str | None, res: int, runs=()) -> dict:
-    """Every file the dwi stage writes for one subject (Stage contract); per-run files under 'runs'."""
-    d = lambda suffix, ext=".nii.gz", **e: bids_path(deriv, sub, "dwi", suffix, ext, ses=ses, **e)
-    # bids_path has no `param` entity (it follows `model`, last here): carried in the suffix
-    out = {f"{m}": d(f"param-{m}_dwimap", space="dwi", model="tensor") for m in MAPS}
-    out.update({f"mni_{m}": d(f"param-{m}_dwimap", space=TEMPLATE, res=res, model="tensor") for m in MAPS})
-    out["cfa"] = d("param-cfa_dwimap", space="dwi", model="tensor")
-    out["mask"] = d("mask", space="dwi", desc="brain")
-    out["b0"] = d("dwiref", space="dwi")
-    out["xfm"] = d("xfm", ".mat", **{"from": "dwi", "to": "T1w", "mode": "image"})
-    out["qc_fa"] = bids_path(deriv, sub, "figures", "dwi", ".png", ses=ses, desc="fa")
-    out["qc_motion"] = bids_path(deriv, sub, "figures", "dwi", ".png", ses=ses, desc="motion")
-    out["qc_json"] = stageqc.qc_path(deriv, sub, ses, "dwi")     # qc_pass, flags, metrics, thresholds (stageqc)
-    out["runs"] = []
-    for r in runs:
-        e = run_prefix(r)
-        out["runs"].append({"preproc": d("dwi", desc="preproc", **e), "bval": d("dwi", ".bval", desc="preproc", **e),
-                            "bvec": d("dwi", ".bvec", desc="preproc", **e),
-                            "motion": d("timeseries", ".tsv", desc="motion", **e)})
-    return out
-
-
 # ----------------------------------------------------------------------------------------- process
 SAFE_SIDECAR_KEYS = ("PhaseEncodingDirection", "TotalReadoutTime", "EffectiveEchoSpacing", "RepetitionTime",
                      "EchoTime", "MagneticFieldStrength", "Manufacturer")   # acquisition only, nothing identifying
@@ -807,7 +779,7 @@ def _load_inputs(dwi_paths: list[str], t1w, template, transforms, p: dict) -> li
         raise InputError(f"no diffusion-weighted volume: every b-value of {names} is <= dwi.b0_threshold "
                          f"{p['b0_threshold']:g}", path=with_ext(dwi_paths[0], ".bval"),
                          fix="check the .bval files (a b0-only series for distortion correction belongs in fmap/)")
-    prefixes = [json.dumps(run_prefix(x), sort_keys=True) for x in dwi_paths]
+    prefixes = [json.dumps(layout.dwi_run_entities(x), sort_keys=True) for x in dwi_paths]
     if len(set(prefixes)) != len(prefixes):
         raise InputError(f"DWI runs {dwi_paths} are not told apart by acq/dir/run entities")
     return runs
@@ -907,7 +879,7 @@ def process(dwi_paths, out_dir, sub: str, ses: str | None, t1w, t1w_mask, transf
     import torch
 
     torch.set_num_threads(threads)
-    final = output_paths(out_dir, sub, ses, res, dwi_paths)
+    final = layout.dwi_paths(out_dir, sub, ses, res, dwi_paths)
     dwi_dir = Path(final["fa"]).parent
     dwi_dir.mkdir(parents=True, exist_ok=True)
     Path(final["qc_fa"]).parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from . import cliargs  # noqa: E402
 from . import io as bf_io  # noqa: E402
+from . import layout  # noqa: E402
 from . import reference as bf_reference  # noqa: E402
 from . import splits as bf_splits  # noqa: E402
 from . import train as bf_train  # noqa: E402
@@ -257,7 +258,7 @@ def routing_hook(kind: str, expert: int | None = None):
 def fold_models(models_dir, presets, folds):
     for preset in presets:
         for fold in folds:
-            path = Path(models_dir) / preset / f"fold-{fold}" / "checkpoint.pt"
+            path = Path(layout.fold_paths(models_dir, preset, fold)["checkpoint"])
             yield preset, fold, path
 
 

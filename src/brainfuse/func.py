@@ -34,10 +34,11 @@ import pandas as pd
 
 from . import cliargs
 from . import io as bf_io
+from . import layout
 from . import motion
 from . import stageqc
 from .antsconfig import load_ants
-from .bids import TEMPLATE, bids_path, parse_name, sidecar
+from .bids import parse_name, sidecar
 from .errors import BrainfuseError
 from .inputs import as_stage_error, check_anisotropy, check_finite, load_nifti, plausible_tr, read_sidecar
 from .schema import section_defaults
@@ -130,28 +131,9 @@ def run_prefix(bold_path) -> dict:
 
 
 def outputs(deriv, bold_path, res) -> dict:
-    """Every output path of one run (Stage contract), built with bids_path."""
+    """Every output path of one run (Stage contract: ``brainfuse.layout.func_paths``)."""
     e = run_prefix(bold_path)
-    sub, ses = e.pop("sub"), e.pop("ses", None)
-    p = lambda suffix, ext, dt="func", **kw: bids_path(deriv, sub, dt, suffix, ext, ses=ses, **e, **kw)
-    mni = {"space": TEMPLATE, "res": str(int(res))}
-    return {
-        "confounds": p("timeseries", ".tsv", desc="confounds"),
-        "motion_qc": p("timeseries", ".json", desc="confounds"),   # the confounds' sidecar: motion QC
-        "xfm": p("xfm", ".mat", **{"from": "bold", "to": "T1w", "mode": "image"}),
-        "preproc": p("bold", ".nii.gz", **mni, desc="preproc"),
-        "timeseries": p("timeseries", ".tsv", **mni, atlas="brainfuse"),
-        "relmat": p("relmat", ".tsv", **mni, atlas="brainfuse", desc="fisherz"),
-        "fig_motion": p("bold", ".png", dt="figures", desc="motion"),
-        "fig_carpet": p("bold", ".png", dt="figures", desc="carpet"),
-        **{f"{s}": _stat_path(deriv, sub, ses, e, mni, s) for s in ("alff", "falff", "reho")},
-    }
-
-
-def _stat_path(deriv, sub, ses, e, mni, stat):
-    # `stat` is not in bids.ENTITY_ORDER; BIDS derivatives put it after desc-less space/res entities.
-    base = bids_path(deriv, sub, "func", "", "", ses=ses, **e, **mni)
-    return f"{base}_stat-{stat}_boldmap.nii.gz"
+    return layout.func_paths(deriv, e["sub"], e.get("ses"), res, layout.run_key(e))
 
 
 # ------------------------------------------------------------------------------------------ confounds
@@ -481,7 +463,7 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
     """Process one BOLD run; returns the output paths (see ``outputs``) and a summary.
 
     t1w / t1w_mask: the subject's T1w (N4) and brain mask; template / template_mask: the MNI grid at the
-    working resolution; mni_transforms: ANTs list template -> T1w (``brainfuse.anat.to_mni_transforms``);
+    working resolution; mni_transforms: ANTs list template -> T1w (``brainfuse.layout.to_mni_transforms``);
     wm / csf: MNI-space probability maps (the subject's from anat, or the template's); atlas: MNI labels.
     bold_to_t1w_mat: use this transform instead of registering (tests, reruns).
     strict: a motion QC warning stops the run (QCError) before anything is written.
@@ -521,8 +503,8 @@ def run(bold_path, t1w, template, template_mask, mni_transforms, atlas, atlas_ts
     alff, falff, den = _denoise(conf, mni, brain, tr, cfg, keep)
     _save_derivatives(alff, falff, den, brain, grid, tpl, atlas, atlas_tsv, out)
     # QC
-    motion_figure(conf, out["fig_motion"], title=Path(bold_path).name)
-    carpet_figure(mni, brain, tr, out["fig_carpet"], conf, title=Path(bold_path).name)
+    motion_figure(conf, out["qc_motion"], title=Path(bold_path).name)
+    carpet_figure(mni, brain, tr, out["qc_carpet"], conf, title=Path(bold_path).name)
     summary = {"n_volumes": int(data.shape[3]), "tr": tr, "mean_fd": float(np.nanmean(conf["framewise_displacement"])),
                "max_fd": float(np.nanmax(conf["framewise_displacement"])),
                "max_rotation_deg": round(qc["MaxRotation"], 3), "max_translation_mm": round(qc["MaxTranslation"], 3),
@@ -757,9 +739,7 @@ def carpet_figure(mni, brain, tr, path, conf, title=""):
 def _mni_list(args):
     if args.mni_xfm:
         return args.mni_xfm
-    from .anat import to_mni_transforms
-
-    return to_mni_transforms(args.anat_dir)
+    return layout.to_mni_transforms(args.anat_dir)
 
 
 def cli(argv=None):

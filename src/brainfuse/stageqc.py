@@ -1,7 +1,7 @@
 """The per-subject QC record of the image stages (anat, dwi, func) and the strict / warn decision.
 
 Each stage writes, per subject (session), ``DERIV/sub-X[/ses-Y]/<datatype>/sub-X[_ses-Y]_desc-qc_<suffix>.json``
-(:func:`qc_path`) holding ``{"qc_pass": bool, "flags": [one-line strings], "metrics": {name: number},
+(``brainfuse.layout.qc_path``) holding ``{"qc_pass": bool, "flags": [one-line strings], "metrics": {name: number},
 "thresholds": {name: value}}``, keys sorted (byte-identical reruns). The tensors manifest and the report read
 it. Below a threshold the stage logs a ``WARNING`` line naming the subject, the metric, its value, the
 threshold and what to do, and carries on; with ``--strict`` (config key ``strict``) it stops with that line
@@ -17,21 +17,13 @@ import sys
 
 from . import cliargs
 from . import io as bf_io
-from .bids import bids_path
 from .errors import BrainfuseError
 
-__all__ = ["QCError", "SUFFIX", "qc_path", "record", "save", "settle", "func_subject_qc"]
-
-SUFFIX = {"anat": "T1w", "dwi": "dwi", "func": "bold"}      # datatype -> suffix of the QC JSON
+__all__ = ["QCError", "record", "save", "settle", "func_subject_qc"]
 
 
 class QCError(BrainfuseError):
     """A subject below a QC threshold while strict mode is on."""
-
-
-def qc_path(deriv, sub: str, ses: str | None, datatype: str) -> str:
-    """``DERIV/sub-X[/ses-Y]/<datatype>/sub-X[_ses-Y]_desc-qc_<suffix>.json``."""
-    return bids_path(deriv, sub, datatype, SUFFIX[datatype], ".json", ses=ses, desc="qc")
 
 
 def record(flags: list, metrics: dict, thresholds: dict) -> dict:

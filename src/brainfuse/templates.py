@@ -1,6 +1,6 @@
 """The MNI152 2009a symmetric template at the working resolution, from nilearn's packaged copy (no download).
 
-Writes into ``<root>/tpl-MNI152NLin2009aSym/`` (names from the Stage contract in DEVELOPERS.md):
+Writes into ``<root>/tpl-MNI152NLin2009aSym/`` (names: ``brainfuse.layout.template_files``, the Stage contract):
 
 * ``tpl-T_res-{res}_T1w`` (brain-only, as nilearn ships it), ``..._desc-brain_mask``,
   ``..._label-{GM,WM,CSF}_probseg`` (CSF = brain mask - GM - WM, clipped: nilearn ships no CSF map);
@@ -11,7 +11,6 @@ Writes into ``<root>/tpl-MNI152NLin2009aSym/`` (names from the Stage contract in
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -19,27 +18,9 @@ import numpy as np
 
 from . import cliargs
 from . import io as bf_io
-from .bids import TEMPLATE
+from .layout import template_files
 
 UNITS = ("mm",)      # NIfTI xyzt units: space in mm, no time axis
-
-
-def template_path(root, res, suffix: str, **entities) -> str:
-    """``<root>/tpl-T/tpl-T_res-{res}[_label-…][_desc-…]_<suffix>.nii.gz`` (BIDS template naming)."""
-    parts = [f"tpl-{TEMPLATE}", f"res-{int(res)}"]
-    for key in ("label", "desc"):
-        if entities.get(key):
-            parts.append(f"{key}-{entities[key]}")
-    return os.path.join(str(root), f"tpl-{TEMPLATE}", "_".join(parts) + f"_{suffix}.nii.gz")
-
-
-def outputs(res, root="resources") -> dict:
-    """Every file :func:`build` writes, by short name."""
-    out = {"T1w": template_path(root, res, "T1w"), "mask": template_path(root, res, "mask", desc="brain"),
-           "head": template_path(root, res, "T1w", desc="head")}
-    for label in ("GM", "WM", "CSF"):
-        out[label] = template_path(root, res, "probseg", label=label)
-    return out
 
 
 def build(res, root="resources") -> dict:
@@ -51,7 +32,7 @@ def build(res, root="resources") -> dict:
     res = int(res)
     if res not in (1, 2, 3, 4):
         raise ValueError(f"template resolution {res} mm: supported are 1, 2, 3, 4")
-    paths = outputs(res, root)
+    paths = template_files(root, res)
     Path(paths["T1w"]).parent.mkdir(parents=True, exist_ok=True)
     t1 = datasets.load_mni152_template(resolution=res)
 

@@ -41,7 +41,7 @@ import pandas as pd
 
 from . import cliargs
 from . import io as bf_io
-from .bids import TEMPLATE, LabelError, bids_path, check_label
+from .bids import RUN_ENTITIES, TEMPLATE, LabelError, bids_path, check_label
 from .errors import BrainfuseError
 from .inputs import CacheError, array_record, check_array, load_nifti, read_json, read_tsv
 from .provenance import code_version, file_sha256
@@ -70,7 +70,7 @@ class TensorError(BrainfuseError):
 
 
 # ------------------------------------------------------------------------------------------ image QC
-# The image stages write one QC JSON per unit and datatype (brainfuse.stageqc.qc_path: DERIV/sub-X[/ses-Y]/
+# The image stages write one QC JSON per unit and datatype (brainfuse.layout.qc_path: DERIV/sub-X[/ses-Y]/
 # <datatype>/sub-X[_ses-Y]_desc-qc_<suffix>.json, {"qc_pass": bool, "flags": [...], "metrics": {...}, ...}).
 # suffix -> (datatype, modalities it applies to): every MNI map goes through the T1w's registration.
 QC_SUFFIXES = {"T1w": ("anat", IMAGE_MODALITIES), "dwi": ("dwi", ("DTI",)), "bold": ("func", ("fMRI", "conn"))}
@@ -123,7 +123,7 @@ def derivative_paths(deriv, sub: str, modality: str, res: int, ses: str | None =
 
     ``run_entities``: entities of the BOLD run used (task/acq/dir/run) for fMRI and conn.
     """
-    run = {k: v for k, v in (run_entities or {}).items() if k in ("task", "acq", "ce", "rec", "dir", "run", "echo")}
+    run = {k: v for k, v in (run_entities or {}).items() if k in RUN_ENTITIES}
     if modality == "conn":
         return [bids_path(deriv, sub, "func", "relmat", ".tsv", ses=ses, **run, space=TEMPLATE, res=res,
                           atlas="brainfuse", desc="fisherz")]
@@ -134,10 +134,6 @@ def derivative_paths(deriv, sub: str, modality: str, res: int, ses: str | None =
         extra = run if datatype == "func" else {}
         out.append(bids_path(deriv, sub, datatype, suffix, ".nii.gz", ses=ses, **extra, space=TEMPLATE, res=res, **ents))
     return out
-
-
-def template_mask_path(res: int, root="resources") -> str:
-    return os.path.join(str(root), f"tpl-{TEMPLATE}", f"tpl-{TEMPLATE}_res-{res}_desc-brain_mask.nii.gz")
 
 
 # --------------------------------------------------------------------------------------- per subject

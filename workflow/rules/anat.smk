@@ -1,13 +1,8 @@
 # anat stage: template files (<output_dir>/templates/, from nilearn) and per-subject N4 / skull stripping / MNI / tissues
-# (src/brainfuse/templates.py, src/brainfuse/anat.py). Helpers: workflow/rules/common.smk.
+# (src/brainfuse/templates.py, src/brainfuse/anat.py). Helpers, RES and the path patterns TEMPLATE_FILES and ANAT
+# (brainfuse.layout): workflow/rules/common.smk.
 from brainfuse import resources as bf_resources
-from brainfuse.anat import output_paths as anat_output_paths
-from brainfuse.templates import outputs as template_outputs
 
-RES = int(config["resolution_mm"])
-TPL_DIR = f"{TPL_ROOT}/tpl-{TEMPLATE}"
-TEMPLATE_FILES = template_outputs(RES, TPL_ROOT)  # T1w, mask, head, GM, WM, CSF (other stages read these)
-ANAT = anat_output_paths(DERIV, "{subject}", "{session}" if HAS_SESSIONS else None, RES)
 ANAT_PARAMS = json.dumps(config["anat"], sort_keys=True)
 
 
@@ -31,9 +26,8 @@ rule templates:
 
 
 # BIDS derivatives need a dataset_description.json (DatasetType, GeneratedBy): every stage that writes into
-# DERIV names it among its targets. Run as a module (standard library only), not a `brainfuse` command.
-DERIV_DESCRIPTION = f"{DERIV}/dataset_description.json"
-DERIV_TARGETS = [] if MODE == "tabular" else [DERIV_DESCRIPTION]     # tabular-only: no derivatives folder
+# DERIV names it among its targets (DERIV_TARGETS, common.smk). Run as a module (standard library only), not a
+# `brainfuse` command.
 
 
 rule derivatives_description:
@@ -54,7 +48,7 @@ rule derivatives_description:
         mem_mb=500,
         runtime=5,
     shell:
-        "{BRAINFUSE}.derivatives --source-dir {params.source_dir:q} --code {params.sources} --out {output:q}"
+        "{BRAINFUSE}.derivatives --source-dir {params.source_dir:q} --code {params.sources} --output {output:q}"
         " > {log} 2>&1"
 
 
@@ -71,7 +65,7 @@ rule anat_subject:
         anat=ANAT_PARAMS,
         session=lambda w: f"--session {w.session}" if HAS_SESSIONS else "",
         deriv=DERIV,
-        tpl_dir=TPL_DIR,
+        tpl_dir=layout.template_dir(TPL_ROOT),
         res=RES,
         strict="--strict" if config["strict"] else "",   # QC below threshold: fail (else WARNING + QC JSON flag)
     log:

@@ -1,4 +1,7 @@
-# Validation, the dataset index, path helpers and code versions shared by every stage.
+# Validation, the dataset index, path helpers and code versions shared by every stage. Every path and file name
+# comes from brainfuse.layout (the rules and the library build them the same way); the patterns several stages
+# read (RES, TEMPLATE_FILES, ANAT, converted_images, deferred_targets ...) are defined here, so the order in which
+# the Snakefile includes the stages does not matter.
 import json
 import os
 import sys
@@ -8,8 +11,9 @@ from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 
 from brainfuse import config as bf_config
+from brainfuse import layout
 from brainfuse.phantom import generator as bf_demo
-from brainfuse.bids import IMAGING, TEMPLATE, bids_path, check_bids_root, check_input_dir, folder_label, index_bids
+from brainfuse.bids import IMAGING, bids_path, check_bids_root, check_input_dir, folder_label, index_bids
 from brainfuse.errors import BrainfuseError
 from brainfuse.inputs import check_output_dir
 from brainfuse.provenance import code_version, source_hash
@@ -33,13 +37,16 @@ except BrainfuseError as e:
     raise WorkflowError(str(e)) from None
 
 OUT = config["output_dir"].rstrip("/")
-DEMO = f"{OUT}/demo"
-BIDS_DIR = {"bids": config["bids_dir"], "dicom": f"{OUT}/bids", "demo": f"{DEMO}/bids", "tabular": None}[MODE]
-DERIV = f"{OUT}/derivatives/brainfuse"
+DIRS = layout.output_dirs(OUT)       # the folders below output_dir
+DEMO = DIRS["demo"]
+BIDS_DIR = {"bids": config["bids_dir"], "dicom": DIRS["bids"], "demo": f"{DEMO}/bids", "tabular": None}[MODE]
+DERIV = DIRS["deriv"]
 # Template and atlas files, built per output root (never into the checkout: it may be read-only, and two runs
 # there would share them); every name carries its resolution, so resolutions never overwrite each other.
-TPL_ROOT = f"{OUT}/templates"
-LOGS = f"{OUT}/logs"
+TPL_ROOT = DIRS["templates"]
+TENSORS = DIRS["tensors"]
+LOGS = DIRS["logs"]
+RES = int(config["resolution_mm"])  # the template grid (mm) of every MNI-space output: `--resolution` of the commands
 SRC = str(Path(workflow.basedir) / "src")
 
 # Rules call `brainfuse <command>` from this checkout; with --use-conda the env's python runs it.
@@ -134,6 +141,7 @@ if not AVAILABILITY:
                         f"({'sub-*' if MODE == 'bids' else 'one folder per subject'}) found; check the path")
 UNITS = sorted(AVAILABILITY, key=lambda u: (u[0], u[1] or ""))   # a table may mix rows with and without a session
 HAS_SESSIONS = any(ses for _, ses in UNITS)
+SES = "{session}" if HAS_SESSIONS else None     # the session label of a path pattern
 MODALITIES = config["modalities"]
 # dwi and func register every image to the subject's preprocessed T1w (anat stage): without one they cannot run.
 NEEDS_T1W = ("dwi", "bold")
@@ -199,9 +207,18 @@ def units_with(modality):
     return [u for u in UNITS if has(u, modality)]
 
 
-def bpath(root, datatype, suffix, ext=".nii.gz", **entities):
-    """A path pattern with {subject} (and {session} when the dataset has sessions) wildcards."""
-    return bids_path(root, "{subject}", datatype, suffix, ext, ses="{session}" if HAS_SESSIONS else None, **entities)
+# Path patterns several stages read, by short name (brainfuse.layout): the template files (rule templates) and
+# every anat output (rule anat_subject: the T1w, mask and [warp, affine] that dwi and func register to).
+TEMPLATE_FILES = layout.template_files(TPL_ROOT, RES)       # T1w, mask, head, GM, WM, CSF
+ANAT = layout.anat_paths(DERIV, "{subject}", SES, RES)
+# DERIV's dataset_description.json (rule derivatives_description): a target of every stage that writes into DERIV
+DERIV_DESCRIPTION = layout.derivatives_description(DERIV)
+DERIV_TARGETS = [] if MODE == "tabular" else [DERIV_DESCRIPTION]     # tabular-only: no derivatives folder
+# The demo (demo.smk): its BIDS images (raw_images reads them) and its Bayes rule (read by evaluate)
+demo_t1w = bids_path(f"{DEMO}/bids", "{subject}", "anat", "T1w")
+demo_dwi = bids_path(f"{DEMO}/bids", "{subject}", "dwi", "dwi", dir="AP")
+demo_bold = bids_path(f"{DEMO}/bids", "{subject}", "func", "bold", task="rest")
+DEMO_BAYES = f"{DEMO}/truth/bayes.json"
 
 
 def expand_units(pattern, units=None):
@@ -224,14 +241,48 @@ def raw_images(unit, modality):
     return converted_images(unit).get(modality, [])
 
 
-def converted_images(unit):
-    """Replaced by the convert stage (a checkpoint) in DICOM mode."""
-    raise WorkflowError("DICOM input needs the convert stage (workflow/rules/convert.smk)")
+# ------------------------------------------------------------------------- DICOM mode: what conversion found
+# The per-subject conversion (checkpoint convert_subject, convert.smk) writes a manifest of every series; which
+# images a subject has is known only once it has run. Per-subject manifests (known before conversion) are listed
+# as inputs of whatever gathers over subjects, so that every subject's checkpoint is scheduled at once.
+CONVERT_MANIFESTS = [layout.convert_manifest(BIDS_DIR, s) for s, _ in UNITS] if MODE == "dicom" else []
+_CONVERTED_CACHE = {}
 
 
 def converted_manifest(unit):
-    """Replaced by the convert stage in DICOM mode: the subject's conversion manifest."""
-    raise WorkflowError("DICOM input needs the convert stage (workflow/rules/convert.smk)")
+    """The subject's conversion manifest (DICOM mode)."""
+    return layout.convert_manifest(BIDS_DIR, unit[0])
+
+
+def converted_images(unit):
+    """{"T1w": [...], "dwi": [...], "bold": [...]} of a subject, read from its conversion manifest (DICOM mode;
+    raises Snakemake's IncompleteCheckpointException until the checkpoint has run: call it from input functions
+    only)."""
+    import csv
+
+    if MODE != "dicom":
+        raise WorkflowError("DICOM input needs the convert stage (workflow/rules/convert.smk)")
+    manifest = checkpoints.convert_subject.get(subject=unit[0]).output.manifest
+    key = (manifest, os.stat(manifest).st_mtime_ns)
+    if key not in _CONVERTED_CACHE:
+        by_suffix = {suffix: modality for modality, (_, suffix) in IMAGING.items()}
+        images = {modality: [] for modality in IMAGING}
+        with open(manifest, newline="") as f:
+            for row in csv.DictReader(f, delimiter="\t"):
+                if row["decision"] == "converted" and row["suffix"] in by_suffix and row["bids_name"]:
+                    images[by_suffix[row["suffix"]]].append(f"{BIDS_DIR}/{row['bids_name']}")
+        _CONVERTED_CACHE[key] = {m: sorted(v) for m, v in images.items()}
+    return _CONVERTED_CACHE[key]
+
+
+def deferred_targets(targets):
+    """Stage targets that depend on what conversion found: ``targets`` is a function of no arguments
+    returning the list (it may call units_with / raw_images). In DICOM mode this returns the conversion
+    manifests plus an input function (evaluated once the checkpoints have run); otherwise the list itself.
+    Use it for STAGE_TARGETS: calling units_with() at parse time fails in DICOM mode."""
+    if MODE == "dicom":
+        return CONVERT_MANIFESTS + [lambda wildcards: targets()]
+    return targets()
 
 
 def t1w_input(wildcards):
@@ -324,7 +375,9 @@ def all_targets():
     return [t for stage in stages for t in STAGE_TARGETS.get(stage, [])]
 
 
-def log_path(rule_name, per_unit=True):
+def log_path(rule_name, per_unit=True, run=None):
+    """LOGS/<rule>.log, or per unit LOGS/<rule>/sub-{subject}[_ses-{session}][_<run>].log."""
     if not per_unit:
         return f"{LOGS}/{rule_name}.log"
-    return f"{LOGS}/{rule_name}/sub-{{subject}}" + ("_ses-{session}" if HAS_SESSIONS else "") + ".log"
+    return f"{LOGS}/{rule_name}/sub-{{subject}}" + ("_ses-{session}" if HAS_SESSIONS else "") + \
+        (f"_{run}" if run else "") + ".log"

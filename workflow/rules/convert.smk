@@ -1,15 +1,12 @@
 # convert stage: DICOM -> BIDS with dcm2niix (src/brainfuse/convert.py), de-identified, with a manifest of
 # every series found. In DICOM mode the per-subject job is a checkpoint: which images a subject has is
 # known only once it has run, and downstream stages ask `raw_images(unit, modality)`, which reads its
-# manifest through `converted_images` below, within the same snakemake invocation.
+# manifest through `converted_images` (common.smk, with `deferred_targets`), within the same snakemake invocation.
 # In demo mode the target converts the demo's DICOM export back and checks it against the demo's BIDS
 # images; in BIDS mode there is nothing to convert.
-import csv
-import os
 import shlex
 
 from brainfuse import resources as bf_resources
-from brainfuse.bids import IMAGING
 
 CONVERT_PARAMS = shlex.quote(json.dumps(config["convert"], sort_keys=True))
 DEMO_CONVERTED = f"{DEMO}/converted"
@@ -20,7 +17,7 @@ _CONVERT_SHELL = (
 
 
 def _manifest(root):
-    return f"{root}/code/manifests/sub-{{subject}}_manifest.tsv"
+    return layout.convert_manifest(root, "{subject}")
 
 
 def _dataset_outputs(root):
@@ -55,30 +52,6 @@ if MODE == "dicom":
             runtime=bf_resources.CONVERT["runtime"],
         shell:
             _CONVERT_SHELL
-
-    # Per-subject manifests (known before conversion): list them as inputs of any rule that gathers over
-    # subjects, so that every subject's checkpoint is scheduled at once rather than one after another.
-    CONVERT_MANIFESTS = expand(_manifest(BIDS_DIR), subject=[s for s, _ in UNITS])
-    _CONVERTED_CACHE = {}
-
-    def converted_manifest(unit):
-        return _manifest(BIDS_DIR).format(subject=unit[0])
-
-    def converted_images(unit):
-        """{"T1w": [...], "dwi": [...], "bold": [...]} of a subject, read from its conversion manifest
-        (raises Snakemake's IncompleteCheckpointException until the checkpoint has run: call it from
-        input functions only)."""
-        manifest = checkpoints.convert_subject.get(subject=unit[0]).output.manifest
-        key = (manifest, os.stat(manifest).st_mtime_ns)
-        if key not in _CONVERTED_CACHE:
-            by_suffix = {suffix: modality for modality, (_, suffix) in IMAGING.items()}
-            images = {modality: [] for modality in IMAGING}
-            with open(manifest, newline="") as f:
-                for row in csv.DictReader(f, delimiter="\t"):
-                    if row["decision"] == "converted" and row["suffix"] in by_suffix and row["bids_name"]:
-                        images[by_suffix[row["suffix"]]].append(f"{BIDS_DIR}/{row['bids_name']}")
-            _CONVERTED_CACHE[key] = {m: sorted(v) for m, v in images.items()}
-        return _CONVERTED_CACHE[key]
 
     _CONVERT_ROOT, _CONVERT_SUBJECTS = BIDS_DIR, [s for s, _ in UNITS]
     _CLINICAL = config["participants_tsv"]
@@ -138,19 +111,6 @@ elif MODE == "demo":
 
 else:
     _CONVERT_ROOT, _CONVERT_SUBJECTS, _CLINICAL = None, [], None
-
-if MODE != "dicom":
-    CONVERT_MANIFESTS = []
-
-
-def deferred_targets(targets):
-    """Stage targets that depend on what conversion found: ``targets`` is a function of no arguments
-    returning the list (it may call units_with / raw_images). In DICOM mode this returns the conversion
-    manifests plus an input function (evaluated once the checkpoints have run); otherwise the list itself.
-    Use it for STAGE_TARGETS: calling units_with() at parse time fails in DICOM mode."""
-    if MODE == "dicom":
-        return CONVERT_MANIFESTS + [lambda wildcards: targets()]
-    return targets()
 
 
 if _CONVERT_ROOT:

@@ -1,15 +1,13 @@
 # The embedded phantom dataset (src/brainfuse/phantom/generator.py), generated when no bids_dir/dicom_dir is given.
+# Its BIDS images (demo_t1w, demo_dwi, demo_bold) and truth/bayes.json (DEMO_BAYES): common.smk.
 DEMO_PARAMS = json.dumps(config["demo"], sort_keys=True)
-demo_t1w = bids_path(f"{DEMO}/bids", "{subject}", "anat", "T1w")
-demo_dwi = bids_path(f"{DEMO}/bids", "{subject}", "dwi", "dwi", dir="AP")
-demo_bold = bids_path(f"{DEMO}/bids", "{subject}", "func", "bold", task="rest")
 
 
 rule demo_dataset:
     output:
         description=f"{DEMO}/bids/dataset_description.json",
         participants=f"{DEMO}/bids/participants.tsv",
-        bayes=f"{DEMO}/truth/bayes.json",
+        bayes=DEMO_BAYES,
         # head model + BOLD band-pass operator, built once here instead of in every subject job
         cache=f"{DEMO}/truth/generator_cache.npz",
     params:

@@ -1,15 +1,13 @@
-# dwi stage: see workflow/rules/common.smk for helpers (bpath, units_with, raw_images, STAGE_TARGETS).
+# dwi stage: see workflow/rules/common.smk for helpers (units_with, raw_images, STAGE_TARGETS).
 # One job per subject (session) corrects every DWI run together, fits the tensor and normalises the maps
 # (src/brainfuse/dwi.py). Per-run outputs (desc-preproc dwi/bval/bvec, desc-motion timeseries) are written
 # too; only the subject-level files are declared because run entities differ between subjects.
+# Names: brainfuse.layout.dwi_paths (DWI) and ANAT, TEMPLATE_FILES (common.smk).
 from brainfuse import resources as bf_resources
-from brainfuse import templates as bf_templates
 
-DWI_RES = int(config["resolution_mm"])
 DWI_SETTINGS = json.dumps(config["dwi"], sort_keys=True)
-_dwi_map = lambda space, p, **e: bpath(DERIV, "dwi", f"param-{p}_dwimap", space=space, model="tensor", **e)
-DWI_MNI = [_dwi_map(TEMPLATE, p, res=DWI_RES) for p in ("fa", "md", "ad", "rd")]
-DWI_QC = [bpath(DERIV, "figures", "dwi", ".png", desc=d) for d in ("fa", "motion")]
+DWI = layout.dwi_paths(DERIV, "{subject}", SES, RES)
+DWI_QC = [DWI["qc_fa"], DWI["qc_motion"]]
 
 
 # every run of the unit with its .bval/.bvec (a lambda: the linter wants functions in common.smk)
@@ -21,22 +19,22 @@ rule dwi_subject:
     """Motion/eddy correction with b-vector rotation, dipy tensor fit, FA/MD/AD/RD to the template."""
     input:
         dwi=dwi_inputs,
-        t1w=bpath(DERIV, "anat", "T1w", desc="preproc"),
-        mask=bpath(DERIV, "anat", "mask", desc="brain"),
-        warp=bpath(DERIV, "anat", "xfm", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "warp"}),
-        affine=bpath(DERIV, "anat", "xfm", ".mat", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "affine"}),
-        template=bf_templates.template_path(TPL_ROOT, DWI_RES, "T1w"),
+        t1w=ANAT["preproc"],
+        mask=ANAT["mask"],
+        warp=ANAT["warp"],
+        affine=ANAT["affine"],
+        template=TEMPLATE_FILES["T1w"],
     output:
-        maps=[_dwi_map("dwi", p) for p in ("fa", "md", "ad", "rd")],
-        mni=DWI_MNI,
-        xfm=bpath(DERIV, "dwi", "xfm", ".mat", **{"from": "dwi", "to": "T1w", "mode": "image"}),
+        maps=[DWI[m] for m in layout.DWI_MAPS],
+        mni=[DWI[f"mni_{m}"] for m in layout.DWI_MAPS],
+        xfm=DWI["xfm"],
         qc=DWI_QC,
-        qc_json=bpath(DERIV, "dwi", "dwi", ".json", desc="qc"),   # QC record (brainfuse.stageqc): manifest, report
+        qc_json=DWI["qc_json"],   # QC record (brainfuse.stageqc): manifest, report
     params:
         runs=lambda wildcards, input: " ".join(r for r in input.dwi if r.endswith((".nii", ".nii.gz"))),
         ses=lambda wildcards: f"--session {wildcards.session}" if HAS_SESSIONS else "",
         settings=DWI_SETTINGS,
-        res=DWI_RES,
+        res=RES,
         code=code_version("dwi"),
         strict="--strict" if config["strict"] else "",   # QC below threshold: fail (else WARNING + QC JSON flag)
     log:

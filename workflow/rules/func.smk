@@ -1,44 +1,24 @@
-# func stage: see workflow/rules/common.smk for helpers (bpath, units_with, raw_images, STAGE_TARGETS).
+# func stage: see workflow/rules/common.smk for helpers (units_with, raw_images, STAGE_TARGETS).
 # One job per BOLD run (src/brainfuse/func.py): motion correction, confounds, BOLD -> T1w -> MNI, denoising,
 # ALFF/fALFF/ReHo, parcel time series and Fisher-z connectivity. The parcellation (rule atlas) is built once
-# from the template (src/brainfuse/atlas.py). Wildcard {bold}: the run's entities, e.g. "task-rest_run-1".
+# from the template (src/brainfuse/atlas.py). Wildcard {bold}: the run's entities, e.g. "task-rest_run-1"
+# (brainfuse.layout.run_key). Names: brainfuse.layout (func_paths, atlas_paths) and ANAT, TEMPLATE_FILES (common.smk).
 import os
 
-from brainfuse import templates as bf_templates
-from brainfuse.bids import ENTITY_ORDER, parse_name
+from brainfuse.bids import parse_name
 from brainfuse import resources as bf_resources
 
-FUNC_RES = int(config["resolution_mm"])
 FUNC_SETTINGS = json.dumps(config["func"], sort_keys=True)
-_TPL_DIR = f"{TPL_ROOT}/tpl-{TEMPLATE}"
-ATLAS_NII = f"{_TPL_DIR}/tpl-{TEMPLATE}_res-{FUNC_RES}_atlas-brainfuse_dseg.nii.gz"
-ATLAS_TSV = f"{_TPL_DIR}/tpl-{TEMPLATE}_res-{FUNC_RES}_atlas-brainfuse_dseg.tsv"   # n_voxels differ by grid
-_RUN_ENTITIES = ("task", "acq", "ce", "rec", "dir", "run", "echo")
+ATLAS_NII, ATLAS_TSV = layout.atlas_paths(TPL_ROOT, RES)   # the TSV's n_voxels differ by grid
 
 wildcard_constraints:
-    bold="task-[A-Za-z0-9]+(_(acq|ce|rec|dir|run|echo)-[A-Za-z0-9]+)*",
+    bold=layout.BOLD_RUN_REGEX,
 
 
-def _func_stem(datatype="func"):
-    ses = "_ses-{session}" if HAS_SESSIONS else ""
-    folders = [DERIV, "sub-{subject}"] + (["ses-{session}"] if HAS_SESSIONS else []) + [datatype]
-    return os.path.join(*folders, "sub-{subject}" + ses + "_{bold}")
-
-
-_MNI = f"space-{TEMPLATE}_res-{FUNC_RES}"
-FUNC_OUT = {
-    "confounds": _func_stem() + "_desc-confounds_timeseries.tsv",
-    "motion_qc": _func_stem() + "_desc-confounds_timeseries.json",   # motion QC (FD, largest rotation/translation)
-    "xfm": _func_stem() + "_from-bold_to-T1w_mode-image_xfm.mat",
-    "preproc": _func_stem() + f"_{_MNI}_desc-preproc_bold.nii.gz",
-    **{s: _func_stem() + f"_{_MNI}_stat-{s}_boldmap.nii.gz" for s in ("alff", "falff", "reho")},
-    "timeseries": _func_stem() + f"_{_MNI}_atlas-brainfuse_timeseries.tsv",
-    "relmat": _func_stem() + f"_{_MNI}_atlas-brainfuse_desc-fisherz_relmat.tsv",
-    "qc_motion": _func_stem("figures") + "_desc-motion_bold.png",
-    "qc_carpet": _func_stem("figures") + "_desc-carpet_bold.png",
-}
+# every output of one run; motion_qc: the confounds' sidecar (FD, largest rotation/translation)
+FUNC_OUT = layout.func_paths(DERIV, "{subject}", SES, RES, "{bold}")
 # per subject (session): the QC record of all its runs (brainfuse.stageqc; the tensors manifest and report read it)
-FUNC_QC = bpath(DERIV, "func", "bold", ".json", desc="qc")
+FUNC_QC = layout.qc_path(DERIV, "{subject}", SES, "func")
 FUNC_STRICT = "--strict" if config["strict"] else ""   # QC below threshold: fail (else WARNING + QC JSON flag)
 
 
@@ -46,9 +26,7 @@ def bold_runs(unit):
     """{entity string: raw BOLD path} of a unit, e.g. {"task-rest": ".../sub-01_task-rest_bold.nii.gz"}."""
     runs = {}
     for path in raw_images(unit, "bold"):
-        ents = parse_name(Path(path).name) or {}
-        key = "_".join(f"{k}-{ents[k]}" for k in ENTITY_ORDER if k in _RUN_ENTITIES and k in ents)
-        runs[key] = path
+        runs[layout.run_key(parse_name(Path(path).name) or {})] = path
     return runs
 
 
@@ -62,8 +40,8 @@ def _func_bold(wildcards):
 rule atlas:
     """atlas-brainfuse: k-means grey-matter parcels of the template, per hemisphere (no download)."""
     input:
-        gm=bf_templates.template_path(TPL_ROOT, FUNC_RES, "probseg", label="GM"),
-        mask=bf_templates.template_path(TPL_ROOT, FUNC_RES, "mask", desc="brain"),
+        gm=TEMPLATE_FILES["GM"],
+        mask=TEMPLATE_FILES["mask"],
     output:
         nii=ATLAS_NII,
         tsv=ATLAS_TSV,
@@ -87,26 +65,26 @@ rule func_run:
     """One BOLD run: motion, confounds, MNI, denoising, ALFF/fALFF/ReHo, connectivity, QC."""
     input:
         unpack(_func_bold),
-        t1w=bpath(DERIV, "anat", "T1w", desc="preproc"),
-        mask=bpath(DERIV, "anat", "mask", desc="brain"),
-        warp=bpath(DERIV, "anat", "xfm", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "warp"}),
-        affine=bpath(DERIV, "anat", "xfm", ".mat", **{"from": "T1w", "to": TEMPLATE, "mode": "image", "desc": "affine"}),
-        wm=bpath(DERIV, "anat", "probseg", space=TEMPLATE, res=FUNC_RES, label="WM"),
-        csf=bpath(DERIV, "anat", "probseg", space=TEMPLATE, res=FUNC_RES, label="CSF"),
-        template=bf_templates.template_path(TPL_ROOT, FUNC_RES, "T1w"),
-        template_mask=bf_templates.template_path(TPL_ROOT, FUNC_RES, "mask", desc="brain"),
+        t1w=ANAT["preproc"],
+        mask=ANAT["mask"],
+        warp=ANAT["warp"],
+        affine=ANAT["affine"],
+        wm=ANAT["mni_WM"],
+        csf=ANAT["mni_CSF"],
+        template=TEMPLATE_FILES["T1w"],
+        template_mask=TEMPLATE_FILES["mask"],
         atlas=ATLAS_NII,
         atlas_tsv=ATLAS_TSV,
     output:
         **FUNC_OUT,
     params:
         settings=FUNC_SETTINGS,
-        res=FUNC_RES,
-        anat_dir=lambda wildcards, input: os.path.dirname(input.t1w),  # brainfuse.anat.to_mni_transforms
+        res=RES,
+        anat_dir=lambda wildcards, input: os.path.dirname(input.t1w),  # brainfuse.layout.to_mni_transforms
         code=code_version("func"),
         strict=FUNC_STRICT,
     log:
-        f"{LOGS}/func_run/sub-{{subject}}" + ("_ses-{session}" if HAS_SESSIONS else "") + "_{bold}.log",
+        log_path("func_run", run="{bold}"),
     conda:
         "../../envs/func.yaml"
     threads: config["threads"]

@@ -1,21 +1,18 @@
 # tensors stage: per-subject fixed-shape caches of the MNI derivatives, then one gathered cohort
-# (src/brainfuse/tensors.py). Helpers (bpath, units_with, raw_images, STAGE_TARGETS) are in common.smk.
+# (src/brainfuse/tensors.py). Helpers (units_with, raw_images, STAGE_TARGETS), RES, TENSORS and
+# TEMPLATE_FILES are in common.smk; names from brainfuse.layout.
 import functools
 import shlex
 
-from brainfuse import stageqc as bf_stageqc
-from brainfuse import templates as bf_templates
 from brainfuse import tensors as bf_tensors
 from brainfuse.bids import parse_name
 
-TENSORS = f"{OUT}/tensors"
-TENSOR_RES = int(config["resolution_mm"])
 TENSOR_SETTINGS = dict(config["tensors"])
 if MODE == "demo" and not TENSOR_SETTINGS["classes"]:
     TENSOR_SETTINGS["classes"] = config["demo"]["classes"]
 if MODE == "tabular":   # no images: the default list's image modalities would only be empty columns
     TENSOR_SETTINGS["modalities"] = [m for m in TENSOR_SETTINGS["modalities"] if m not in bf_tensors.IMAGE_MODALITIES]
-TEMPLATE_MASK = bf_tensors.template_mask_path(TENSOR_RES, TPL_ROOT)
+TEMPLATE_MASK = TEMPLATE_FILES["mask"]
 # DICOM input: convert merges participants_tsv into the converted dataset's table; BIDS/demo: the given
 # clinical table, else the dataset's own participants.tsv.
 PARTICIPANTS_TSV = (f"{BIDS_DIR}/participants.tsv" if MODE == "dicom"
@@ -27,8 +24,7 @@ REGION_VOLUMES = [m for m in IMAGE_TENSORS if m in bf_tensors.VOLUME_CHANNELS]
 if TENSOR_SETTINGS["image_features"] == "regions" and REGION_VOLUMES:
     _user_atlas = TENSOR_SETTINGS.get("atlas")
     REGION_ATLAS = ([_user_atlas["nifti"], _user_atlas["tsv"]] if _user_atlas else
-                    [f"{TPL_ROOT}/tpl-{TEMPLATE}/tpl-{TEMPLATE}_res-{TENSOR_RES}_atlas-brainfuseRegions_dseg{e}"
-                     for e in (".nii.gz", ".tsv")])
+                    list(layout.region_atlas_paths(TPL_ROOT, RES)))
 else:
     REGION_ATLAS = []
 
@@ -36,8 +32,7 @@ def bold_run_entities(unit):
     """Entities of the BOLD run the tensors use: the first task-rest run (sorted), else the first run."""
     runs = sorted(raw_images(unit, "bold"), key=lambda p: Path(p).name)
     rest = [p for p in runs if parse_name(Path(p).name).get("task") == "rest"]
-    ents = parse_name(Path((rest or runs)[0]).name)
-    return {k: ents[k] for k in ("task", "acq", "ce", "rec", "dir", "run", "echo") if k in ents}
+    return layout.run_entities(parse_name(Path((rest or runs)[0]).name))
 
 
 def unit_modalities(unit):
@@ -51,7 +46,7 @@ def unit_sources(unit):
     out = {}
     for m in unit_modalities(unit):
         run = bold_run_entities(unit) if bf_tensors.SOURCE_OF[m] == "bold" else None
-        out[m] = bf_tensors.derivative_paths(DERIV, unit[0], m, TENSOR_RES, ses=unit[1], run_entities=run)
+        out[m] = bf_tensors.derivative_paths(DERIV, unit[0], m, RES, ses=unit[1], run_entities=run)
     return out
 
 
@@ -66,7 +61,7 @@ def unit_qc(wildcards):
     mods = unit_modalities(unit)
     datatypes = (["anat"] if mods and has(unit, "T1w") else []) + (["dwi"] if "DTI" in mods else []) \
         + (["func"] if {"fMRI", "conn"} & set(mods) else [])
-    return [bf_stageqc.qc_path(DERIV, unit[0], unit[1], d) for d in datatypes]
+    return [layout.qc_path(DERIV, unit[0], unit[1], d) for d in datatypes]
 
 
 def tensor_args(wildcards):
@@ -78,7 +73,7 @@ def all_unit_tensors(wildcards):
     return [bf_tensors.unit_dir(TENSORS, *u) for u in UNITS if unit_modalities(u)]
 
 
-_unit_dir = bf_tensors.unit_dir(TENSORS, "{subject}", "{session}" if HAS_SESSIONS else None)
+_unit_dir = bf_tensors.unit_dir(TENSORS, "{subject}", SES)
 
 
 rule tensors_subject:
@@ -91,7 +86,7 @@ rule tensors_subject:
     output:
         directory(_unit_dir),
     params:
-        res=TENSOR_RES,
+        res=RES,
         session=lambda w: f"--session {w.session}" if HAS_SESSIONS else "",
         modalities=tensor_args,
         out_dir=TENSORS,
@@ -113,11 +108,11 @@ rule atlas_regions:
     """atlas-brainfuseRegions: k-means parcels of the whole template brain (GM, WM, deep nuclei) per hemisphere,
     for the region features of the image modalities (no download; src/brainfuse/atlas.py)."""
     input:
-        gm=bf_templates.template_path(TPL_ROOT, TENSOR_RES, "probseg", label="GM"),
+        gm=TEMPLATE_FILES["GM"],
         mask=TEMPLATE_MASK,
     output:
-        nii=f"{TPL_ROOT}/tpl-{TEMPLATE}/tpl-{TEMPLATE}_res-{TENSOR_RES}_atlas-brainfuseRegions_dseg.nii.gz",
-        tsv=f"{TPL_ROOT}/tpl-{TEMPLATE}/tpl-{TEMPLATE}_res-{TENSOR_RES}_atlas-brainfuseRegions_dseg.tsv",
+        nii=layout.region_atlas_paths(TPL_ROOT, RES)[0],
+        tsv=layout.region_atlas_paths(TPL_ROOT, RES)[1],
     params:
         n=TENSOR_SETTINGS["region_parcels"],
         code=code_version("atlas"),

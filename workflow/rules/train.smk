@@ -1,12 +1,13 @@
 # train / evaluate / predict: participant-grouped CV of the MoE presets (src/brainfuse/train.py, evaluate.py,
-# predict.py). Helpers (bpath, units_with, STAGE_TARGETS, LOGS, OUT) are in common.smk; TENSORS in tensors.smk.
+# predict.py). Helpers (units_with, STAGE_TARGETS, LOGS, DIRS, TENSORS) are in common.smk; names from
+# brainfuse.layout.
 import shlex
 
 
 # The leakage canary (cv.permute_labels) writes beside the real results, never over them.
 _CANARY = "/permuted" if config["cv"]["permute_labels"] else ""
-MODELS = f"{OUT}/models{_CANARY}"
-REPORTS = f"{OUT}/reports{_CANARY}"
+MODELS = f"{DIRS['models']}{_CANARY}"
+REPORTS = f"{DIRS['reports']}{_CANARY}"
 TRAIN_PRESETS = config["model"]["presets"]
 FOLDS = list(range(config["cv"]["n_folds"]))
 # Only the cv section feeds the splits: changing epochs must not redraw them.
@@ -35,7 +36,7 @@ def model_job_resources():
 
 MODEL_JOB_RESOURCES = model_job_resources()
 COHORT = [f"{TENSORS}/cohort.json", f"{TENSORS}/manifest.tsv"]
-_fold_dir = f"{MODELS}/{{preset}}/fold-{{fold}}"
+_fold_dir = layout.fold_dir(MODELS, "{preset}", "{fold}")
 
 wildcard_constraints:
     preset="|".join(TRAIN_PRESETS),   # the schema checks the names; moe.py (torch) is not imported at parse time
@@ -69,8 +70,7 @@ rule train_fold:
         COHORT,
         splits=rules.splits.output,
     output:
-        checkpoint=f"{_fold_dir}/checkpoint.pt",
-        predictions=f"{_fold_dir}/predictions.tsv",
+        **layout.fold_paths(MODELS, "{preset}", "{fold}"),   # checkpoint, predictions
     params:
         settings=TRAIN_SETTINGS,
         device=config["model"]["device"],
@@ -99,7 +99,7 @@ rule evaluate_cv:
         splits=rules.splits.output,
         models=expand(rules.train_fold.output.checkpoint, preset=TRAIN_PRESETS, fold=FOLDS),
         predictions=expand(rules.train_fold.output.predictions, preset=TRAIN_PRESETS, fold=FOLDS),
-        bayes=rules.demo_dataset.output.bayes if MODE == "demo" else [],
+        bayes=DEMO_BAYES if MODE == "demo" else [],
     output:
         results=report(f"{REPORTS}/results.tsv", caption="../report/results.rst", category="Results",
                        labels={"table": "metrics (long format)"}),
@@ -129,7 +129,9 @@ rule evaluate_cv:
 
 
 def qc_figures(wildcards=None):
-    """Preprocessing QC PNGs (DERIV/sub-*/figures/) among the stages' targets, for the HTML report."""
+    """Preprocessing QC PNGs (DERIV/sub-*/figures/) among the stages' targets, for the HTML report. Called when
+    the DAG is built (an input function), once every stage has filled STAGE_TARGETS: include order does not
+    matter."""
     return sorted({f for s in ("anat", "dwi", "func") for f in STAGE_TARGETS.get(s, [])
                    if isinstance(f, str) and "/figures/" in f and f.endswith(".png")})
 
@@ -137,9 +139,9 @@ def qc_figures(wildcards=None):
 rule report_qc:
     """Collect the preprocessing QC images into one folder flagged for `snakemake --report`."""
     input:
-        qc_figures(),
+        qc_figures,
     output:
-        report(directory(f"{OUT}/reports/qc"), patterns=["{name}.png"], category="Preprocessing QC",
+        report(directory(f"{DIRS['reports']}/qc"), patterns=["{name}.png"], category="Preprocessing QC",
                caption="../report/qc.rst",
                labels={"figure": "{name}"}),
     params:
@@ -172,7 +174,7 @@ rule predict:
                 expand(rules.train_fold.output.checkpoint, preset=TRAIN_PRESETS, fold=FOLDS)),
         summary=[] if PREDICT_FROM or config["model"]["predict_preset"] else rules.evaluate_cv.output.summary,
     output:
-        f"{OUT}/predictions/predictions{_CANARY.replace('/', '_')}.tsv",
+        f"{DIRS['predictions']}/predictions{_CANARY.replace('/', '_')}.tsv",
     params:
         models=PREDICT_FROM or MODELS,
         preset=config["model"]["predict_preset"] or "best",
@@ -196,7 +198,8 @@ if PREDICT_FROM:
     STAGE_TARGETS["evaluate"] = rules.predict.output
 else:
     STAGE_TARGETS["train"] = expand(rules.train_fold.output, preset=TRAIN_PRESETS, fold=FOLDS)
-    STAGE_TARGETS["evaluate"] = list(rules.evaluate_cv.output) + (rules.report_qc.output if qc_figures() else [])
+    STAGE_TARGETS["evaluate"] = list(rules.evaluate_cv.output) + [
+        lambda wildcards: list(rules.report_qc.output) if qc_figures() else []]
 
 
 rule train:

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -167,14 +168,38 @@ def export_series(nifti_path, out_dir, series_number: int, description: str, pat
     nifti_path = str(nifti_path)
     img = nib.load(nifti_path)
     side = dict(_sidecar_for(nifti_path) if sidecar is None else sidecar)
-    shape = img.shape
-    if len(shape) not in (3, 4):
-        raise ExportError(f"{nifti_path}: expected a 3D or 4D image, got shape {shape}")
-    nx, ny, nz = shape[:3]
-    nt = shape[3] if len(shape) == 4 else 1
-    affine = img.affine
-    geo = _geometry(affine, nifti_path)
+    if len(img.shape) not in (3, 4):
+        raise ExportError(f"{nifti_path}: expected a 3D or 4D image, got shape {img.shape}")
+    geo = _geometry(img.affine, nifti_path)
+    values, slope, inter = _int16_values(img)
+    acq = _acquisition(nifti_path, img.affine, values.shape, side, bvals=bvals, bvecs=bvecs,
+                       repetition_time=repetition_time, echo_time=echo_time,
+                       phase_encoding_direction=phase_encoding_direction, slice_timing=slice_timing,
+                       total_readout_time=total_readout_time)
 
+    when = datetime.datetime.strptime(study_datetime, "%Y%m%dT%H%M%S")
+    t0 = when.hour * 3600 + when.minute * 60 + when.second + 60.0 * series_number   # series start, s
+    study_uid = study_uid or _uid("brainfuse-study", patient.get("PatientID", ""), when.strftime("%Y%m%d"))
+    series_uid = _uid(study_uid, "series", series_number)
+    ds = _series_dataset(when, t0, patient, manufacturer, study_uid, series_uid,
+                         _uid(study_uid, "frame", series_number), series_number, description, protocol_name)
+    _set_sequence(ds, acq, side)
+    _set_image(ds, geo, values.shape, slope, inter, acq)
+    _set_csa(ds, acq, values.shape)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _write_series(out_dir, ds, values, img.affine, geo, acq, t0, series_uid, series_number)
+
+
+def _int16_values(img):
+    """The image's voxels as int16 (nx, ny, nz, nt) with one series-wide slope and intercept.
+
+    An integer image already scaled by its NIfTI header keeps its stored values and scaling (when they
+    fit int16); anything else goes through :func:`to_int16`.
+    """
+    nx, ny, nz = img.shape[:3]
+    nt = img.shape[3] if len(img.shape) == 4 else 1
     raw = np.asanyarray(img.dataobj.get_unscaled()) if hasattr(img.dataobj, "get_unscaled") else np.asanyarray(img.dataobj)
     slope, inter = (getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0))
     scaled = not (slope in (1.0, None) and inter in (0.0, None)) and np.isfinite(slope) and slope != 0
@@ -182,51 +207,87 @@ def export_series(nifti_path, out_dir, series_number: int, description: str, pat
         values, slope, inter = raw.astype(np.int16), float(slope), float(inter)
     else:
         values, slope, inter = to_int16(np.asanyarray(img.dataobj) if scaled else raw)
-    values = values.reshape(nx, ny, nz, nt)
+    return values.reshape(nx, ny, nz, nt), slope, inter
 
+
+@dataclass
+class _Acquisition:
+    """Acquisition parameters of one series (sidecar units: seconds), as the DICOM header needs them."""
+    kind: str                       # "anat", "bold" or "dwi": picks the sequence fields
+    tr: float | None
+    te: float | None
+    slice_timing: list | None       # None when missing or not one time per slice
+    total_readout_time: float | None
+    pe_axis: str | None             # "ROW" (NIfTI i) or "COL" (NIfTI j)
+    pe_positive: int | None         # CSA PhaseEncodingDirectionPositive
+    bvals: np.ndarray | None        # one per volume, for a diffusion series
+    grads: np.ndarray | None        # unit gradient directions in LPS, volumes x 3
+
+    @property
+    def dwi(self) -> bool:
+        return self.bvals is not None
+
+
+def _acquisition(nifti_path, affine, shape, side, bvals, bvecs, repetition_time, echo_time,
+                 phase_encoding_direction, slice_timing, total_readout_time) -> _Acquisition:
+    """The caller's metadata, each one left as None taken from the sidecar ``side``."""
+    nz, nt = shape[2], shape[3]
     tr = repetition_time if repetition_time is not None else side.get("RepetitionTime")
     te = echo_time if echo_time is not None else side.get("EchoTime")
     pe = phase_encoding_direction if phase_encoding_direction is not None else side.get("PhaseEncodingDirection")
     st = slice_timing if slice_timing is not None else side.get("SliceTiming")
     trt = total_readout_time if total_readout_time is not None else side.get("TotalReadoutTime")
-    if bvals is None and bvecs is None and nt > 1:
-        bvals, bvecs = _load_bvals_bvecs(nifti_path)
-    dwi = bvals is not None
-    if dwi:
-        bvals = np.asarray(bvals, float).ravel()
-        if bvecs is None or len(bvals) != nt:
-            raise ExportError(f"{nifti_path}: {len(bvals)} b-values for {nt} volumes (or no b-vectors)")
-        grads = bvecs_to_lps(bvecs, affine)
-        if grads.shape != (nt, 3):
-            raise ExportError(f"{nifti_path}: b-vectors of shape {np.shape(bvecs)} for {nt} volumes")
+    bvals, grads = _diffusion(nifti_path, affine, nt, bvals, bvecs)
     if st is not None and len(st) != nz:
         st = None          # slice times for another slice count (cannot be placed): leave them out
-    kind = "dwi" if dwi else ("bold" if nt > 1 else "anat")
+    kind = "dwi" if bvals is not None else ("bold" if nt > 1 else "anat")
+    pe_axis, pe_positive = _phase_encoding(nifti_path, pe)
+    return _Acquisition(kind=kind, tr=tr, te=te, slice_timing=st, total_readout_time=trt, pe_axis=pe_axis,
+                        pe_positive=pe_positive, bvals=bvals, grads=grads)
 
-    # Phase encoding: NIfTI axis i = DICOM row direction ("ROW"), j = column direction ("COL").
-    pe_axis, pe_positive = None, None
-    if pe:
-        m = re.fullmatch(r"([ij])(-?)", pe)
-        if not m:
-            raise ExportError(f"{nifti_path}: phase-encoding direction {pe!r} must be in-plane (i, i-, j, j-)")
-        pe_axis = "ROW" if m[1] == "i" else "COL"
-        # dcm2niix flips rows, so +j of the NIfTI is -column; +i is +row.
-        pe_positive = int((m[2] == "") == (m[1] == "i"))
 
-    when = datetime.datetime.strptime(study_datetime, "%Y%m%dT%H%M%S")
-    date = when.strftime("%Y%m%d")
-    t0 = when.hour * 3600 + when.minute * 60 + when.second + 60.0 * series_number
-    study_uid = study_uid or _uid("brainfuse-study", patient.get("PatientID", ""), date)
-    series_uid = _uid(study_uid, "series", series_number)
-    frame_uid = _uid(study_uid, "frame", series_number)
+def _diffusion(nifti_path, affine, nt: int, bvals, bvecs):
+    """b-values and LPS gradient directions, each one per volume; (None, None) for a non-diffusion image.
 
+    Without ``bvals``/``bvecs`` a 4D image takes them from its ``.bval``/``.bvec`` files, if any.
+    """
+    if bvals is None and bvecs is None and nt > 1:
+        bvals, bvecs = _load_bvals_bvecs(nifti_path)
+    if bvals is None:
+        return None, None
+    bvals = np.asarray(bvals, float).ravel()
+    if bvecs is None or len(bvals) != nt:
+        raise ExportError(f"{nifti_path}: {len(bvals)} b-values for {nt} volumes (or no b-vectors)")
+    grads = bvecs_to_lps(bvecs, affine)
+    if grads.shape != (nt, 3):
+        raise ExportError(f"{nifti_path}: b-vectors of shape {np.shape(bvecs)} for {nt} volumes")
+    return bvals, grads
+
+
+def _phase_encoding(nifti_path, pe):
+    """BIDS PhaseEncodingDirection -> (InPlanePhaseEncodingDirection, CSA polarity), (None, None) if none.
+
+    NIfTI axis i = DICOM row direction ("ROW"), j = column direction ("COL").
+    """
+    if not pe:
+        return None, None
+    m = re.fullmatch(r"([ij])(-?)", pe)
+    if not m:
+        raise ExportError(f"{nifti_path}: phase-encoding direction {pe!r} must be in-plane (i, i-, j, j-)")
+    # dcm2niix flips rows, so +j of the NIfTI is -column; +i is +row.
+    return ("ROW" if m[1] == "i" else "COL"), int((m[2] == "") == (m[1] == "i"))
+
+
+def _series_dataset(when, t0, patient, manufacturer, study_uid, series_uid, frame_uid, series_number,
+                    description, protocol_name) -> Dataset:
+    """The series' file meta, dates, equipment, patient fields and identifiers."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = MRImageStorage
-    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = when.strftime("%Y%m%d")
     ds.StudyTime = _time(when.hour * 3600 + when.minute * 60 + when.second)
     ds.SeriesTime = _time(t0)
     ds.Modality = "MR"
@@ -241,7 +302,13 @@ def export_series(nifti_path, out_dir, series_number: int, description: str, pat
     ds.SeriesNumber = int(series_number)
     ds.SeriesDescription = description
     ds.ProtocolName = protocol_name or description
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "DIFFUSION" if dwi else "M", "NONE" if dwi else "ND"]
+    return ds
+
+
+def _set_sequence(ds: Dataset, acq: _Acquisition, side: dict):
+    """Image type, sequence fields by kind (EPI for BOLD/DWI, MPRAGE for anat) and timing in ms."""
+    kind = acq.kind
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "DIFFUSION" if acq.dwi else "M", "NONE" if acq.dwi else "ND"]
     ds.ScanningSequence = "EP" if kind != "anat" else "GR\\IR"
     ds.SequenceVariant = "SK\\SS" if kind != "anat" else "SK\\SP\\MP"
     ds.ScanOptions = "FS" if kind != "anat" else "IR"
@@ -250,22 +317,27 @@ def export_series(nifti_path, out_dir, series_number: int, description: str, pat
     ds.PatientPosition = "HFS"
     if side.get("MagneticFieldStrength"):
         ds.MagneticFieldStrength = _ds(float(side["MagneticFieldStrength"]))
-    if tr is not None:
-        ds.RepetitionTime = _ds(float(tr) * 1000.0)
-    if te is not None:
-        ds.EchoTime = _ds(float(te) * 1000.0)
+    if acq.tr is not None:
+        ds.RepetitionTime = _ds(float(acq.tr) * 1000.0)
+    if acq.te is not None:
+        ds.EchoTime = _ds(float(acq.te) * 1000.0)
     if side.get("InversionTime") is not None:
         ds.InversionTime = _ds(float(side["InversionTime"]) * 1000.0)
     if side.get("FlipAngle") is not None:
         ds.FlipAngle = _ds(float(side["FlipAngle"]))
+
+
+def _set_image(ds: Dataset, geo: dict, shape, slope: float, inter: float, acq: _Acquisition):
+    """Slice geometry, matrix and phase-encoding axis, pixel format and rescaling, volume counts."""
+    nx, ny, nz, nt = shape
     ds.SliceThickness = _ds(geo["zooms"][2])
     ds.SpacingBetweenSlices = _ds(geo["zooms"][2])
     ds.PixelSpacing = [_ds(geo["zooms"][1]), _ds(geo["zooms"][0])]
     ds.ImageOrientationPatient = [_ds(v) for v in np.r_[geo["row"], geo["col"]]]
     ds.Rows, ds.Columns = ny, nx
-    if pe_axis:
-        ds.InPlanePhaseEncodingDirection = pe_axis
-        ds.AcquisitionMatrix = [0, nx, ny, 0] if pe_axis == "COL" else [ny, 0, 0, nx]
+    if acq.pe_axis:
+        ds.InPlanePhaseEncodingDirection = acq.pe_axis
+        ds.AcquisitionMatrix = [0, nx, ny, 0] if acq.pe_axis == "COL" else [ny, 0, 0, nx]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
@@ -279,66 +351,89 @@ def export_series(nifti_path, out_dir, series_number: int, description: str, pat
     # stage checks a series' ends against it (dcm2niix's output does not change with it)
     ds.ImagesInAcquisition = nz
 
+
+def _set_csa(ds: Dataset, acq: _Acquisition, shape):
+    """Siemens CSA image header (0029,1010) with PE polarity, readout bandwidth and slice times, if any."""
+    nx, ny = shape[:2]
     csa = {}
-    if pe_positive is not None:
-        csa["PhaseEncodingDirectionPositive"] = ("IS", [pe_positive], 1)
-        if trt and pe_axis:
-            n_pe = ny if pe_axis == "COL" else nx
+    if acq.pe_positive is not None:
+        csa["PhaseEncodingDirectionPositive"] = ("IS", [acq.pe_positive], 1)
+        if acq.total_readout_time and acq.pe_axis:
+            n_pe = ny if acq.pe_axis == "COL" else nx
             # dcm2niix: TotalReadoutTime = (N_pe - 1) / (BandwidthPerPixelPhaseEncode * N_pe)
-            csa["BandwidthPerPixelPhaseEncode"] = ("FD", [(n_pe - 1) / (float(trt) * n_pe)], 1)
-    if st is not None and kind != "anat":
-        csa["MosaicRefAcqTimes"] = ("FD", [float(t) * 1000.0 for t in st], 0)
+            csa["BandwidthPerPixelPhaseEncode"] = ("FD", [(n_pe - 1) / (float(acq.total_readout_time) * n_pe)], 1)
+    if acq.slice_timing is not None and acq.kind != "anat":
+        csa["MosaicRefAcqTimes"] = ("FD", [float(t) * 1000.0 for t in acq.slice_timing], 0)
     if csa:
         ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)   # (0029,0010) creator
-        csa_bytes = _csa_header(csa)
+        ds.add_new((0x0029, 0x1010), "OB", _csa_header(csa))
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Speed (thousands of files per subject): pydicom encodes the series' constant elements once and
-    # each volume's few changing ones once; per file only the slice's UID, number, position and pixels
-    # are encoded (:func:`_element`, explicit VR little endian as pydicom writes them) and spliced in tag
-    # order, giving the same bytes as ``Dataset.save_as`` at a fraction of the cost.
-    if csa:
-        ds.add_new((0x0029, 0x1010), "OB", csa_bytes)
+
+def _write_series(out_dir: Path, ds: Dataset, values, affine, geo: dict, acq: _Acquisition, t0: float,
+                  series_uid: str, series_number: int) -> list[Path]:
+    """One file per slice and volume, ``IM<series>_<instance>.dcm``; returns their paths.
+
+    Speed (thousands of files per subject): pydicom encodes the series' constant elements once and
+    each volume's few changing ones once; per file only the slice's UID, number, position and pixels
+    are encoded (:func:`_element`, explicit VR little endian as pydicom writes them) and spliced in tag
+    order, giving the same bytes as ``Dataset.save_as`` at a fraction of the cost.
+    """
+    nx, ny, nz, nt = values.shape
     charset = ds.SpecificCharacterSet
     header = _encode(ds, charset)
     meta = _encode(_file_meta(ds.file_meta), charset)
     sop_uids = [_uid(series_uid, instance) for instance in range(1, nt * nz + 1)]
-    positions = [LPS @ (affine @ [0, ny - 1, k, 1])[:3] for k in range(nz)]
-    normal = np.cross(geo["row"], geo["col"])
-    slice_elements = [{_IPP: _element(_IPP, "DS", "\\".join(_ds(v) for v in p)),
-                       _SLICE_LOCATION: _element(_SLICE_LOCATION, "DS", _ds(float(p @ normal)))} for p in positions]
-    tr_s = float(tr) if tr else 1.0
+    slice_elements = _slice_elements(affine, geo, ny, nz)
+    tr_s = float(acq.tr) if acq.tr else 1.0
     written = []
     for t in range(nt):
-        volume = Dataset()
-        volume.AcquisitionNumber = t + 1
-        volume.TemporalPositionIdentifier = t + 1
-        volume.AcquisitionTime = volume.ContentTime = _time(t0 + t * tr_s)
-        if dwi:
-            volume.add_new((0x0018, 0x9075), "CS", "DIRECTIONAL" if bvals[t] > 0 else "NONE")
-            volume.add_new((0x0018, 0x9087), "FD", float(bvals[t]))
-            if bvals[t] > 0:
-                volume.add_new((0x0018, 0x9089), "FD", [float(v) for v in grads[t]])
-            volume.SequenceName = f"*ep_b{int(round(bvals[t]))}" + ("#1" if bvals[t] > 0 else "")
-        base = {**header, **_encode(volume, charset)}
+        base = {**header, **_encode(_volume_dataset(acq, t, t0 + t * tr_s), charset)}
         # DICOM rows run along NIfTI -j (dcm2niix flips rows): slice k = values[:, ::-1, k, t].T
         pixels = np.ascontiguousarray(values[:, ::-1, :, t].transpose(2, 1, 0), dtype="<i2")
         for k in range(nz):
             instance = t * nz + k + 1
-            uid = sop_uids[instance - 1]
-            elements = {**base, **slice_elements[k],
-                        _SOP_INSTANCE_UID: _element(_SOP_INSTANCE_UID, "UI", uid),
-                        _INSTANCE_NUMBER: _element(_INSTANCE_NUMBER, "IS", str(instance)),
-                        _PIXEL_DATA: _element(_PIXEL_DATA, "OW", pixels[k].tobytes())}
-            file_meta = {**meta, _MEDIA_SOP_INSTANCE_UID: _element(_MEDIA_SOP_INSTANCE_UID, "UI", uid)}
-            meta_bytes = b"".join(file_meta[tag] for tag in sorted(file_meta) if tag != _META_GROUP_LENGTH)
             path = out_dir / f"IM{series_number:03d}_{instance:05d}.dcm"
-            group_length = _element(_META_GROUP_LENGTH, "UL", struct.pack("<I", len(meta_bytes)))
-            bf_io.save_bytes(b"".join([_PREAMBLE, group_length, meta_bytes, *(elements[tag] for tag in sorted(elements))]),
-                             path)
+            _write_slice_file(path, meta, {**base, **slice_elements[k]}, sop_uids[instance - 1], instance,
+                              pixels[k])
             written.append(path)
     return written
+
+
+def _slice_elements(affine, geo: dict, ny: int, nz: int) -> list[dict[int, bytes]]:
+    """Per slice k: encoded ImagePositionPatient (LPS corner of DICOM row 0 = NIfTI j = ny-1) and SliceLocation."""
+    positions = [LPS @ (affine @ [0, ny - 1, k, 1])[:3] for k in range(nz)]
+    normal = np.cross(geo["row"], geo["col"])
+    return [{_IPP: _element(_IPP, "DS", "\\".join(_ds(v) for v in p)),
+             _SLICE_LOCATION: _element(_SLICE_LOCATION, "DS", _ds(float(p @ normal)))} for p in positions]
+
+
+def _volume_dataset(acq: _Acquisition, t: int, seconds: float) -> Dataset:
+    """Elements that change with volume ``t``: acquisition number and time, diffusion b-value and gradient."""
+    volume = Dataset()
+    volume.AcquisitionNumber = t + 1
+    volume.TemporalPositionIdentifier = t + 1
+    volume.AcquisitionTime = volume.ContentTime = _time(seconds)
+    if acq.dwi:
+        bval = acq.bvals[t]
+        volume.add_new((0x0018, 0x9075), "CS", "DIRECTIONAL" if bval > 0 else "NONE")
+        volume.add_new((0x0018, 0x9087), "FD", float(bval))
+        if bval > 0:
+            volume.add_new((0x0018, 0x9089), "FD", [float(v) for v in acq.grads[t]])
+        volume.SequenceName = f"*ep_b{int(round(bval))}" + ("#1" if bval > 0 else "")
+    return volume
+
+
+def _write_slice_file(path: Path, meta: dict, elements: dict, uid: str, instance: int, pixels: np.ndarray):
+    """Splice one file: preamble, meta group (with its length), then the data elements in tag order."""
+    elements = {**elements,
+                _SOP_INSTANCE_UID: _element(_SOP_INSTANCE_UID, "UI", uid),
+                _INSTANCE_NUMBER: _element(_INSTANCE_NUMBER, "IS", str(instance)),
+                _PIXEL_DATA: _element(_PIXEL_DATA, "OW", pixels.tobytes())}
+    file_meta = {**meta, _MEDIA_SOP_INSTANCE_UID: _element(_MEDIA_SOP_INSTANCE_UID, "UI", uid)}
+    meta_bytes = b"".join(file_meta[tag] for tag in sorted(file_meta) if tag != _META_GROUP_LENGTH)
+    group_length = _element(_META_GROUP_LENGTH, "UL", struct.pack("<I", len(meta_bytes)))
+    bf_io.save_bytes(b"".join([_PREAMBLE, group_length, meta_bytes, *(elements[tag] for tag in sorted(elements))]),
+                     path)
 
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
