@@ -12,6 +12,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Fixtures that run a stage on real scans or a phantom (10 s to 3 min each): a test that uses one is `slow`, so
+# that `pytest -m "not slow"` (the quick loop, under 3 minutes on 2 cores) never pays for them. Tests that run a
+# stage themselves carry @pytest.mark.slow.
+SLOW_FIXTURES = {"philips", "phantom_outputs", "canon", "xa30_corrected", "xa30", "nih"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

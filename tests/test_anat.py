@@ -59,6 +59,7 @@ def _putamen_roi(img):
 
 
 # ------------------------------------------------------------------------------------------ templates
+@pytest.mark.slow
 def test_templates_partition_the_brain_and_share_world_coordinates(resources):
     for res in (2, 3):
         p = _tpl(resources, res)
@@ -114,6 +115,7 @@ def phantom_2mm(tmp_path_factory):
     return root, demo.Anatomy(cfg, subject, demo.head_model(2))
 
 
+@pytest.mark.slow
 def test_phantom_2mm_transform_mask_and_outputs(phantom_2mm, resources, tmp_path):
     root, anatomy = phantom_2mm
     t1w = bids_path(root / "bids", "001", "anat", "T1w")
@@ -137,6 +139,7 @@ def test_phantom_2mm_transform_mask_and_outputs(phantom_2mm, resources, tmp_path
     assert not list(tmp_path.rglob(".anat-*")) and not list(tmp_path.rglob("*.part*"))
 
 
+@pytest.mark.slow
 def test_phantom_atrophy_shows_in_the_log_jacobian(tiny_demo, resources, tmp_path):
     """Subject 001 (atrophy score 2.3) has a lower putamen log-Jacobian than subject 003 (score -0.35)."""
     root, cfg = tiny_demo
@@ -161,6 +164,7 @@ def test_phantom_atrophy_shows_in_the_log_jacobian(tiny_demo, resources, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------ real data
+@pytest.mark.slow
 def test_real_siemens_t1w(shared_data, resources, tmp_path):
     series = shared_data / "dicom" / "dcm_qa_xa30" / "In" / "5_anat-T1w_acq-tfl"
     conv = tmp_path / "nii"
@@ -183,6 +187,7 @@ def test_real_siemens_t1w(shared_data, resources, tmp_path):
                      "the phantom's displacement error against its known warp (0.38-0.41 -> 0.74-0.91 mm)")
 
 
+@pytest.mark.slow
 def test_finer_t1w_is_processed_on_the_working_grids(phantom_2mm, resources, tmp_path):
     """A T1w finer than processing_mm: N4 and Atropos on a coarser copy, native outputs on the native grid,
     the same accuracy targets as the direct path (the 2 mm phantom processed as if 2 mm were too fine)."""
@@ -203,6 +208,7 @@ def test_finer_t1w_is_processed_on_the_working_grids(phantom_2mm, resources, tmp
     assert err.mean() <= 0.5, err.mean()
 
 
+@pytest.mark.slow
 def test_same_input_gives_byte_identical_outputs(tiny_demo, resources, tmp_path):
     """Every file anat writes is the same, byte for byte, when a subject is run twice (seeded registration,
     Atropos with a constant seed; one thread, as the rules run it)."""

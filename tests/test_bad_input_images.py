@@ -279,6 +279,7 @@ def _anat_run(tiny_demo, templates_3mm, deriv, params, *extra, expect_error=Fals
     return brainfuse_error(*argv) if expect_error else brainfuse_cli(*argv)
 
 
+@pytest.mark.slow
 def test_anat_qc_below_threshold_stops_a_strict_run_and_leaves_nothing(tiny_demo, templates_3mm, tmp_path):
     """An impossible threshold (MNI r >= 0.99) with --strict: one line naming the subject, the metric, its value
     and the threshold; no output under DERIV (the check runs before anything is renamed into place)."""

@@ -143,6 +143,7 @@ def few_irbd(t):
      "iRBD 3), so some test folds would lack them; set cv.n_folds to 3 or fewer, or drop the class from config "
      "tensors.classes"),
 ])
+@pytest.mark.slow
 def test_degenerate_labels_are_refused_before_any_split(tmp_path, capsys, case, edit, expected):
     """Formerly trained without a word (a single class: accuracy 1.0 by construction). The gather warns (a cohort
     only to be predicted may be so); the splits refuse, naming the participants table, and write nothing."""
@@ -174,6 +175,7 @@ def test_constant_regression_target_is_refused():
     ("one value edited", "serum.npy: cached array changed since the tensors stage wrote it (content hash differs)"),
     ("manifest edited", "manifest.tsv: manifest.tsv is missing or changed since the tensors stage wrote it"),
 ])
+@pytest.mark.slow
 def test_edited_cohort_cache_is_refused_with_the_stage_to_rerun(tmp_path, case, expected):
     tensors = gather_tabular(tmp_path, **CLASSES)
     ref = T.load_cohort(tensors)                 # intact: accepted
@@ -282,6 +284,7 @@ def test_malformed_qc_file_is_one_line(image_units):
 
 
 # ---------------------------------------------------------------------------------- device, checkpoints
+@pytest.mark.slow
 def test_cuda_without_a_gpu_names_the_config_key(trained, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -293,6 +296,7 @@ def test_cuda_without_a_gpu_names_the_config_key(trained, tmp_path):
     assert not (tmp_path / "fold" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_in_evaluate_is_one_line(trained, tmp_path):
     root, tensors, s, _ = trained
     models = shutil.copytree(root / "models", tmp_path / "models")
@@ -311,6 +315,7 @@ class Payload:
         return (os.system, (f"touch {os.environ.get('PAYLOAD_MARK', '/nonexistent/x')}",))
 
 
+@pytest.mark.slow
 def test_tampered_checkpoint_in_predict_is_refused_and_never_runs(trained, tmp_path, monkeypatch):
     root, tensors, s, _ = trained
     models = shutil.copytree(root / "models", tmp_path / "models")

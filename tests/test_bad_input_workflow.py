@@ -71,6 +71,7 @@ def make_bids(root, subjects, participants=None):
 
 
 # ------------------------------------------------------------------------------------------ stage targets
+@pytest.mark.slow
 def test_stage_targets_rebuild_any_missing_output(tmp_path):
     """`snakemake anat dwi func` after deleting one output of a finished job plans that job (it used to say
     "Nothing to be done": the stage targets named the QC figures only)."""
@@ -108,6 +109,7 @@ def test_stage_targets_rebuild_any_missing_output(tmp_path):
 
 
 # ------------------------------------------------------------------------------ subjects without a T1w
+@pytest.mark.slow
 def test_bids_subject_without_t1w_is_carried_on_or_stops_in_strict_mode(tmp_path):
     data = make_bids(tmp_path / "bids", {"01": ("T1w", "dwi", "bold"), "02": ("dwi", "bold")},
                      participants=["01", "02", "03"])
@@ -157,6 +159,7 @@ def _fake_converted(root, out, subjects):
             os.utime(path, (later + 10, later + 10))
 
 
+@pytest.mark.slow
 def test_dicom_subject_whose_t1w_was_skipped_does_not_stop_the_others(tmp_path):
     """BOLD converted, the only T1w skipped (e.g. a defaced DERIVED export): it used to stop the whole DAG with
     "InputFunctionException in rule anat_subject: IndexError: list index out of range"."""
@@ -203,6 +206,7 @@ def test_output_dir_in_a_read_only_folder_is_refused(tmp_path):
         ro.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_tab_in_config_yaml_names_the_file_and_line(tmp_path):
     work = repo_copy(tmp_path)
     cfg = work / "config" / "config.yaml"
@@ -226,12 +230,14 @@ def test_tab_in_a_configfile_stops_the_run(tmp_path):
     assert str(e.value).startswith(f"{bad}: line 3, column 1:") and "tab" in str(e.value)
 
 
+@pytest.mark.slow
 def test_wrong_types_from_the_command_line_name_every_key(tmp_path):
     proc = snakemake("-n", "--config", f"output_dir={tmp_path}", "threads=abc", "strict=maybe")
     refused(proc, "'threads'")
     refused(proc, "'strict'")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "no_description", "subjects", "folder_label", "participants_tsv"])
 def test_bids_input_problems_get_one_line(tmp_path, case):
     data = make_bids(tmp_path / "bids", {"01": ("T1w",)})
@@ -253,6 +259,7 @@ def test_bids_input_problems_get_one_line(tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["subjects", "folder_label"])
 def test_dicom_input_problems_get_one_line(tmp_path, case):
     dicom = tmp_path / "dicom"
@@ -266,6 +273,7 @@ def test_dicom_input_problems_get_one_line(tmp_path, case):
     refused(snakemake("-n", "--config", f"dicom_dir={dicom}", f"output_dir={tmp_path}/out", *extra), *expected)
 
 
+@pytest.mark.slow
 def test_demo_subjects_that_do_not_exist_are_refused(tmp_path):
     refused(snakemake("-n", "--config", f"output_dir={tmp_path}/out", "subjects=[001,999]"), "'subjects'", "999")
 

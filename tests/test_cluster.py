@@ -108,6 +108,7 @@ def job_blocks(stdout: str, rule: str) -> list[dict]:
     ({"device": "cuda", "gpus": 2, "threads": 3, "partition": "gpu"},
      {"threads": 3, "mem_mb": "1000", "slurm_partition": "gpu", "gres": "gpu:2"}),
 ], ids=["cpu", "auto", "cuda"])
+@pytest.mark.slow
 def test_training_jobs_ask_for_what_the_model_section_says(tmp_path, model, expect):
     """GPUs only with model.device cuda; threads (= SLURM CPUs), memory, partition from the model section."""
     cfg = yaml.safe_load(CONFIG.read_text())
@@ -125,6 +126,7 @@ def test_training_jobs_ask_for_what_the_model_section_says(tmp_path, model, expe
                     assert job["resources"].get(key) == value, (rule, key, job["resources"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, message", [("{device: cuda, gpus: 0}", "model.gpus"),
                                             ("{device: gpu}", "'model.device'")])
 def test_contradictory_device_settings_stop_the_run(tmp_path, model, message):

@@ -152,6 +152,7 @@ def _template_coords(cfg, label, img):
     return z, wm.reshape(img.shape[:3]), subject
 
 
+@pytest.mark.slow
 def test_phantom_outputs_follow_the_contract(phantom_outputs):
     root, cfg, out, tpl, results = phantom_outputs
     for label, p in results.items():
@@ -351,6 +352,7 @@ def xa30_corrected(xa30, tmp_path_factory):
     return runs, [_correct(r, work, max_bval=3000) for r in runs], ref
 
 
+@pytest.mark.slow
 def test_xa30_eddy_shifts_removed(xa30_corrected):
     """The scanner computed its FA/ADC maps from the same, uncorrected series: the stage's plain fit must
     reproduce them (issue 5: r >= 0.9 FA, >= 0.98 MD). After correction the scanner's maps are no reference
@@ -421,6 +423,7 @@ def canon(shared_data, tmp_path_factory):
     return runs, corr, _ap_pa_agreement(*runs, *corr, dwi.DEFAULTS["max_bval"])
 
 
+@pytest.mark.slow
 def test_canon_ap_pa_agreement(canon):
     """After correction the AP and PA series' FA and MD (each fitted alone, one space) agree better: higher r,
     lower mean absolute difference. Susceptibility and eddy distortions flip with the phase-encode direction,

@@ -68,6 +68,7 @@ def test_bootstrap_ci_brackets_the_estimate_and_shrinks_with_n():
     assert perfect["accuracy"] == (1.0, 1.0, 1.0)
 
 
+@pytest.mark.slow
 def test_results_table_covers_every_analysis(trained):
     root, cohort, table, s, res = trained
     assert list(res.columns) == bf_eval.RESULT_COLUMNS
@@ -150,6 +151,7 @@ def test_predict_new_subjects_with_missing_modalities(trained, tmp_path):
         bf_predict.predict(bad, bf_predict.checkpoints(root / "models", "neuromoe"), log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_tabular_only_workflow_trains_evaluates_predicts_and_reports(tmp_path):
     """Tabular-only mode (README): the demo's participant table alone (clinical + serum, no images) as
     participants_tsv with modalities: [], through the Snakemake rules; no image is generated or processed."""

@@ -74,6 +74,7 @@ def tiny_run(tiny_demo, tpl, tmp_path_factory):
     return _run_tiny(tiny_demo, tpl, "001", deriv), tiny_demo[0], deriv
 
 
+@pytest.mark.slow
 def test_outputs_follow_the_stage_contract(tiny_run, tpl):
     out, _, deriv = tiny_run
     stem = f"{deriv}/sub-001/func/sub-001_task-rest"
@@ -236,6 +237,7 @@ def _parcel_at(tpl, points):
     return [table.loc[L[tuple(idx[np.argmin(((xyz - p) ** 2).sum(1))])], "name"] for p in np.asarray(points, float)]
 
 
+@pytest.mark.slow
 def test_planted_connectivity_change_is_recovered(tpl, tmp_path):
     """Somatomotor-striatal coupling tanh(0.9 - 0.45 s) across subjects with spread scores is recovered, in
     order and in size, from the default pipeline's Fisher-z matrices (parcels found at the network nodes)."""
@@ -255,6 +257,7 @@ def test_planted_connectivity_change_is_recovered(tpl, tmp_path):
     assert min(within) > 0.7        # the two somatomotor nodes share one time course
 
 
+@pytest.mark.slow
 def test_scrubbing_drops_high_motion_volumes(tiny_demo, tpl, tmp_path):
     out = _run_tiny(tiny_demo, tpl, "003", tmp_path, cfg={"fd_threshold": 0.3, "min_volumes": 10, "acompcor": True})
     conf = pd.read_csv(out["confounds"], sep="\t", na_values="n/a")

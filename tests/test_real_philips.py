@@ -56,6 +56,7 @@ def philips(shared_data, tmp_path_factory):
     return {"work": work, "bids": bids, "deriv": deriv, "anat": a, "dwis": dwis, "bold": bold}
 
 
+@pytest.mark.slow
 def test_convert_keeps_the_t1w_and_the_dti(philips):
     manifest = pd.read_csv(philips["work"] / "manifest.tsv", sep="\t")
     assert os.path.exists(bids_path(philips["bids"], SUB, "anat", "T1w"))

@@ -56,6 +56,7 @@ def report(tmp_path_factory):
     return root, cohort, res
 
 
+@pytest.mark.slow
 def test_every_figure_is_written_and_byte_identical_on_rerun(report):
     root, *_ = report
     for name in FIGURES:

@@ -407,6 +407,7 @@ def snakemake(workdir, *args):
 
 
 
+@pytest.mark.slow
 def test_workflow_caches_gathers_and_reruns_only_the_changed_subject(tmp_path, grid):
     """BIDS input + a derivatives tree on the contract's paths; upstream rules are not run (--allowed-rules),
     so the test holds whatever the anat/dwi/func rules look like. Changing one derivative reruns that

@@ -79,6 +79,7 @@ def test_planted_signal_is_learnt_and_permuted_labels_fall_to_chance(tmp_path, p
     assert balanced_accuracy_score(q.target, q.predicted) < 0.5
 
 
+@pytest.mark.slow
 def test_tabular_only_regression_learns_the_score(tmp_path):
     """No images at all (a features TSV as the only modalities) and a continuous target."""
     rng = np.random.default_rng(1)
@@ -93,6 +94,7 @@ def test_tabular_only_regression_learns_the_score(tmp_path):
     assert abs(p.predicted.mean() - score.mean()) < 0.5       # predictions back on the target's scale
 
 
+@pytest.mark.slow
 def test_preprocessing_is_fitted_on_the_training_fold_only(tmp_path):
     """Changing every test-fold value (even to absurd ones) changes nothing the model learnt."""
     s = settings()
@@ -153,6 +155,7 @@ train.train_fold(cohort, splits_for(cohort, s), 0, "flexmoe", s, sys.argv[1], lo
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_phase", [1, 2])
 def test_killed_training_resumes_and_ends_with_the_same_model(tmp_path, kill_phase):
     """SIGKILL during early-stopped training (phase 1) or the refit on train + val (phase 2, after the epoch count

@@ -46,6 +46,7 @@ def test_dry_run_on_bids_input(tiny_demo, tmp_path):
     snakemake("-n", "--config", f"bids_dir={root / 'bids'}", f"output_dir={tmp_path}")
 
 
+@pytest.mark.slow
 def test_editing_a_module_reruns_only_its_jobs(tmp_path):
     """Code versions are params: editing the phantom generator reruns demo jobs, editing an unrelated module does not."""
     work = tmp_path / "repo"
