@@ -61,9 +61,10 @@ def preprocess(n: int, seed: int, out: Path, cores: int) -> tuple[Path, Path]:
 def cv_predictions(cohort, settings: dict, presets, out: Path) -> dict:
     """Out-of-fold class probabilities per preset and linear baseline, on the splits of ``settings['cv']``."""
     from brainfuse import evaluate as E
+    from brainfuse import models as M
     from brainfuse import train as T
 
-    y, _ = T.targets(cohort, settings["cv"])
+    y, _ = M.targets(cohort, settings["cv"])
     table = T.cohort_splits(cohort, settings["cv"])      # what the splits rule writes
     folds = [int(f) for f in sorted(table.fold.unique())]
     scores = {}
@@ -76,7 +77,7 @@ def cv_predictions(cohort, settings: dict, presets, out: Path) -> dict:
             parts.append(pd.read_csv(out / preset / f"fold-{fold}" / "predictions.tsv", sep="\t"))
         p = pd.concat(parts)
         scores[preset] = (p["target"].to_numpy(int), p[[f"prob_{c}" for c in cohort.classes]].to_numpy())
-    names = T.modality_names(cohort)
+    names = M.modality_names(cohort)
     for mods in [[m] for m in names] + [names]:
         idx, sc = E.run_baseline(cohort, y, table, folds, mods, cohort.task, len(cohort.classes),
                                  only_present=len(mods) == 1)
@@ -91,18 +92,19 @@ def balanced_accuracy(y, prob) -> float:
 
 
 def run(tensors: Path, bayes_json: Path | None, settings_json: dict, seeds, out: Path, presets) -> dict:
+    from brainfuse import config as C
     from brainfuse import train as T
 
     cohort = T.load(tensors)
     rows = []
     for seed in seeds:
-        s = T.settings_from_json({"model": settings_json.get("model", {}),
+        s = C.settings_from_json({"model": settings_json.get("model", {}),
                                   "cv": {**settings_json.get("cv", {}), "seed": seed}})
         t0 = time.time()
         for model, (y, prob) in cv_predictions(cohort, s, presets, out / f"seed-{seed}").items():
             rows.append({"seed": seed, "model": model, "balanced_accuracy": balanced_accuracy(y, prob)})
         print(f"[bench_cohort] training seed {seed}: {time.time() - t0:.0f} s", flush=True)
-    s = T.settings_from_json({"model": settings_json.get("model", {}),
+    s = C.settings_from_json({"model": settings_json.get("model", {}),
                               "cv": {**settings_json.get("cv", {}), "seed": seeds[0], "permute_labels": True}})
     permuted = {m: balanced_accuracy(*v) for m, v in cv_predictions(cohort, s, presets, out / "permuted").items()
                 if not m.startswith("linear:")}

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from brainfuse.phantom import generator as demo
+from brainfuse import config as bf_config
 from brainfuse import evaluate as bf_eval
+from brainfuse import models as bf_models
 from brainfuse import predict as bf_predict
 from brainfuse import splits as bf_splits
 from brainfuse import tensors as T
@@ -55,9 +57,9 @@ def trained(tmp_path_factory):
     """A tabular cohort, its splits and the 'late' preset trained on both folds (seconds)."""
     root = tmp_path_factory.mktemp("model")
     tensors = gather_tabular(root, **CLASSES)
-    s = bf_train.settings_from_json(FAST)
+    s = bf_config.settings_from_json(FAST)
     cohort = T.load_cohort(tensors)
-    keys = bf_train.row_keys(cohort)
+    keys = bf_models.row_keys(cohort)
     table = bf_splits.make_splits([k[0] for k in keys], cohort.target, cohort.task, 2, 0.2, 0,
                                   sessions=[k[1] for k in keys])
     bf_splits.write_tsv(table, root / "splits.tsv")
@@ -322,7 +324,7 @@ def test_tampered_checkpoint_in_predict_is_refused_and_never_runs(trained, tmp_p
     mark = tmp_path / "PAYLOAD_RAN"
     monkeypatch.setenv("PAYLOAD_MARK", str(mark))
     ckpt = models / "late" / "fold-0" / "checkpoint.pt"
-    torch.save({"format": bf_train.CHECKPOINT_FORMAT, "x": Payload()}, ckpt)    # a pickle that runs a command
+    torch.save({"format": bf_models.CHECKPOINT_FORMAT, "x": Payload()}, ckpt)    # a pickle that runs a command
     out = tmp_path / "predictions.tsv"
     line = brainfuse_error("predict", "--tensors", tensors, "--models", models, "--preset", "late", "--output", out)
     assert f"{ckpt}: checkpoint is truncated, damaged or not a brainfuse file" in line, line
@@ -336,7 +338,7 @@ def test_checkpoint_with_edited_content_is_refused(trained, tmp_path):
     ckpt["model"][name] = torch.zeros(3, 3, 3)
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     with pytest.raises(InputFileError, match=r"checkpoint.pt: checkpoint content is damaged \(RuntimeError"):
-        bf_train.load_checkpoint(tmp_path / "checkpoint.pt")
+        bf_models.load_checkpoint(tmp_path / "checkpoint.pt")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "wrong content"])
@@ -351,7 +353,7 @@ def test_damaged_resume_file_is_ignored_loudly_and_training_gives_the_same_bytes
         data = (root / "models" / "late" / "fold-0" / "checkpoint.pt").read_bytes()
         (out / "resume.pt").write_bytes(data[:100])
     else:      # this run's fingerprint, but weights of another model
-        rows = bf_splits.fold_indices(table, 0, bf_train.row_keys(cohort))
+        rows = bf_splits.fold_indices(table, 0, bf_models.row_keys(cohort))
         rows["train_val"] = np.concatenate([rows["train"], rows["val"]])
         fp = bf_train.fingerprint(s, "late", 0, rows, len(cohort))
         torch.save({"fingerprint": fp, "state": {"phase": 1, "epoch": 2}, "model": {"w": torch.zeros(2)},
@@ -397,6 +399,6 @@ def test_cuda_index_beyond_the_gpus_is_refused(monkeypatch):
     """(No GPU here: torch's own answers stand in for a one-GPU machine.)"""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(bf_train.DeviceError, match=r"'cuda:2' but this machine has 1 CUDA GPU\(s\) \(cuda:0 to"):
-        bf_train.pick_device("cuda:2")
-    assert bf_train.pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(bf_models.DeviceError, match=r"'cuda:2' but this machine has 1 CUDA GPU\(s\) \(cuda:0 to"):
+        bf_models.pick_device("cuda:2")
+    assert bf_models.pick_device("cuda:0") == torch.device("cuda:0")

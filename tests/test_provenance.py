@@ -109,3 +109,25 @@ def test_source_hash_covers_the_subpackage(package):
     before = provenance.source_hash()
     (package / "phantom" / "dicom_export.py").write_text((package / "phantom" / "dicom_export.py").read_text() + "#\n")
     assert provenance.source_hash() != before
+
+
+def test_import_graph_has_at_most_four_layers():
+    """Foundations (errors, io, schema, ...), data access (bids, inputs), building blocks (layout, tensors, models,
+    splits, config) and stages / commands on top: a module's layer is its longest chain of brainfuse imports (lazy
+    ones too, as code_version reads them). A fifth layer means a stage leaning on another stage (func once imported
+    anat for three file names), which reruns the one when the other changes."""
+    package = REPO / "src" / "brainfuse"
+    modules = [".".join(p.relative_to(package).with_suffix("").parts) for p in package.rglob("*.py")
+               if p.name != "__init__.py"]
+    layers: dict[str, int] = {}
+
+    def layer(m: str) -> int:
+        if m not in layers:
+            deps = [d for d in provenance.local_imports(m) if d != m and d != "phantom"]
+            layers[m] = 1 + max((layer(d) for d in deps), default=0)
+        return layers[m]
+
+    assert len(modules) > 30 and {"evaluate", "func", "train"} <= set(modules)
+    deep = {m: layer(m) for m in modules if layer(m) > 4}
+    assert not deep, f"modules above layer 4: {deep}"
+    assert layer("evaluate") == 4      # the check sees chains at all

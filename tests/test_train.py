@@ -12,6 +12,8 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
+from brainfuse import config as bf_config
+from brainfuse import models as bf_models
 from brainfuse import splits as bf_splits
 from brainfuse import train as bf_train
 from brainfuse.tensors import make_cohort
@@ -43,14 +45,14 @@ def synthetic_cohort(n=90, seed=0):
 
 
 def settings(**cv):
-    s = bf_train.settings_from_json(FAST)
+    s = bf_config.settings_from_json(FAST)
     s["cv"].update(cv)
     return s
 
 
 def splits_for(cohort, s):
-    y, labelled = bf_train.targets(cohort, s["cv"])
-    keys = bf_train.row_keys(cohort)
+    y, labelled = bf_models.targets(cohort, s["cv"])
+    keys = bf_models.row_keys(cohort)
     return bf_splits.make_splits([k[0] for k in keys], y, cohort.task, s["cv"]["n_folds"], s["cv"]["val_fraction"],
                                  s["cv"]["seed"], sessions=[k[1] for k in keys])
 
@@ -101,7 +103,7 @@ def test_preprocessing_is_fitted_on_the_training_fold_only(tmp_path):
     cohort = synthetic_cohort()
     table = splits_for(cohort, s)
     a = bf_train.train_fold(cohort, table, 0, "fusemoe", s, tmp_path / "a", log=lambda m: None)
-    test = bf_splits.fold_indices(table, 0, bf_train.row_keys(cohort))["test"]
+    test = bf_splits.fold_indices(table, 0, bf_models.row_keys(cohort))["test"]
     poisoned = synthetic_cohort()
     poisoned.arrays["clinical"][test] = 1e6
     poisoned.arrays["mri"][test] = np.float16(300)
@@ -113,7 +115,7 @@ def test_preprocessing_is_fitted_on_the_training_fold_only(tmp_path):
         assert torch.equal(v, b["model"][k]), k
     # and the statistics are those of the rows the final model is fitted on: training + validation after the
     # refit (default), never test rows (median imputation, then standardisation)
-    fold_rows = bf_splits.fold_indices(table, 0, bf_train.row_keys(cohort))
+    fold_rows = bf_splits.fold_indices(table, 0, bf_models.row_keys(cohort))
     assert a["refit"] is not None
     train_rows = np.concatenate([fold_rows["train"], fold_rows["val"]])
     x = cohort.arrays["clinical"][train_rows].astype(float)
@@ -136,7 +138,7 @@ def test_same_seed_same_model_and_checkpoint_loads_with_weights_only(tmp_path):
         bf_train.train_fold(cohort, table, 1, "permmoe", s, tmp_path / d, log=lambda m: None)
     pa, pb = (pd.read_csv(tmp_path / d / "predictions.tsv", sep="\t") for d in ("a", "b"))
     pd.testing.assert_frame_equal(pa, pb)
-    ckpt, model = bf_train.load_checkpoint(tmp_path / "a" / "checkpoint.pt")   # weights_only=True inside
+    ckpt, model = bf_models.load_checkpoint(tmp_path / "a" / "checkpoint.pt")   # weights_only=True inside
     assert ckpt["preset"] == "permmoe" and ckpt["fold"] == 1 and not model.training
     assert not (tmp_path / "a" / "resume.pt").exists()
     raw = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
@@ -226,14 +228,14 @@ def test_incompatible_cohort_is_refused(tmp_path):
     s = settings()
     cohort = synthetic_cohort()
     bf_train.train_fold(cohort, splits_for(cohort, s), 0, "late", s, tmp_path, log=lambda m: None)
-    ckpt, _ = bf_train.load_checkpoint(tmp_path / "checkpoint.pt")
+    ckpt, _ = bf_models.load_checkpoint(tmp_path / "checkpoint.pt")
     other = make_cohort({"mri": np.zeros((4, 2, 6, 8, 8), np.float16), "clinical": np.zeros((4, 5), np.float32),
                          "noise": np.zeros((4, 3), np.float32)}, [0, 1, 2, 0])
     with pytest.raises(ValueError, match="'mri'"):
-        bf_train.check_compatible(ckpt, other, "new cohort")
+        bf_models.check_compatible(ckpt, other, "new cohort")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt"):
-        bf_train.load_checkpoint(tmp_path / "junk.pt")
+        bf_models.load_checkpoint(tmp_path / "junk.pt")
 
 
 def test_wide_table_is_projected_on_components_fitted_on_the_training_fold(tmp_path):
@@ -256,9 +258,9 @@ def test_wide_table_is_projected_on_components_fitted_on_the_training_fold(tmp_p
     assert tuple(st["edges"]["projection"].shape) == (300, 8) and "projection" not in st["age"]
     assert {m["name"]: m["shape"] for m in ckpt["config"]["modalities"]} == {"edges": [8], "age": [2]}
     # whitened: the training rows' components have unit variance
-    rows = bf_splits.fold_indices(table, 0, bf_train.row_keys(cohort))
+    rows = bf_splits.fold_indices(table, 0, bf_models.row_keys(cohort))
     fit = np.concatenate([rows["train"], rows["val"]])
-    z = bf_train.materialise(cohort, fit, st, 1)["inputs"]["edges"].numpy()
+    z = bf_models.materialise(cohort, fit, st, 1)["inputs"]["edges"].numpy()
     np.testing.assert_allclose(z.std(0, ddof=1), 1.0, rtol=1e-3)
     # fitted on training rows only
     poisoned = make_cohort({**arrays, "edges": edges.copy()}, y, classes=["control", "PD", "iRBD"])
@@ -268,8 +270,8 @@ def test_wide_table_is_projected_on_components_fitted_on_the_training_fold(tmp_p
     # learnt, and the reloaded checkpoint predicts the test rows exactly as training wrote them
     pred = pd.read_csv(tmp_path / "a" / "predictions.tsv", sep="\t")
     assert (pred[["prob_control", "prob_PD", "prob_iRBD"]].to_numpy().argmax(1) == y[rows["test"]]).mean() > 0.6
-    loaded, model = bf_train.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
-    out = bf_train.run_model(model, bf_train.cohort_data(loaded, cohort, rows["test"]), torch.device("cpu"))
+    loaded, model = bf_models.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    out = bf_models.run_model(model, bf_models.cohort_data(loaded, cohort, rows["test"]), torch.device("cpu"))
     probs = torch.softmax(out["prediction"], -1).numpy()
     np.testing.assert_allclose(probs, pred[["prob_control", "prob_PD", "prob_iRBD"]].to_numpy(), atol=1e-5)
 
@@ -296,7 +298,7 @@ def test_select_keeps_the_columns_that_carry_the_label_in_the_training_fold():
     y_poisoned[test] = 0
     again = bf_train.fit_preprocessing(poisoned, fit, 1, tabular_components=6, tabular_reduce="select", y=y_poisoned)
     assert torch.equal(again["regions"]["projection"], st["projection"])
-    z = bf_train.materialise(cohort, test, {"regions": st}, 1)["inputs"]["regions"].numpy()
+    z = bf_models.materialise(cohort, test, {"regions": st}, 1)["inputs"]["regions"].numpy()
     np.testing.assert_allclose(z[:, list(kept).index(17)], (X[test, 17] - st["mean"][17].item()) / st["scale"][17].item(),
                                rtol=1e-5)
 
@@ -316,7 +318,7 @@ def test_epoch_count_comes_from_the_mean_curve_of_inner_folds(tmp_path):
     assert ckpt["best_epoch"] == best == ckpt["refit"]["epochs"]
     assert ckpt["epochs_run"] == len(curve) == min(20, best + 4)        # stopped 4 epochs after the mean's best
     assert any("3 inner folds" in m for m in logs)
-    rows = bf_splits.fold_indices(table, 0, bf_train.row_keys(cohort))
+    rows = bf_splits.fold_indices(table, 0, bf_models.row_keys(cohort))
     assert ckpt["refit"]["rows"] == len(rows["train"]) + len(rows["val"])
     again = bf_train.train_fold(cohort, table, 0, "late", s, tmp_path / "b", log=lambda m: None)
     assert all(torch.equal(v, again["model"][k]) for k, v in ckpt["model"].items())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import jsonschema
@@ -90,6 +91,13 @@ def validate(config: dict) -> dict:
     except LabelError as e:
         raise ConfigError(f"config key 'subjects': {e}") from None
     return config
+
+
+def settings_from_json(text: str | dict) -> dict:
+    """The config's ``model`` and ``cv`` sections with schema defaults filled in."""
+    given = json.loads(text) if isinstance(text, str) else dict(text)
+    full = validate({"model": given.get("model", {}), "cv": given.get("cv", {})})
+    return {"model": full["model"], "cv": full["cv"]}
 
 
 def read_yaml(path) -> dict:

@@ -36,10 +36,12 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 from . import cliargs  # noqa: E402
 from . import io as bf_io  # noqa: E402
 from . import layout  # noqa: E402
+from . import models as bf_models  # noqa: E402
 from . import reference as bf_reference  # noqa: E402
 from . import splits as bf_splits  # noqa: E402
-from . import train as bf_train  # noqa: E402
+from .config import settings_from_json  # noqa: E402
 from .inputs import read_json, read_tsv  # noqa: E402
+from .tensors import load_cohort  # noqa: E402
 
 RESULT_COLUMNS = ["analysis", "model", "condition", "metric", "value", "ci_low", "ci_high", "n"]
 MAIN_METRIC = {"classification": "balanced_accuracy", "regression": "r2"}
@@ -167,7 +169,7 @@ def baseline_features(cohort, rows: np.ndarray, modalities: list, fit_rows: np.n
     weigh = len(modalities) > 1
     blocks = []
     for name in modalities:
-        m = bf_train.modality_names(cohort).index(name)
+        m = bf_models.modality_names(cohort).index(name)
         spec = cohort.modalities[m]
 
         def feats(r):
@@ -201,9 +203,9 @@ def linear_model(task: str):
 def run_baseline(cohort, y, table, folds, modalities, task, n_classes, only_present=False):
     """Out-of-fold scores of a linear model on ``modalities``; rows lacking all of them are left out
     when ``only_present`` (single-modality baselines), so the model is judged where it can be used."""
-    keys = bf_train.row_keys(cohort)
+    keys = bf_models.row_keys(cohort)
     labelled = [k if np.isfinite(v) and (task != "classification" or v >= 0) else None for k, v in zip(keys, y)]
-    cols = [bf_train.modality_names(cohort).index(m) for m in modalities]
+    cols = [bf_models.modality_names(cohort).index(m) for m in modalities]
     out_idx, out_scores = [], []
     for fold in folds:
         r = bf_splits.fold_indices(table, fold, labelled)
@@ -264,7 +266,7 @@ def fold_models(models_dir, presets, folds):
 
 def load_models(models_dir, presets, folds) -> dict:
     """(preset, fold) -> (checkpoint, model), every one read (and checked) before any analysis runs."""
-    return {(preset, fold): bf_train.load_checkpoint(path)
+    return {(preset, fold): bf_models.load_checkpoint(path)
             for preset, fold, path in fold_models(models_dir, presets, folds)}
 
 
@@ -272,13 +274,13 @@ def grid_and_ablations(cohort, y, table, models_dir, presets, folds, settings, l
                        models: dict | None = None) -> pd.DataFrame:
     """Long table: analysis (grid | ablation), model, condition, participant row, scores."""
     task = cohort.task
-    keys = bf_train.row_keys(cohort)
-    labelled = [k if ok else None for k, ok in zip(keys, bf_train.targets(cohort, settings["cv"])[1])]
+    keys = bf_models.row_keys(cohort)
+    labelled = [k if ok else None for k, ok in zip(keys, bf_models.targets(cohort, settings["cv"])[1])]
     records = []
     for preset, fold, path in fold_models(models_dir, presets, folds):
-        ckpt, model = models[preset, fold] if models else bf_train.load_checkpoint(path)
+        ckpt, model = models[preset, fold] if models else bf_models.load_checkpoint(path)
         test = bf_splits.fold_indices(table, fold, labelled)["test"]
-        data = bf_train.cohort_data(ckpt, cohort, test)
+        data = bf_models.cohort_data(ckpt, cohort, test)
         names = [m["name"] for m in ckpt["modalities"]]
         conditions = []
         if settings["cv"]["missing_grid"]:
@@ -297,7 +299,7 @@ def grid_and_ablations(cohort, y, table, models_dir, presets, folds, settings, l
             sub = {"inputs": {k: v[keep] for k, v in data["inputs"].items()}, "present": present[keep]}
             handles = [r.register_forward_hook(routing_hook(*hook)) for r in model.routers] if hook else []
             try:
-                pred = bf_train.run_model(model, sub, "cpu")["prediction"]
+                pred = bf_models.run_model(model, sub, "cpu")["prediction"]
             finally:
                 for h in handles:
                     h.remove()
@@ -412,7 +414,7 @@ def plot_training(models_dir, presets, folds, path, models: dict | None = None):
     fig, axes = plt.subplots(1, len(presets), figsize=(3 * len(presets), 2.8), squeeze=False, sharey=True)
     for ax, preset in zip(axes[0], presets):
         for _, fold, ck in fold_models(models_dir, [preset], folds):
-            h = (models[preset, fold] if models else bf_train.load_checkpoint(ck))[0]["history"]
+            h = (models[preset, fold] if models else bf_models.load_checkpoint(ck))[0]["history"]
             ax.plot([e["epoch"] for e in h], [e["val_loss"] for e in h], label=f"fold {fold}", lw=1)
         ax.set_title(preset, fontsize=9)
         ax.set_xlabel("epoch")
@@ -569,7 +571,7 @@ def connectivity_matrices(cohort, y: np.ndarray, labelled: np.ndarray, classes: 
     """(parcel names, {group: mean Fisher-z matrix}) of the conn modality's participants, per class (all
     labelled participants for regression); None without a conn modality. The edges are the upper triangle
     (k=1) in the atlas' parcel order, named ``a__b``."""
-    edges = cohort.feature_names.get("conn") if "conn" in bf_train.modality_names(cohort) else None
+    edges = cohort.feature_names.get("conn") if "conn" in bf_models.modality_names(cohort) else None
     if not edges:
         return None
     first = edges[0].split("__")[0]
@@ -577,7 +579,7 @@ def connectivity_matrices(cohort, y: np.ndarray, labelled: np.ndarray, classes: 
     iu = np.triu_indices(len(parcels), 1)
     if len(iu[0]) != len(edges):
         return None
-    m = bf_train.modality_names(cohort).index("conn")
+    m = bf_models.modality_names(cohort).index("conn")
     has = cohort.present[:, m] & labelled
     groups = {c: has & (y == i) for i, c in enumerate(classes)} if classes else {"all": has}
     out = {}
@@ -633,7 +635,7 @@ def qc_table(cohort) -> pd.DataFrame | None:
     man = cohort.manifest
     if "qc_pass" not in man.columns:
         return None
-    keys = bf_train.row_keys(cohort)
+    keys = bf_models.row_keys(cohort)
     return pd.DataFrame({"participant_id": [k[0] for k in keys], "session": [k[1] for k in keys],
                          "qc_pass": man["qc_pass"].astype(str).to_numpy(),
                          "qc_flags": man["qc_flags"].astype(str).to_numpy()})
@@ -662,13 +664,13 @@ def evaluate(cohort, table: pd.DataFrame, models_dir, presets: list, settings: d
     returns the results table."""
     out_dir = Path(out_dir)
     cv, task = settings["cv"], cohort.task
-    y, labelled = bf_train.targets(cohort, cv)
-    keys = bf_train.row_keys(cohort)
+    y, labelled = bf_models.targets(cohort, cv)
+    keys = bf_models.row_keys(cohort)
     bf_splits.check_splits(table, [k[0] for k, ok in zip(keys, labelled) if ok])
     folds = sorted(table["fold"].unique())
     classes = list(cohort.classes) if task == "classification" else []
     n_boot, seed = int(cv["bootstrap"]), int(cv["seed"])
-    names = bf_train.modality_names(cohort)
+    names = bf_models.modality_names(cohort)
 
     # models: every checkpoint read first (a damaged one stops the run here)
     models = load_models(models_dir, presets, folds)
@@ -892,8 +894,8 @@ def cli(argv=None):
     args = cliargs.parser("evaluate").parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = bf_train.settings_from_json(args.params)
-    cohort = bf_train.load(args.tensors)
+    settings = settings_from_json(args.params)
+    cohort = load_cohort(args.tensors)
     table = bf_splits.read_splits(args.splits)
     bayes = read_json(args.bayes, "demo truth (bayes.json)", fix="rerun the demo rule") if args.bayes else None
     evaluate(cohort, table, args.models, args.presets, settings, args.out_dir, bayes,

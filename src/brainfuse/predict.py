@@ -20,9 +20,10 @@ import torch
 
 from . import cliargs
 from . import io as bf_io
-from . import train as bf_train
+from . import models as bf_models
 from .errors import BrainfuseError
 from .inputs import read_json
+from .tensors import load_cohort
 
 
 def checkpoints(models_dir, preset: str) -> list:
@@ -36,16 +37,16 @@ def checkpoints(models_dir, preset: str) -> list:
 
 def predict(cohort, paths: list, device="cpu", log=print) -> pd.DataFrame:
     """Fold-averaged predictions for every row of ``cohort`` that has at least one of the model's modalities."""
-    keys = bf_train.row_keys(cohort)
+    keys = bf_models.row_keys(cohort)
     tables = []
     for path in paths:
-        ckpt, model = bf_train.load_checkpoint(path, device)
-        bf_train.check_compatible(ckpt, cohort, str(path))
+        ckpt, model = bf_models.load_checkpoint(path, device)
+        bf_models.check_compatible(ckpt, cohort, str(path))
         rows = np.arange(len(keys))
-        data = bf_train.cohort_data(ckpt, cohort, rows)
+        data = bf_models.cohort_data(ckpt, cohort, rows)
         usable = data["present"].any(1)
         sub = {"inputs": {k: v[usable] for k, v in data["inputs"].items()}, "present": data["present"][usable]}
-        t = bf_train.prediction_table(model, ckpt, sub, [keys[i] for i in rows[usable.numpy()]], device)
+        t = bf_models.prediction_table(model, ckpt, sub, [keys[i] for i in rows[usable.numpy()]], device)
         tables.append(t)
         log(f"[predict] {path}: {int(usable.sum())} of {len(keys)} rows")
     task, classes = ckpt["task"], ckpt["classes"]
@@ -59,7 +60,7 @@ def predict(cohort, paths: list, device="cpu", log=print) -> pd.DataFrame:
         out.insert(0, "predicted", [classes[i] for i in probs.argmax(1)])
     out = out.reset_index()
     pres = pd.DataFrame({"participant_id": [k[0] for k in keys], "session": [k[1] for k in keys]})
-    for j, name in enumerate(bf_train.modality_names(cohort)):
+    for j, name in enumerate(bf_models.modality_names(cohort)):
         pres[f"present_{name}"] = np.asarray(cohort.present)[:, j].astype(int)
     for col in ("qc_pass", "qc_flags"):     # image QC of the tensors stage: a flagged row's prediction is suspect
         if col in cohort.manifest.columns:
@@ -81,9 +82,9 @@ def cli(argv=None):
             raise BrainfuseError("evaluation summary names no best_preset", path=args.summary,
                                  fix="rerun the evaluate stage, or set model.predict_preset")
         preset = summary["best_preset"]
-    device = bf_train.pick_device(args.device)
+    device = bf_models.pick_device(args.device)
     torch.set_grad_enabled(False)
-    cohort = bf_train.load(args.tensors)
+    cohort = load_cohort(args.tensors)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     table = predict(cohort, checkpoints(args.models, preset), device, log)
     bf_io.save_tsv(table, args.output)

@@ -1,5 +1,5 @@
-# train / evaluate / predict: participant-grouped CV of the MoE presets (src/brainfuse/train.py, evaluate.py,
-# predict.py). Helpers (units_with, STAGE_TARGETS, LOGS, DIRS, TENSORS) are in common.smk; names from
+# train / evaluate / predict: participant-grouped CV of the MoE presets (src/brainfuse/train.py, models.py,
+# evaluate.py, predict.py). Helpers (units_with, STAGE_TARGETS, LOGS, DIRS, TENSORS) are in common.smk; names from
 # brainfuse.layout.
 import shlex
 
