@@ -12,9 +12,7 @@ from . import schema
 from .bids import LabelError, check_label
 from .errors import BrainfuseError
 
-REPO = schema.REPO
-SCHEMA = schema.SCHEMA
-DEFAULT_CONFIG = REPO / "config" / "config.yaml"
+DEFAULT_CONFIG = schema.REPO / "config" / "config.yaml"
 
 
 class ConfigError(BrainfuseError):

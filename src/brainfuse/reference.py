@@ -45,6 +45,6 @@ def seen_by(names, modalities, score_modalities) -> np.ndarray:
 
 def balanced_accuracy(y, pred) -> float:
     """sklearn's balanced_accuracy_score (mean recall over the classes in ``y``), in numpy: the phantom runs in the
-    anat and demo envs, which have no scikit-learn, and Snakemake imports it at parse time."""
+    demo env, which has no scikit-learn, and Snakemake imports the generator at parse time."""
     y, pred = np.asarray(y), np.asarray(pred)
     return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
