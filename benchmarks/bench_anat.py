@@ -23,7 +23,7 @@ import nibabel as nib  # noqa: E402
 
 from brainfuse import anat, templates  # noqa: E402
 from brainfuse.phantom import generator as demo  # noqa: E402
-from brainfuse.bids import TEMPLATE, bids_path  # noqa: E402
+from brainfuse.layout import TEMPLATE, bids_path  # noqa: E402
 
 LPS = np.array([-1.0, -1.0, 1.0])
 

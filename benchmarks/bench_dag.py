@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from brainfuse.bids import bids_path  # noqa: E402
+from brainfuse.layout import bids_path  # noqa: E402
 
 
 def _tiny_nifti() -> bytes:

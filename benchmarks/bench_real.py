@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from brainfuse import layout, resources, templates  # noqa: E402
-from brainfuse.bids import TEMPLATE, bids_path  # noqa: E402
+from brainfuse.layout import TEMPLATE, bids_path  # noqa: E402
 
 
 def run_stage(name, argv, log_dir) -> dict:

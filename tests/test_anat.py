@@ -15,7 +15,7 @@ import pytest
 
 from brainfuse import anat, layout, templates
 from brainfuse.phantom import generator as demo
-from brainfuse.bids import TEMPLATE, bids_path
+from brainfuse.layout import TEMPLATE, bids_path
 from conftest import REPO
 
 LPS = np.array([-1.0, -1.0, 1.0])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from brainfuse import dwi, func, layout, stageqc
-from brainfuse.bids import TEMPLATE, bids_path
+from brainfuse.layout import TEMPLATE, bids_path
 from conftest import brainfuse_cli, brainfuse_error
 
 RNG = np.random.default_rng(19)

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brainfuse import bids, config
+from brainfuse import bids, config, layout
 from conftest import REPO, job_counts
 
 
@@ -55,14 +55,14 @@ def make_bids(root, subjects, participants=None):
     (root / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
     for sub, modalities in subjects.items():
         if "T1w" in modalities:
-            _nifti(Path(bids.bids_path(root, sub, "anat", "T1w")))
+            _nifti(Path(layout.bids_path(root, sub, "anat", "T1w")))
         if "dwi" in modalities:
-            dwi = Path(bids.bids_path(root, sub, "dwi", "dwi", dir="AP"))
+            dwi = Path(layout.bids_path(root, sub, "dwi", "dwi", dir="AP"))
             _nifti(dwi, (4, 4, 4, 3))
             dwi.with_name(dwi.name.replace(".nii.gz", ".bval")).write_text("0 1000 1000\n")
             dwi.with_name(dwi.name.replace(".nii.gz", ".bvec")).write_text("0 1 0\n0 0 1\n0 0 0\n")
         if "bold" in modalities:
-            bold = Path(bids.bids_path(root, sub, "func", "bold", task="rest"))
+            bold = Path(layout.bids_path(root, sub, "func", "bold", task="rest"))
             _nifti(bold, (4, 4, 4, 3))
             bold.with_name(bold.name.replace(".nii.gz", ".json")).write_text('{"RepetitionTime": 2.0}')
     rows = participants if participants is not None else list(subjects)
@@ -142,7 +142,7 @@ def _fake_converted(root, out, subjects):
         for suffix, decision in decisions.items():
             datatype, entities = {"T1w": ("anat", {}), "bold": ("func", {"task": "rest"}),
                                   "dwi": ("dwi", {"dir": "AP"})}[suffix]
-            name = bids.bids_path("", sub, datatype, suffix, **entities).lstrip("/")
+            name = layout.bids_path("", sub, datatype, suffix, **entities).lstrip("/")
             if decision == "converted":
                 _nifti(out / "bids" / name, (4, 4, 4) if suffix == "T1w" else (4, 4, 4, 3))
                 (out / "bids" / name.replace(".nii.gz", ".json")).write_text('{"RepetitionTime": 2.0}')

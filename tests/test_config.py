@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from brainfuse import bids, config
+from brainfuse import bids, config, layout
 
 
 def test_default_config_is_valid_and_filled():
@@ -47,21 +47,21 @@ def test_nested_command_line_values_get_their_schema_types():
 
 @pytest.mark.parametrize("label", ["../x", "a_b", "a-b", "", "sub-", "x/y", "é"])
 def test_bad_labels_are_refused(label):
-    with pytest.raises(bids.LabelError):
-        bids.check_label(label)
+    with pytest.raises(layout.LabelError):
+        layout.check_label(label)
 
 
 def test_good_labels_lose_their_prefix():
-    assert bids.check_label("sub-01") == "01" and bids.check_label("ses-baseline") == "baseline"
+    assert layout.check_label("sub-01") == "01" and layout.check_label("ses-baseline") == "baseline"
 
 
 def test_bids_path_orders_entities():
-    p = bids.bids_path("/d", "01", "dwi", "dwi", ses="1", run=2, dir="AP", desc=None)
+    p = layout.bids_path("/d", "01", "dwi", "dwi", ses="1", run=2, dir="AP", desc=None)
     assert p == "/d/sub-01/ses-1/dwi/sub-01_ses-1_dir-AP_run-2_dwi.nii.gz"
-    assert bids.parse_name(os.path.basename(p)) == {"sub": "01", "ses": "1", "dir": "AP", "run": "2",
+    assert layout.parse_name(os.path.basename(p)) == {"sub": "01", "ses": "1", "dir": "AP", "run": "2",
                                                     "suffix": "dwi", "ext": ".nii.gz"}
     with pytest.raises(ValueError):
-        bids.bids_path("/d", "01", "anat", "T1w", colour="red")
+        layout.bids_path("/d", "01", "anat", "T1w", colour="red")
 
 
 def _tree(root, names):
@@ -84,7 +84,7 @@ def test_index_finds_modalities_and_sessions(tmp_path):
 
 def test_index_refuses_bad_folder_labels(tmp_path):
     _tree(tmp_path, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-a_b/anat/sub-a_b_T1w.nii.gz"])
-    with pytest.raises(bids.LabelError, match="sub-a_b"):
+    with pytest.raises(layout.LabelError, match="sub-a_b"):
         bids.index_bids(tmp_path)
     with pytest.raises(FileNotFoundError, match="dataset_description"):
         bids.index_bids(tmp_path / "sub-01")

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from brainfuse.phantom import bayes
 from brainfuse.phantom import generator as demo
-from brainfuse.bids import TEMPLATE, bids_path
+from brainfuse.layout import TEMPLATE, bids_path
 
 
 def _load(path):

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from brainfuse import dwi, layout, motion
 from brainfuse.phantom import generator as demo
-from brainfuse.bids import TEMPLATE
+from brainfuse.layout import TEMPLATE
 
 B0_SIGNAL_BRAIN = 500.0   # truth S0 (x1000) above this: brain tissue (WM 1000, GM 1300, CSF 2200), not skull/scalp
 

@@ -20,7 +20,7 @@ import torch
 
 from brainfuse import atlas, func, motion
 from brainfuse.phantom import generator as demo
-from brainfuse.bids import TEMPLATE
+from brainfuse.layout import TEMPLATE
 
 torch.set_num_threads(1)
 RES = 3

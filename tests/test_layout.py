@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from brainfuse import config, derivatives, layout, provenance, tensors
-from brainfuse.bids import TEMPLATE
+from brainfuse.layout import TEMPLATE
 from brainfuse.errors import BrainfuseError
 from brainfuse.phantom import generator as bf_demo
 from conftest import REPO, job_counts
@@ -157,9 +157,13 @@ def test_tabular_mode_plans_no_image_job_and_keeps_sessions_apart(tmp_path):
 
 # ------------------------------------------------------------------------------------ one layout module (#22)
 def test_layout_sits_low_in_the_import_graph():
-    """brainfuse.layout imports brainfuse.bids and errors only (standard library: the rules import it at parse
-    time); func reaches the anat transforms through it, not through the anat stage."""
-    assert provenance.local_imports("layout") == {"bids", "errors"}
+    """brainfuse.layout imports brainfuse.errors only (standard library: the rules import it at parse time, and a
+    module naming files through it stays on the layer it was); func reaches the anat transforms through it, not
+    through the anat stage; no module but the workflow's dataset index needs brainfuse.bids."""
+    assert provenance.local_imports("layout") == {"errors"}
+    src = REPO / "src" / "brainfuse"
+    users = {str(p.relative_to(src).with_suffix("")).replace("/", ".") for p in src.rglob("*.py")}
+    assert {m for m in users if "bids" in provenance.local_imports(m)} == set()
     assert "anat" not in provenance.local_imports("func")
     for stage in ("anat", "dwi", "func", "templates"):
         assert "layout" in provenance.local_imports(stage), stage

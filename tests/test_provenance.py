@@ -55,7 +55,7 @@ def test_demo_jobs_depend_on_the_whole_phantom():
     assert names == {"phantom.generator"}
     deps = provenance.dependencies("phantom.generator")
     assert {"phantom", "phantom.generator", "phantom.bayes", "phantom.dicom_export", "headmodel", "reference",
-            "io", "bids"} <= set(deps)
+            "io", "layout"} <= set(deps)
     # the head model it shares with skull stripping reruns the templates rule, whose head target is an input of
     # every anat job (a new file reruns them)
     assert "headmodel" in provenance.dependencies("templates")
@@ -64,7 +64,7 @@ def test_demo_jobs_depend_on_the_whole_phantom():
 def test_phantom_imports_resolve_inside_the_subpackage():
     found = provenance.local_imports("phantom.generator")
     assert {"phantom", "phantom.bayes", "phantom.dicom_export"} <= found    # from . import bayes / dicom_export
-    assert {"io", "cliargs", "bids", "headmodel", "config"} <= found         # from .. import io, from ..bids import …
+    assert {"io", "cliargs", "layout", "headmodel", "config"} <= found       # from .. import io, from ..layout import …
     assert provenance.local_imports("phantom.bayes") == {"reference"}        # from .. import reference
     assert {"io", "errors"} <= provenance.local_imports("phantom.dicom_export")
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from brainfuse import layout, templates
-from brainfuse.bids import TEMPLATE, bids_path
+from brainfuse.layout import TEMPLATE, bids_path
 from conftest import brainfuse_cli
 from test_anat import ANTS_SYN_MNI_R
 

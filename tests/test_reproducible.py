@@ -8,7 +8,7 @@ import os
 import pytest
 
 from brainfuse import anat, atlas, templates
-from brainfuse.bids import TEMPLATE, bids_path
+from brainfuse.layout import TEMPLATE, bids_path
 from conftest import brainfuse_cli
 
 RES = 3

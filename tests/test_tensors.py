@@ -20,7 +20,7 @@ from brainfuse import layout
 from brainfuse.phantom import generator as demo
 from brainfuse import io as bf_io
 from brainfuse import tensors as T
-from brainfuse.bids import TEMPLATE
+from brainfuse.layout import TEMPLATE
 from brainfuse.provenance import code_version, file_sha256
 from conftest import REPO, job_counts
 

@@ -36,10 +36,9 @@ import numpy as np
 from . import cliargs
 from . import stageqc
 from .antsconfig import load_ants
-from .bids import TEMPLATE, check_label
 from .errors import BrainfuseError
 from .inputs import as_stage_error, check_anisotropy, check_finite, load_nifti
-from .layout import TISSUES, anat_paths, template_files
+from .layout import TEMPLATE, TISSUES, anat_paths, check_label, template_files
 from .provenance import code_version
 from .schema import section_defaults
 

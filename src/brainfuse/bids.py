@@ -1,9 +1,9 @@
-"""BIDS names: one path helper for every input and output, label checks, and a fast dataset index.
+"""A BIDS dataset's index: which subjects, sessions and imaging runs an input folder holds.
 
-Every file brainfuse reads or writes is named by :func:`bids_path` (as in HippUnfold), so rules,
-library code and tests agree on names. The index walks the tree once with ``os.scandir`` and parses
-file names with one regular expression: pybids takes minutes on a 1,000-subject tree, and Snakemake
-builds the DAG from this index at every start (pybids is still used in the tests to check validity).
+The index walks the tree once with ``os.scandir`` and parses file names with one regular expression
+(:func:`brainfuse.layout.parse_name`): pybids takes minutes on a 1,000-subject tree, and Snakemake builds the DAG
+from this index at every start (pybids is still used in the tests to check validity). Every name brainfuse
+reads or writes is built by :mod:`brainfuse.layout`.
 """
 from __future__ import annotations
 
@@ -13,82 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BrainfuseError
-
-# Entity order from the BIDS specification (Appendix: entity table), the ones brainfuse uses.
-ENTITY_ORDER = (
-    "sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo",
-    "from", "to", "mode", "space", "cohort", "res", "den", "label", "atlas", "seg", "hemi", "model", "desc",
-)
-# What a BOLD run keeps of its name in its derivatives' names (brainfuse.layout.RUN_ENTITIES, the rules' {bold}).
-RUN_ENTITIES = ("task", "acq", "ce", "rec", "dir", "run", "echo")
-LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
-TEMPLATE = "MNI152NLin2009aSym"   # nilearn's packaged ICBM152 2009a symmetric template
-
-# Imaging inputs brainfuse processes: BIDS datatype and suffix for each.
-IMAGING = {"T1w": ("anat", "T1w"), "dwi": ("dwi", "dwi"), "bold": ("func", "bold")}
-
-
-class LabelError(BrainfuseError):
-    """A subject/session/entity label that is not BIDS-valid (letters and digits only)."""
-
-
-def check_label(value: str, what: str = "label") -> str:
-    """Return ``value`` with any ``sub-``/``ses-`` prefix removed; refuse anything but [A-Za-z0-9]+.
-
-    Labels end up in paths, so ``sub-../x`` or ``a_b`` must never get through.
-    """
-    value = str(value)
-    for prefix in ("sub-", "ses-"):
-        if value.startswith(prefix):
-            value = value[len(prefix):]
-    if not LABEL_RE.match(value):
-        raise LabelError(f"invalid {what} {value!r}: BIDS labels may contain only letters and digits")
-    return value
-
-
-def bids_path(root, sub: str, datatype: str | None = None, suffix: str = "", ext: str = ".nii.gz",
-              ses: str | None = None, **entities) -> str:
-    """Build ``root/sub-X[/ses-Y][/datatype]/sub-X[_ses-Y][_key-value…]_suffix.ext``.
-
-    Entities come out in the specification's order whatever order they are given in; ``None`` values
-    are left out, so optional entities can be passed through. Wildcards (``{subject}``) pass unchanged,
-    which lets Snakemake rules build patterns with the same function.
-    """
-    parts = [f"sub-{sub}"]
-    folders = [f"sub-{sub}"]
-    if ses:
-        parts.append(f"ses-{ses}")
-        folders.append(f"ses-{ses}")
-    unknown = set(entities) - set(ENTITY_ORDER)
-    if unknown:
-        raise ValueError(f"unknown BIDS entities {sorted(unknown)}")
-    for key in ENTITY_ORDER[2:]:
-        value = entities.get(key)
-        if value is not None and value != "":
-            parts.append(f"{key}-{value}")
-    name = "_".join(parts) + (f"_{suffix}" if suffix else "") + ext
-    if datatype:
-        folders.append(datatype)
-    return os.path.join(str(root), *folders, name)
-
-
-_NAME_RE = re.compile(
-    r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?(?P<ents>(?:_[a-z]+-[A-Za-z0-9]+)*)"
-    r"_(?P<suffix>[A-Za-z0-9]+)(?P<ext>\.nii(?:\.gz)?)$"
-)
-
-
-def parse_name(name: str) -> dict | None:
-    """Entities of a BIDS image file name, or None if it is not one."""
-    m = _NAME_RE.match(name)
-    if not m:
-        return None
-    ents = dict(kv.split("-", 1) for kv in m["ents"].split("_")[1:])
-    ents.update(sub=m["sub"], suffix=m["suffix"], ext=m["ext"])
-    if m["ses"]:
-        ents["ses"] = m["ses"]
-    return ents
-
+from .layout import IMAGING, LabelError, check_label, parse_name
 
 @dataclass
 class Session:
@@ -178,13 +103,3 @@ def index_bids(root, subjects=None) -> list[Session]:
                                     "dataset has no such sub-<label> folder; correct the labels, or leave subjects "
                                     "empty for all")
     return sessions
-
-
-def sidecar(image_path: str) -> str:
-    """The JSON sidecar next to a NIfTI image."""
-    return re.sub(r"\.nii(\.gz)?$", ".json", str(image_path))
-
-
-def with_ext(image_path: str, ext: str) -> str:
-    """Same name with another extension (``.bval``, ``.bvec``, ``.json``)."""
-    return re.sub(r"\.nii(\.gz)?$", ext, str(image_path))

@@ -9,8 +9,8 @@ import jsonschema
 import yaml
 
 from . import schema
-from .bids import LabelError, check_label
 from .errors import BrainfuseError
+from .layout import LabelError, check_label
 
 DEFAULT_CONFIG = schema.REPO / "config" / "config.yaml"
 

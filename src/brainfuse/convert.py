@@ -49,10 +49,10 @@ import pandas as pd
 
 from . import cliargs
 from . import io as bf_io
-from .bids import LabelError, bids_path, check_label, with_ext
 from .deid import Scrubber, identifying_values, scrub_nifti, scrub_sidecar
 from .deid import as_text as _text
 from .errors import BrainfuseError
+from .layout import IMAGING, LabelError, bids_dataset_files, bids_path, check_label, with_ext
 
 log = logging.getLogger("brainfuse.convert")
 
@@ -1219,8 +1219,6 @@ def produced_files(manifest: pd.DataFrame) -> dict:
     (T1w, dwi, bold) is a key of 'images', with [] when none converted, and is then listed in 'missing'.
     The same rule as the workflow's: a subject has a modality iff a manifest row has decision 'converted'
     and that modality's suffix."""
-    from .bids import IMAGING
-
     by_suffix = {suffix: modality for modality, (_, suffix) in IMAGING.items()}
     images, files = {modality: [] for modality in IMAGING}, []
     for _, row in manifest[manifest["decision"] == "converted"].iterrows():
@@ -1313,17 +1311,18 @@ def write_dataset_files(bids_root, manifest, clinical_tsv=None, name: str = "bra
             sidecar = read_json(side, "participants sidecar (column descriptions)")
     table = table.fillna("n/a").replace("", "n/a")
     bids_root.mkdir(parents=True, exist_ok=True)
+    files = bids_dataset_files(bids_root)
     bf_io.save_json({
         "Name": name, "BIDSVersion": "1.10.0", "DatasetType": "raw",
         "GeneratedBy": [{"Name": "brainfuse", "Version": __version__,
                          "Description": "DICOM to BIDS conversion (brainfuse.convert) with dcm2niix"},
                         {"Name": "dcm2niix", "Version": dcm2niix_version()}],
-    }, bids_root / "dataset_description.json")
+    }, files["description"])
     readme = bids_root / "README"
     if not readme.exists():
         readme.write_text("Converted from DICOM by brainfuse (dcm2niix, de-identified sidecars).\n"
                           "Every series found, converted or not, is listed in the conversion manifest.\n")
-    bf_io.save_tsv(table, bids_root / "participants.tsv")
+    bf_io.save_tsv(table, files["participants"])
     if sidecar is not None:
         bf_io.save_json(sidecar, bids_root / "participants.json")
     return table

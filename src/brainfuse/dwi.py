@@ -59,10 +59,10 @@ from . import io as bf_io
 from . import layout
 from . import stageqc
 from .antsconfig import load_ants
-from .bids import TEMPLATE, check_label, parse_name, sidecar, with_ext
 from .errors import BrainfuseError
 from .inputs import as_stage_error, check_anisotropy, check_finite, load_nifti, read_sidecar
 from .layout import DWI_MAPS as MAPS
+from .layout import TEMPLATE, check_label, parse_name, sidecar, with_ext
 from .provenance import code_version
 from .schema import section_defaults
 

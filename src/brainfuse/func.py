@@ -38,9 +38,9 @@ from . import layout
 from . import motion
 from . import stageqc
 from .antsconfig import load_ants
-from .bids import parse_name, sidecar
 from .errors import BrainfuseError
 from .inputs import as_stage_error, check_anisotropy, check_finite, load_nifti, plausible_tr, read_sidecar
+from .layout import parse_name, sidecar
 from .schema import section_defaults
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")

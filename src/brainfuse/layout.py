@@ -1,9 +1,11 @@
-"""Where every file brainfuse reads or writes lives: one module for the rules and the library alike (issue #22).
+"""Every name brainfuse reads or writes: one module for the rules and the library alike (issue #22).
 
-Modelled on snakebids' ``bids()``: names are built here from entities (per file with
-:func:`brainfuse.bids.bids_path`), so a rule's declared outputs and the stage that writes them cannot disagree.
-Give ``"{subject}"`` (and ``"{session}"``) as labels to get a Snakemake pattern.
+Modelled on snakebids' ``bids()``: each file name is built from entities by :func:`bids_path` (in the
+specification's entity order), so a rule's declared outputs, the stage that writes them and the stage that reads
+them cannot disagree. Give ``"{subject}"`` (and ``"{session}"``) as labels to get a Snakemake pattern.
 
+* BIDS names: :func:`bids_path`, :func:`parse_name`, :func:`check_label`, :func:`sidecar`, :func:`with_ext`;
+  :data:`TEMPLATE` (the template space), :data:`IMAGING` (the raw inputs' datatype and suffix);
 * output root: :func:`output_dirs` (``derivatives/brainfuse``, ``templates``, ``tensors``, ``models`` ...);
 * templates and atlases: :func:`template_path`, :func:`template_files`, :func:`atlas_paths` (``atlas-brainfuse``,
   the func parcellation), :func:`region_atlas_paths` (``atlas-brainfuseRegions``, the tensors' region features);
@@ -12,24 +14,115 @@ Give ``"{subject}"`` (and ``"{session}"``) as labels to get a Snakemake pattern.
   image to the template;
 * run entities: :data:`RUN_ENTITIES` (what a BOLD run keeps in its outputs' names: the rules' ``{bold}``
   wildcard, :func:`run_key`), :data:`DWI_RUN_ENTITIES`;
-* models: :func:`fold_dir`, :func:`fold_paths`; DICOM conversion: :func:`convert_manifest`.
+* models: :func:`fold_dir`, :func:`fold_paths`, :func:`fold_checkpoints`; DICOM conversion: :func:`bids_dataset_files`,
+  :func:`convert_manifest`.
 
-Imports only :mod:`brainfuse.bids` and :mod:`brainfuse.errors` (standard library): the workflow imports it at parse
-time, and every stage may import it without pulling in another stage (tests/test_layout.py).
+Imports only :mod:`brainfuse.errors` and the standard library: the workflow imports it at parse time, and every
+module may import it without pulling in a stage or raising its own layer (tests/test_layout.py,
+tests/test_provenance.py's import-graph test). Indexing a dataset (which files exist) is :mod:`brainfuse.bids`.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-from .bids import RUN_ENTITIES, TEMPLATE, bids_path, check_label, parse_name
 from .errors import BrainfuseError
 
-__all__ = ["RUN_ENTITIES", "DWI_RUN_ENTITIES", "BOLD_RUN_REGEX", "TISSUES", "DWI_MAPS", "QC_SUFFIX", "output_dirs",
+__all__ = ["ENTITY_ORDER", "TEMPLATE", "IMAGING", "LabelError", "check_label", "bids_path", "parse_name",
+           "sidecar", "with_ext", "RUN_ENTITIES", "DWI_RUN_ENTITIES", "BOLD_RUN_REGEX", "TISSUES", "DWI_MAPS", "QC_SUFFIX", "output_dirs",
            "derivatives_description", "template_dir", "template_path", "template_files", "atlas_paths",
            "region_atlas_paths", "qc_path", "anat_paths", "to_mni_transforms", "dwi_run_entities", "dwi_paths",
-           "run_entities", "run_key", "func_paths", "fold_dir", "fold_paths", "convert_manifest"]
+           "run_entities", "run_key", "func_paths", "fold_dir", "fold_paths", "fold_checkpoints",
+           "bids_dataset_files", "convert_manifest"]
 
+# Entity order from the BIDS specification (Appendix: entity table), the ones brainfuse uses.
+ENTITY_ORDER = (
+    "sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo",
+    "from", "to", "mode", "space", "cohort", "res", "den", "label", "atlas", "seg", "hemi", "model", "desc",
+)
+# What a BOLD run keeps of its name in its derivatives' names (the rules' {bold} wildcard, run_key).
+RUN_ENTITIES = ("task", "acq", "ce", "rec", "dir", "run", "echo")
+LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
+TEMPLATE = "MNI152NLin2009aSym"   # nilearn's packaged ICBM152 2009a symmetric template
+
+# Imaging inputs brainfuse processes: BIDS datatype and suffix for each.
+IMAGING = {"T1w": ("anat", "T1w"), "dwi": ("dwi", "dwi"), "bold": ("func", "bold")}
+
+
+class LabelError(BrainfuseError):
+    """A subject/session/entity label that is not BIDS-valid (letters and digits only)."""
+
+
+def check_label(value: str, what: str = "label") -> str:
+    """Return ``value`` with any ``sub-``/``ses-`` prefix removed; refuse anything but [A-Za-z0-9]+.
+
+    Labels end up in paths, so ``sub-../x`` or ``a_b`` must never get through.
+    """
+    value = str(value)
+    for prefix in ("sub-", "ses-"):
+        if value.startswith(prefix):
+            value = value[len(prefix):]
+    if not LABEL_RE.match(value):
+        raise LabelError(f"invalid {what} {value!r}: BIDS labels may contain only letters and digits")
+    return value
+
+
+def bids_path(root, sub: str, datatype: str | None = None, suffix: str = "", ext: str = ".nii.gz",
+              ses: str | None = None, **entities) -> str:
+    """Build ``root/sub-X[/ses-Y][/datatype]/sub-X[_ses-Y][_key-value…]_suffix.ext``.
+
+    Entities come out in the specification's order whatever order they are given in; ``None`` values
+    are left out, so optional entities can be passed through. Wildcards (``{subject}``) pass unchanged,
+    which lets Snakemake rules build patterns with the same function.
+    """
+    parts = [f"sub-{sub}"]
+    folders = [f"sub-{sub}"]
+    if ses:
+        parts.append(f"ses-{ses}")
+        folders.append(f"ses-{ses}")
+    unknown = set(entities) - set(ENTITY_ORDER)
+    if unknown:
+        raise ValueError(f"unknown BIDS entities {sorted(unknown)}")
+    for key in ENTITY_ORDER[2:]:
+        value = entities.get(key)
+        if value is not None and value != "":
+            parts.append(f"{key}-{value}")
+    name = "_".join(parts) + (f"_{suffix}" if suffix else "") + ext
+    if datatype:
+        folders.append(datatype)
+    return os.path.join(str(root), *folders, name)
+
+
+_NAME_RE = re.compile(
+    r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?(?P<ents>(?:_[a-z]+-[A-Za-z0-9]+)*)"
+    r"_(?P<suffix>[A-Za-z0-9]+)(?P<ext>\.nii(?:\.gz)?)$"
+)
+
+
+def parse_name(name: str) -> dict | None:
+    """Entities of a BIDS image file name, or None if it is not one."""
+    m = _NAME_RE.match(name)
+    if not m:
+        return None
+    ents = dict(kv.split("-", 1) for kv in m["ents"].split("_")[1:])
+    ents.update(sub=m["sub"], suffix=m["suffix"], ext=m["ext"])
+    if m["ses"]:
+        ents["ses"] = m["ses"]
+    return ents
+
+
+def sidecar(image_path: str) -> str:
+    """The JSON sidecar next to a NIfTI image."""
+    return re.sub(r"\.nii(\.gz)?$", ".json", str(image_path))
+
+
+def with_ext(image_path: str, ext: str) -> str:
+    """Same name with another extension (``.bval``, ``.bvec``, ``.json``)."""
+    return re.sub(r"\.nii(\.gz)?$", ext, str(image_path))
+
+
+# ------------------------------------------------------------------------ entities, brainfuse's own
 DWI_RUN_ENTITIES = ("acq", "dir", "run")      # what a DWI run keeps in its per-run outputs' names
 # the {bold} wildcard: a BOLD run's entities, e.g. "task-rest_run-1" (task first, then the others in BIDS order)
 BOLD_RUN_REGEX = "task-[A-Za-z0-9]+(_(" + "|".join(e for e in RUN_ENTITIES if e != "task") + ")-[A-Za-z0-9]+)*"
@@ -205,7 +298,7 @@ def func_paths(deriv, sub: str, ses: str | None, res, run: str) -> dict:
         "motion_qc": p("timeseries", ".json", desc="confounds"),   # the confounds' sidecar: motion QC
         "xfm": p("xfm", ".mat", **{"from": "bold", "to": "T1w", "mode": "image"}),
         "preproc": p("bold", ".nii.gz", **mni, desc="preproc"),
-        # `stat` is not in bids.ENTITY_ORDER: carried in the suffix, after space/res
+        # `stat` is not in ENTITY_ORDER: carried in the suffix, after space/res
         **{s: p(f"stat-{s}_boldmap", ".nii.gz", **mni) for s in ("alff", "falff", "reho")},
         "timeseries": p("timeseries", ".tsv", **mni, atlas="brainfuse"),
         "relmat": p("relmat", ".tsv", **mni, atlas="brainfuse", desc="fisherz"),
@@ -224,6 +317,19 @@ def fold_paths(models, preset: str, fold) -> dict:
     """checkpoint.pt and predictions.tsv (test rows) of one trained fold."""
     folder = fold_dir(models, preset, fold)
     return {"checkpoint": f"{folder}/checkpoint.pt", "predictions": f"{folder}/predictions.tsv"}
+
+
+def fold_checkpoints(models, preset: str) -> list[Path]:
+    """The checkpoints of a preset's trained folds that exist, sorted by path (what predict averages, in that
+    order: the order of a float sum is part of byte-identical output)."""
+    return sorted(Path(models).glob(fold_paths(".", preset, "*")["checkpoint"]))
+
+
+def bids_dataset_files(bids_root) -> dict:
+    """The dataset-level files of a converted BIDS dataset (``brainfuse convert dataset``), by short name."""
+    root = str(bids_root)
+    return {"description": f"{root}/dataset_description.json", "participants": f"{root}/participants.tsv",
+            "manifest": f"{root}/code/manifest.tsv"}
 
 
 def convert_manifest(bids_root, sub: str) -> str:

@@ -12,7 +12,6 @@ instead (``reports/predictions.tsv``): these are in-sample.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,13 +22,14 @@ from . import io as bf_io
 from . import models as bf_models
 from .errors import BrainfuseError
 from .inputs import read_json
+from .layout import fold_checkpoints, fold_paths
 from .tensors import load_cohort
 
 
 def checkpoints(models_dir, preset: str) -> list:
-    paths = sorted(Path(models_dir).glob(f"{preset}/fold-*/checkpoint.pt"))
+    paths = fold_checkpoints(models_dir, preset)
     if not paths:
-        raise BrainfuseError(f"no {preset}/fold-*/checkpoint.pt", path=models_dir,
+        raise BrainfuseError(f"no {fold_paths('.', preset, '*')['checkpoint'][2:]}", path=models_dir,
                              fix="train the preset first (snakemake train), or check model.predict_from / "
                                  "model.predict_preset")
     return paths

@@ -41,20 +41,21 @@ import pandas as pd
 
 from . import cliargs
 from . import io as bf_io
-from .bids import RUN_ENTITIES, TEMPLATE, LabelError, bids_path, check_label
 from .errors import BrainfuseError
 from .inputs import CacheError, array_record, check_array, load_nifti, read_json, read_tsv
+from .layout import (DWI_MAPS, TEMPLATE, LabelError, anat_paths, bids_path, check_label, dwi_paths, func_paths,
+                     run_key)
 from .provenance import code_version, file_sha256
 from .schema import section_defaults
 
 # ------------------------------------------------------------------------------------------ modalities
 # name -> channels: (channel name, datatype, suffix, extra entities, pattern its file name must contain)
+# Channels of each volume modality, in order: (channel name, key of the derivative in brainfuse.layout's
+# anat_paths / dwi_paths / func_paths, where the stage that writes it names it).
 VOLUME_CHANNELS = {
-    "aMRI": [("T1w", "anat", "T1w", {"desc": "preproc"}),
-             ("GM", "anat", "probseg", {"label": "GM"}),
-             ("logjacobian", "anat", "T1w", {"desc": "logjacobian"})],
-    "DTI": [(p, "dwi", f"param-{p}_dwimap", {"model": "tensor"}) for p in ("fa", "md", "ad", "rd")],
-    "fMRI": [(s, "func", f"stat-{s}_boldmap", {}) for s in ("alff", "falff", "reho")],
+    "aMRI": [("T1w", "mni_t1w"), ("GM", "mni_GM"), ("logjacobian", "logjacobian")],
+    "DTI": [(p, f"mni_{p}") for p in DWI_MAPS],
+    "fMRI": [(s, s) for s in ("alff", "falff", "reho")],
 }
 # Which BIDS input a modality's derivatives come from (config `modalities`: T1w, dwi, bold).
 SOURCE_OF = {"aMRI": "T1w", "DTI": "dwi", "fMRI": "bold", "conn": "bold"}
@@ -119,24 +120,36 @@ def unit_dir(tensors_dir, sub: str, ses: str | None = None) -> str:
 
 def derivative_paths(deriv, sub: str, modality: str, res: int, ses: str | None = None,
                      run_entities: dict | None = None) -> list[str]:
-    """Paths (DEVELOPERS.md Stage contract) of the MNI derivatives a modality is built from, in channel order.
+    """Paths of the MNI derivatives a modality is built from, in channel order: the names the stages write
+    (brainfuse.layout; DEVELOPERS.md Stage contract).
 
     ``run_entities``: entities of the BOLD run used (task/acq/dir/run) for fMRI and conn.
     """
-    run = {k: v for k, v in (run_entities or {}).items() if k in RUN_ENTITIES}
     if modality == "conn":
-        return [bids_path(deriv, sub, "func", "relmat", ".tsv", ses=ses, **run, space=TEMPLATE, res=res,
-                          atlas="brainfuse", desc="fisherz")]
+        return [_func_paths(deriv, sub, ses, res, run_entities)["relmat"]]
     if modality not in VOLUME_CHANNELS:
         raise ValueError(f"unknown image modality {modality!r}; known: {IMAGE_MODALITIES}")
-    out = []
-    for _, datatype, suffix, ents in VOLUME_CHANNELS[modality]:
-        extra = run if datatype == "func" else {}
-        out.append(bids_path(deriv, sub, datatype, suffix, ".nii.gz", ses=ses, **extra, space=TEMPLATE, res=res, **ents))
-    return out
+    if modality == "fMRI":
+        paths = _func_paths(deriv, sub, ses, res, run_entities)
+    else:
+        paths = (anat_paths if modality == "aMRI" else dwi_paths)(deriv, sub, ses, res)
+    return [paths[key] for _, key in VOLUME_CHANNELS[modality]]
 
 
-# --------------------------------------------------------------------------------------- per subject
+def _func_paths(deriv, sub, ses, res, run_entities) -> dict:
+    run = run_key(run_entities or {})
+    if not run.startswith("task-"):
+        raise ValueError(f"a BOLD run needs its task entity (got {run_entities!r})")
+    return func_paths(deriv, sub, ses, res, run)
+
+
+def _channel_name_tail(modality: str, key: str, res: int) -> str:
+    """What a channel's file name ends with from ``_space-`` on (the same for every subject and run)."""
+    path = derivative_paths("", "X", modality, res, run_entities={"task": "x"})
+    name = os.path.basename(path[[k for _, k in VOLUME_CHANNELS[modality]].index(key)])
+    return name[name.index("_space-"):]
+
+
 def _grid(mask_path):
     img, data = load_nifti(mask_path, "template brain mask", ndim=(3,), fix="rerun the templates rule (it writes it)")
     mask = data > 0
@@ -237,9 +250,8 @@ def build_subject(modality: str, sources: list[str], mask_path: str, out: str, r
         mask, affine = _grid(mask_path)
         arr = np.zeros((len(channels), *mask.shape), dtype=np.float16)
         norms, srcs = {}, []
-        for c, ((name, _, suffix, ents), path) in enumerate(zip(channels, sources)):
-            pattern = "_".join([f"{k}-{v}" for k, v in ents.items()] + [suffix])
-            _check_name(path, modality, pattern, res)
+        for c, ((name, key), path) in enumerate(zip(channels, sources)):
+            _check_name(path, modality, _channel_name_tail(modality, key, res), res)
             data = _load_on_grid(path, mask, affine, res)
             bad = ~np.isfinite(data)
             data[bad] = 0.0          # NaN outside a fit mask would poison every batch; counted in the sidecar

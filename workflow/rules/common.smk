@@ -13,9 +13,10 @@ from snakemake.settings.types import DeploymentMethod
 from brainfuse import config as bf_config
 from brainfuse import layout
 from brainfuse.phantom import generator as bf_demo
-from brainfuse.bids import IMAGING, bids_path, check_bids_root, check_input_dir, folder_label, index_bids
+from brainfuse.bids import check_bids_root, check_input_dir, folder_label, index_bids
 from brainfuse.errors import BrainfuseError
 from brainfuse.inputs import check_output_dir
+from brainfuse.layout import IMAGING, bids_path
 from brainfuse.provenance import code_version, source_hash
 
 # Stops the run with a message naming the key (schema: workflow/schemas/config.schema.yaml).
@@ -83,7 +84,7 @@ def _participant_rows(table):
 def _table_units(table):
     """Tabular-only mode: (subject, session or None) per row of the participants table; repeated rows of one
     person are told apart by a `session` (or `session_id`) column. Read with csv, not pandas: parse time."""
-    from brainfuse.bids import LabelError, check_label
+    from brainfuse.layout import LabelError, check_label
 
     rows = _participant_rows(table)
     if isinstance(rows, Exception):

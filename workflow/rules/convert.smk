@@ -21,11 +21,7 @@ def _manifest(root):
 
 
 def _dataset_outputs(root):
-    return {
-        "description": f"{root}/dataset_description.json",
-        "participants": f"{root}/participants.tsv",
-        "manifest": f"{root}/code/manifest.tsv",
-    }
+    return layout.bids_dataset_files(root)
 
 
 if MODE == "dicom":

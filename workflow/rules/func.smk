@@ -5,7 +5,7 @@
 # (brainfuse.layout.run_key). Names: brainfuse.layout (func_paths, atlas_paths) and ANAT, TEMPLATE_FILES (common.smk).
 import os
 
-from brainfuse.bids import parse_name
+from brainfuse.layout import parse_name
 from brainfuse import resources as bf_resources
 
 FUNC_SETTINGS = json.dumps(config["func"], sort_keys=True)

@@ -5,7 +5,7 @@ import functools
 import shlex
 
 from brainfuse import tensors as bf_tensors
-from brainfuse.bids import parse_name
+from brainfuse.layout import parse_name
 
 TENSOR_SETTINGS = dict(config["tensors"])
 if MODE == "demo" and not TENSOR_SETTINGS["classes"]:

@@ -41,12 +41,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from . import bayes
 from .. import cliargs
 from .. import headmodel
 from .. import io as bf_io
-from ..bids import TEMPLATE, bids_path
 from ..headmodel import HEAD_PAD_MM, HeadModel, Linear, _HEADS, affine_rows, apply_affine, head_model
-from . import bayes
+from ..layout import TEMPLATE, bids_path
 
 # Class means of the latent disease scores (rows follow config demo.classes; 2-class configs use the first two).
 # Each modality informs a different contrast, so no single one gets far and fusion is needed (issue 20): atrophy
