@@ -34,7 +34,7 @@ __all__ = ["ENTITY_ORDER", "TEMPLATE", "IMAGING", "LabelError", "check_label", "
            "derivatives_description", "template_dir", "template_path", "template_files", "atlas_paths",
            "region_atlas_paths", "qc_path", "anat_paths", "to_mni_transforms", "dwi_run_entities", "dwi_paths",
            "run_entities", "run_key", "func_paths", "fold_dir", "fold_paths", "fold_checkpoints",
-           "bids_dataset_files", "convert_manifest"]
+           "bids_subject_dir", "bids_dataset_files", "convert_verification", "convert_manifest"]
 
 # Entity order from the BIDS specification (Appendix: entity table), the ones brainfuse uses.
 ENTITY_ORDER = (
@@ -325,11 +325,23 @@ def fold_checkpoints(models, preset: str) -> list[Path]:
     return sorted(Path(models).glob(fold_paths(".", preset, "*")["checkpoint"]))
 
 
+def bids_subject_dir(bids_root, sub: str) -> str:
+    """``<bids_root>/sub-X``: one subject's folder (what converting one subject's DICOM writes)."""
+    return f"{bids_root}/sub-{sub}"
+
+
 def bids_dataset_files(bids_root) -> dict:
-    """The dataset-level files of a converted BIDS dataset (``brainfuse convert dataset``), by short name."""
+    """The dataset-level files of a BIDS dataset brainfuse writes (``brainfuse convert dataset``), by short name:
+    dataset_description.json, participants.tsv, the merged conversion manifest."""
     root = str(bids_root)
     return {"description": f"{root}/dataset_description.json", "participants": f"{root}/participants.tsv",
             "manifest": f"{root}/code/manifest.tsv"}
+
+
+def convert_verification(bids_root) -> str:
+    """``<bids_root>/code/verification.tsv``: the demo's DICOM round trip checked against the phantom's own BIDS
+    images (``brainfuse convert verify``)."""
+    return f"{bids_root}/code/verification.tsv"
 
 
 def convert_manifest(bids_root, sub: str) -> str:

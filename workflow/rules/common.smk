@@ -40,7 +40,8 @@ except BrainfuseError as e:
 OUT = config["output_dir"].rstrip("/")
 DIRS = layout.output_dirs(OUT)       # the folders below output_dir
 DEMO = DIRS["demo"]
-BIDS_DIR = {"bids": config["bids_dir"], "dicom": DIRS["bids"], "demo": f"{DEMO}/bids", "tabular": None}[MODE]
+DEMO_PATHS = bf_demo.demo_paths(DEMO)      # the phantom's bids/, truth/, staging/, dicom/, converted/
+BIDS_DIR = {"bids": config["bids_dir"], "dicom": DIRS["bids"], "demo": DEMO_PATHS["bids"], "tabular": None}[MODE]
 DERIV = DIRS["deriv"]
 # Template and atlas files, built per output root (never into the checkout: it may be read-only, and two runs
 # there would share them); every name carries its resolution, so resolutions never overwrite each other.
@@ -216,10 +217,10 @@ ANAT = layout.anat_paths(DERIV, "{subject}", SES, RES)
 DERIV_DESCRIPTION = layout.derivatives_description(DERIV)
 DERIV_TARGETS = [] if MODE == "tabular" else [DERIV_DESCRIPTION]     # tabular-only: no derivatives folder
 # The demo (demo.smk): its BIDS images (raw_images reads them) and its Bayes rule (read by evaluate)
-demo_t1w = bids_path(f"{DEMO}/bids", "{subject}", "anat", "T1w")
-demo_dwi = bids_path(f"{DEMO}/bids", "{subject}", "dwi", "dwi", dir="AP")
-demo_bold = bids_path(f"{DEMO}/bids", "{subject}", "func", "bold", task="rest")
-DEMO_BAYES = f"{DEMO}/truth/bayes.json"
+demo_t1w = bids_path(DEMO_PATHS["bids"], "{subject}", "anat", "T1w")
+demo_dwi = bids_path(DEMO_PATHS["bids"], "{subject}", "dwi", "dwi", dir="AP")
+demo_bold = bids_path(DEMO_PATHS["bids"], "{subject}", "func", "bold", task="rest")
+DEMO_BAYES = DEMO_PATHS["bayes"]
 
 
 def expand_units(pattern, units=None):
@@ -311,7 +312,8 @@ def _participant_ids(table):
 
 
 def report_participants_without_images():
-    table = config["participants_tsv"] or (f"{config['bids_dir']}/participants.tsv" if MODE == "bids" else None)
+    bids_table = layout.bids_dataset_files(config["bids_dir"])["participants"] if MODE == "bids" else None
+    table = config["participants_tsv"] or bids_table
     if MODE in ("demo", "tabular") or config["subjects"] or not table or not Path(table).is_file():
         return                      # a `subjects` subset leaves the others out on purpose
     ids = _participant_ids(table)

@@ -9,7 +9,7 @@ import shlex
 from brainfuse import resources as bf_resources
 
 CONVERT_PARAMS = shlex.quote(json.dumps(config["convert"], sort_keys=True))
-DEMO_CONVERTED = f"{DEMO}/converted"
+DEMO_CONVERTED = DEMO_PATHS["converted"]
 _CONVERT_SHELL = (
     "{BRAINFUSE} convert --dicom-dir {input.dicom:q} --bids-dir {params.root:q} --subject {wildcards.subject}"
     " --manifest {output.manifest:q} --params {params.convert} > {log:q} 2>&1"
@@ -32,7 +32,7 @@ if MODE == "dicom":
         input:
             dicom=lambda w: _DICOM_FOLDERS[w.subject],
         output:
-            bids=directory(f"{BIDS_DIR}/sub-{{subject}}"),
+            bids=directory(layout.bids_subject_dir(BIDS_DIR, "{subject}")),
             manifest=_manifest(BIDS_DIR),
         params:
             root=BIDS_DIR,
@@ -55,14 +55,14 @@ if MODE == "dicom":
 elif MODE == "demo":
     _CONVERT_SUBJECTS = [s.label for s in bf_demo.plan(config["demo"]) if s.dicom and (s.label, None) in AVAILABILITY]
     _CONVERT_ROOT = DEMO_CONVERTED if _CONVERT_SUBJECTS else None      # demo.dicom_subjects may be 0
-    _CLINICAL = f"{DEMO}/bids/participants.tsv"
+    _CLINICAL = layout.bids_dataset_files(DEMO_PATHS["bids"])["participants"]
 
     rule convert_demo_subject:
         """The demo's DICOM export of a subject, converted back (same command as for real DICOM)."""
         input:
-            dicom=f"{DEMO}/dicom/{{subject}}",
+            dicom=bf_demo.dicom_dir(DEMO, "{subject}"),
         output:
-            bids=directory(f"{DEMO_CONVERTED}/sub-{{subject}}"),
+            bids=directory(layout.bids_subject_dir(DEMO_CONVERTED, "{subject}")),
             manifest=_manifest(DEMO_CONVERTED),
         params:
             root=DEMO_CONVERTED,
@@ -83,15 +83,15 @@ elif MODE == "demo":
         """Round trip: converted images equal the demo's BIDS images, no fake identity in any output."""
         input:
             manifests=expand(_manifest(DEMO_CONVERTED), subject=_CONVERT_SUBJECTS),
-            converted=expand(f"{DEMO_CONVERTED}/sub-{{subject}}", subject=_CONVERT_SUBJECTS),
+            converted=expand(layout.bids_subject_dir(DEMO_CONVERTED, "{subject}"), subject=_CONVERT_SUBJECTS),
             reference=[p for s in _CONVERT_SUBJECTS for m in MODALITIES for p in raw_images((s, None), m)],
         output:
-            f"{DEMO_CONVERTED}/code/verification.tsv",
+            layout.convert_verification(DEMO_CONVERTED),
         params:
             # written by rule demo_dicom next to the export
-            identity=[f"{DEMO}/truth/sub-{s}/sub-{s}_dicom_identity.json" for s in _CONVERT_SUBJECTS],
+            identity=[bf_demo.identity_path(DEMO, s) for s in _CONVERT_SUBJECTS],
             converted=DEMO_CONVERTED,
-            reference=f"{DEMO}/bids",
+            reference=DEMO_PATHS["bids"],
             code=code_version("convert"),
         log:
             log_path("convert_demo_verify", per_unit=False),
@@ -136,7 +136,7 @@ if _CONVERT_ROOT:
 
     _convert_rule = rules.convert_subject if MODE == "dicom" else rules.convert_demo_subject
     STAGE_TARGETS["convert"] = list(_dataset_outputs(_CONVERT_ROOT).values()) + (
-        [f"{DEMO_CONVERTED}/code/verification.tsv"] if MODE == "demo" else []
+        [layout.convert_verification(DEMO_CONVERTED)] if MODE == "demo" else []
     ) + job_outputs(_convert_rule, [(s, None) for s in _CONVERT_SUBJECTS])
 else:
     STAGE_TARGETS["convert"] = []

@@ -5,11 +5,11 @@ DEMO_PARAMS = json.dumps(config["demo"], sort_keys=True)
 
 rule demo_dataset:
     output:
-        description=f"{DEMO}/bids/dataset_description.json",
-        participants=f"{DEMO}/bids/participants.tsv",
+        description=layout.bids_dataset_files(DEMO_PATHS["bids"])["description"],
+        participants=layout.bids_dataset_files(DEMO_PATHS["bids"])["participants"],
         bayes=DEMO_BAYES,
         # head model + BOLD band-pass operator, built once here instead of in every subject job
-        cache=f"{DEMO}/truth/generator_cache.npz",
+        cache=DEMO_PATHS["cache"],
     params:
         demo=DEMO_PARAMS,
         code=code_version("phantom.generator"),
@@ -29,7 +29,7 @@ rule demo_dataset:
 # anatomy and the imports are shared. T1w goes straight into BIDS; DWI and BOLD, which some subjects lack
 # (a rule cannot declare outputs that may not exist), go to a staging folder, from where demo_dwi and
 # demo_bold hard-link them into BIDS for the subjects that have them.
-DEMO_STAGE = f"{DEMO}/staging"
+DEMO_STAGE = DEMO_PATHS["staging"]
 
 
 def _link(staged, bids, extensions):
@@ -50,7 +50,7 @@ rule demo_subject:
     output:
         image=demo_t1w,
         sidecar=demo_t1w.replace(".nii.gz", ".json"),
-        stage=directory(f"{DEMO_STAGE}/sub-{{subject}}"),
+        stage=directory(layout.bids_subject_dir(DEMO_STAGE, "{subject}")),
     params:
         demo=DEMO_PARAMS,
         code=code_version("phantom.generator"),
@@ -125,7 +125,7 @@ rule demo_dicom:
     input:
         _demo_subject_images,
     output:
-        directory(f"{DEMO}/dicom/{{subject}}"),
+        directory(bf_demo.dicom_dir(DEMO, "{subject}")),
     params:
         demo=DEMO_PARAMS,
         code=code_version("phantom.generator"),

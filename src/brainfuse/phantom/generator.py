@@ -172,8 +172,29 @@ def head_resolution(cfg: dict) -> int:
     return 2 if cfg["t1_voxel_mm"] >= 2 else 1
 
 
+def demo_paths(root) -> dict:
+    """Where the phantom writes below ``root`` (the workflow's ``<output_dir>/demo``), by short name: its BIDS
+    dataset, ground truth (truth/bayes.json, the generator cache), the staging folder of DWI and BOLD, the DICOM
+    export and the converted copy of it (the convert stage's check). The phantom's counterpart of
+    brainfuse.layout, used by the generator and the demo and convert rules alike."""
+    root = str(root)
+    return {"bids": f"{root}/bids", "truth": f"{root}/truth", "staging": f"{root}/staging",
+            "dicom": f"{root}/dicom", "converted": f"{root}/converted",
+            "bayes": f"{root}/truth/bayes.json", "cache": f"{root}/truth/generator_cache.npz"}
+
+
+def dicom_dir(root, sub: str) -> str:
+    """``<root>/dicom/<sub>``: one subject's DICOM export (a folder per subject, as a scanner would give)."""
+    return f"{demo_paths(root)['dicom']}/{sub}"
+
+
+def identity_path(root, sub: str) -> str:
+    """The FAKE patient fields written into a subject's DICOM (the convert check: none may reach an output)."""
+    return f"{demo_paths(root)['truth']}/sub-{sub}/sub-{sub}_dicom_identity.json"
+
+
 def generator_cache_path(root) -> Path:
-    return Path(root) / "truth" / "generator_cache.npz"
+    return Path(demo_paths(root)["cache"])
 
 
 def _cache_key(cfg: dict) -> str:
@@ -655,7 +676,7 @@ def write_subject(cfg: dict, subject: SubjectPlan, root: Path, modalities=("T1w"
     ``stage`` (a folder), the DWI and BOLD images go there instead of ``root/bids``, under the same
     BIDS names (the workflow links them into place: it cannot declare outputs a subject may lack).
     """
-    bids, truth = Path(root) / "bids", Path(root) / "truth"
+    bids, truth = Path(demo_paths(root)["bids"]), Path(demo_paths(root)["truth"])
     if head is None:
         load_generator_cache(cfg, root)
         head = head_model(head_resolution(cfg))
@@ -740,7 +761,7 @@ PARTICIPANTS_JSON = {
 def write_dataset(cfg: dict, root: Path):
     """Dataset-level files: dataset_description.json, README, participants.tsv/json, truth/bayes.json,
     and what every subject is made from (truth/generator_cache.npz, read by the subject jobs)."""
-    bids, truth = Path(root) / "bids", Path(root) / "truth"
+    bids, truth = Path(demo_paths(root)["bids"]), Path(demo_paths(root)["truth"])
     bids.mkdir(parents=True, exist_ok=True)
     truth.mkdir(parents=True, exist_ok=True)
     subjects = plan(cfg)
@@ -754,15 +775,15 @@ def write_dataset(cfg: dict, root: Path):
     write_generator_cache(cfg, root)
     bf_io.save_json({**bayes_accuracy(cfg), **cohort_bayes(cfg, subjects), **bayes.truth_mappings(), "config": cfg,
                      "subjects": [{"label": s.label, "diagnosis": s.diagnosis, "has_dwi": s.has_dwi, "has_bold": s.has_bold,
-                                   "dicom": s.dicom, "scores": s.scores} for s in subjects]}, truth / "bayes.json")
+                                   "dicom": s.dicom, "scores": s.scores} for s in subjects]}, demo_paths(root)["bayes"])
 
 
 def write_dicom(cfg: dict, subject: SubjectPlan, root: Path):
     """DICOM export of one subject's BIDS images, with FAKE identifying patient fields (for convert tests)."""
     from . import dicom_export
 
-    bids = Path(root) / "bids"
-    out = Path(root) / "dicom" / f"{subject.label}"
+    bids = demo_paths(root)["bids"]
+    out = Path(dicom_dir(root, subject.label))
     tmp = Path(tempfile.mkdtemp(dir=Path(root), prefix=".dicom-"))
     rng = np.random.default_rng([cfg["seed"], subject.index, 10])
     patient = {"PatientName": f"Phantom^Alice{subject.label}^Q", "PatientID": f"BF{rng.integers(10**7, 10**8)}",
@@ -785,7 +806,7 @@ def write_dicom(cfg: dict, subject: SubjectPlan, root: Path):
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
-    bf_io.save_json(patient, Path(root) / "truth" / f"sub-{subject.label}" / f"sub-{subject.label}_dicom_identity.json")
+    bf_io.save_json(patient, identity_path(root, subject.label))
 
 
 def generate(cfg: dict, root, subjects=None, modalities=("T1w", "dwi", "bold"), dicom=True, progress=print):
@@ -813,7 +834,7 @@ def _cli_config(params: dict, root: Path) -> dict:
     """``params`` validated, or as they are when the dataset job already wrote them, complete, into
     truth/bayes.json (what the workflow's subject jobs get: spares each of them importing jsonschema)."""
     try:
-        if json.loads((Path(root) / "truth" / "bayes.json").read_text())["config"] == params:
+        if json.loads(Path(demo_paths(root)["bayes"]).read_text())["config"] == params:
             return params
     except (OSError, ValueError, KeyError):
         pass
