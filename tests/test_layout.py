@@ -177,6 +177,9 @@ def test_rules_build_no_template_or_transform_name_by_hand():
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
         text = smk.read_text()
         assert "tpl-" not in text and "_xfm" not in text, smk.name
+        # the phantom's folders (phantom.generator.demo_paths) and a subject's folder (layout.bids_subject_dir)
+        names = "\n".join(line for line in text.splitlines() if "LOGS" not in line)      # logs: common.log_path
+        assert not re.search(r'f"\{DEMO[_A-Z]*\}/|/sub-\{\{subject\}\}"', names), smk.name
         assert 'config["resolution_mm"]' not in text or smk.name == "common.smk", f"{smk.name}: use RES (common.smk)"
         assert not re.search(r"^def (converted_images|deferred_targets)\b", text, re.M) or smk.name == "common.smk"
 
