@@ -18,19 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 SLOW_FIXTURES = {"philips", "phantom_outputs", "canon", "xa30_corrected", "xa30", "nih"}
 
 
-# Modules holding the longest tests (the real one-node SLURM run ~8 min, the 2 mm phantom and real-scan anat runs
-# 2-4 min each), run first: with `--dist worksteal` (pyproject addopts) the first worker starts them at once and the
-# other takes over its queue when idle, instead of one of them starting late and running alone at the end. Whole
-# modules move, so module-scoped fixtures are still built once per worker.
-LONGEST_FIRST = ("test_cluster.py", "test_anat.py", "test_real_philips.py")
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable: order inside a module kept
 
 
 @pytest.fixture(scope="session")
