@@ -28,12 +28,6 @@ from brainfuse import layout
 from brainfuse.phantom import generator as demo
 
 
-def putamen_roi(img) -> np.ndarray:
-    pts = demo.apply_affine(img.affine, np.indices(img.shape).reshape(3, -1).T.astype(float))
-    d = np.min([np.linalg.norm(pts - c, axis=1) for c in demo.PUTAMEN], axis=0)
-    return (d < 8).reshape(img.shape)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, required=True, help="the cohort's output_dir (holds tensors/, derivatives/)")
@@ -45,7 +39,7 @@ def main(argv=None):
     roi, feature = None, []
     for pid in man.participant_id:
         img = nib.load(layout.anat_paths(dirs["deriv"], pid.removeprefix("sub-"), None, a.res)["logjacobian"])
-        roi = putamen_roi(img) if roi is None else roi
+        roi = demo.putamen_roi(img) if roi is None else roi
         feature.append(img.get_fdata()[roi].mean())
     atlas = nib.load(layout.region_atlas_paths(dirs["templates"], a.res)[0]).get_fdata()
     parcels = np.unique(atlas[roi])

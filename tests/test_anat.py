@@ -52,12 +52,6 @@ def _displacement_error(paths, anatomy, mask_path):
     return np.linalg.norm(anatomy.to_template(x) - z, axis=1)
 
 
-def _putamen_roi(img):
-    pts = demo.apply_affine(img.affine, np.indices(img.shape).reshape(3, -1).T.astype(float))
-    d = np.min([np.linalg.norm(pts - c, axis=1) for c in demo.PUTAMEN], axis=0)
-    return (d < 8).reshape(img.shape)
-
-
 # ------------------------------------------------------------------------------------------ templates
 @pytest.mark.slow
 def test_templates_partition_the_brain_and_share_world_coordinates(resources):
@@ -152,7 +146,7 @@ def test_phantom_atrophy_shows_in_the_log_jacobian(tiny_demo, resources, tmp_pat
         t = nib.load(root / "truth" / f"sub-{sub}" / "anat" / f"sub-{sub}_space-{TEMPLATE}_desc-truth_logjacobian.nii.gz")
         t_on_grid = ants.resample_image_to_target(ants.image_read(str(t.get_filename())),
                                                   ants.image_read(out["paths"]["logjacobian"])).numpy()
-        roi, brain = _putamen_roi(lj), nib.load(_tpl(resources, 3)["mask"]).get_fdata() > 0
+        roi, brain = demo.putamen_roi(lj), nib.load(_tpl(resources, 3)["mask"]).get_fdata() > 0
         recovered[sub], true[sub] = lj.get_fdata()[roi].mean(), t_on_grid[roi].mean()
         corr[sub] = np.corrcoef(lj.get_fdata()[brain], t_on_grid[brain])[0, 1]
         truth_mask = nib.load(root / "truth" / f"sub-{sub}" / "anat" / f"sub-{sub}_desc-brain_mask.nii.gz").get_fdata() > 0

@@ -11,6 +11,7 @@ instead (``reports/predictions.tsv``): these are in-sample.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -29,7 +30,7 @@ from .tensors import load_cohort
 def checkpoints(models_dir, preset: str) -> list:
     paths = fold_checkpoints(models_dir, preset)
     if not paths:
-        raise BrainfuseError(f"no {fold_paths('.', preset, '*')['checkpoint'][2:]}", path=models_dir,
+        raise BrainfuseError(f"no {os.path.relpath(fold_paths(models_dir, preset, '*')['checkpoint'], models_dir)}", path=models_dir,
                              fix="train the preset first (snakemake train), or check model.predict_from / "
                                  "model.predict_preset")
     return paths
