@@ -91,6 +91,11 @@ def balanced_accuracy(y, prob) -> float:
     return bacc(y, np.asarray(prob).argmax(1))
 
 
+def provenance_version() -> str:
+    return subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                          text=True).stdout.strip()
+
+
 def run(tensors: Path, bayes_json: Path | None, settings_json: dict, seeds, out: Path, presets) -> dict:
     from brainfuse import config as C
     from brainfuse import train as T
@@ -170,7 +175,9 @@ def main(argv=None):
     r = run(tensors, bayes, json.loads(a.settings), a.train_seeds, a.out.resolve() / "models", a.presets)
     report(r)
     if a.json:
-        a.json.write_text(json.dumps({**r, "results": r["results"].to_dict("records"),
+        # what was compared: the settings over the schema defaults, the cohort, and the code that ran
+        a.json.write_text(json.dumps({**r, "settings": json.loads(a.settings), "tensors": str(tensors),
+                                      "code_version": provenance_version(), "results": r["results"].to_dict("records"),
                                       "targets": [(t, bool(ok)) for t, ok, _ in targets(r)],
                                       "bayes": {k: v for k, v in r["bayes"].items() if k != "subjects"}}, indent=1))
     return 0

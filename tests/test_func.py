@@ -366,6 +366,31 @@ def test_too_little_brain_in_the_field_of_view_is_explained(tiny_demo, tpl, tmp_
     assert not list(deriv.rglob("*_bold.nii.gz")) and not list(deriv.rglob("*_timeseries.*"))
 
 
+def test_anatomical_atlas_names_the_deep_nuclei_and_tracts_where_they_are(tpl, tmp_path):
+    """atlas-HarvardOxfordJuelich (tensors.region_atlas: harvard-oxford) on the working grid: named structures
+    inside the brain mask, each putamen and corticospinal tract on its own side at its MNI position (putamen
+    centre about (+-25, 1, 0) mm), deep white matter that has a label mostly in a tract (about half of it lies in
+    no Juelich tract at 25 % and stays unlabelled), the same file when built twice."""
+    nii, tsv = atlas.build_anatomical(tpl["GM"], tmp_path / "a.nii.gz", tmp_path / "a.tsv", tpl["mask"])
+    img, table = nib.load(nii), pd.read_csv(tsv, sep="\t").set_index("name")
+    labels, mask = np.asarray(img.dataobj), nib.load(tpl["mask"]).get_fdata() > 0
+    assert labels.dtype == np.int16 and not (labels[~mask] > 0).any() and (labels[mask] > 0).mean() > 0.6
+    assert set(np.unique(labels)) - {0} <= set(table["index"])
+    for side, sign in (("Left", -1), ("Right", 1)):
+        put = table.loc[f"{side}_Putamen"]
+        assert put["hemisphere"] == side[0] and put["n_voxels"] > 100
+        assert np.linalg.norm(put[["x", "y", "z"]].to_numpy(float) - [sign * 25, 1, 0]) < 5, put
+        cst = table.loc[f"WM_Corticospinal_tract_{side[0]}"]
+        assert sign * cst["x"] > 10 and cst["n_voxels"] > 100
+    assert not any("Ventric" in n for n in table.index) and all(n.replace("_", "").isalnum() for n in table.index)
+    wm = (nib.load(tpl["WM"]).get_fdata() > 0.9) & mask
+    tract_index = table.loc[[n for n in table.index if n.startswith("WM_")], "index"]
+    labelled = labels[wm][labels[wm] > 0]
+    assert np.isin(labelled, tract_index).mean() > 0.6
+    again = atlas.build_anatomical(tpl["GM"], tmp_path / "b.nii.gz", tmp_path / "b.tsv", tpl["mask"])
+    assert Path(again[0]).read_bytes() == Path(nii).read_bytes() and Path(again[1]).read_bytes() == Path(tsv).read_bytes()
+
+
 def test_whole_brain_atlas_labels_every_brain_voxel_by_hemisphere(tpl, tmp_path):
     """atlas-brainfuseRegions (coverage brain): every brain-mask voxel of the grid in a parcel, white matter and
     deep nuclei included, left parcels left of the midline; the GM atlas leaves white matter out."""

@@ -212,6 +212,7 @@ def test_layout_names_follow_the_stage_contract():
     assert layout.template_files("/t", 3)["mask"] == f"{t}_desc-brain_mask.nii.gz"
     assert layout.atlas_paths("/t", 3) == (f"{t}_atlas-brainfuse_dseg.nii.gz", f"{t}_atlas-brainfuse_dseg.tsv")
     assert layout.region_atlas_paths("/t", 3)[1] == f"{t}_atlas-brainfuseRegions_dseg.tsv"
+    assert layout.region_atlas_paths("/t", 3, "harvard-oxford")[0] == f"{t}_atlas-HarvardOxfordJuelich_dseg.nii.gz"
     a = layout.anat_paths("/d", "01", "2", 3)
     assert a["warp"] == f"/d/sub-01/ses-2/anat/sub-01_ses-2_from-T1w_to-{TEMPLATE}_mode-image_desc-warp_xfm.nii.gz"
     assert a["affine"] == f"/d/sub-01/ses-2/anat/sub-01_ses-2_from-T1w_to-{TEMPLATE}_mode-image_desc-affine_xfm.mat"

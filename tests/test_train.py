@@ -251,7 +251,7 @@ def test_wide_table_is_projected_on_components_fitted_on_the_training_fold(tmp_p
     arrays = {"edges": edges, "age": rng.normal(size=(n, 2)).astype(np.float32)}
     cohort = make_cohort(arrays, y, classes=["control", "PD", "iRBD"])
     s = settings()
-    s["model"]["tabular_components"] = 8
+    s["model"].update(tabular_components=8, tabular_reduce="pca")
     table = splits_for(cohort, s)
     ckpt = bf_train.train_fold(cohort, table, 0, "late", s, tmp_path / "a", log=lambda m: None)
     st = ckpt["preprocessing"]
@@ -265,7 +265,7 @@ def test_wide_table_is_projected_on_components_fitted_on_the_training_fold(tmp_p
     # fitted on training rows only
     poisoned = make_cohort({**arrays, "edges": edges.copy()}, y, classes=["control", "PD", "iRBD"])
     poisoned.arrays["edges"][rows["test"]] = 1e3
-    other = bf_train.fit_preprocessing(poisoned, fit, 1, tabular_components=8)
+    other = bf_train.fit_preprocessing(poisoned, fit, 1, tabular_components=8, tabular_reduce="pca")
     assert torch.equal(other["edges"]["projection"], st["edges"]["projection"])
     # learnt, and the reloaded checkpoint predicts the test rows exactly as training wrote them
     pred = pd.read_csv(tmp_path / "a" / "predictions.tsv", sep="\t")

