@@ -100,12 +100,17 @@ def build(gm_path, out_nii, out_tsv, mask_path=None, n_parcels: int = 100, seed:
     table = centroids(n_parcels, seed, coverage)
     gm = nib.load(str(gm_path))
     labels = label_grid(gm, table, nib.load(str(mask_path)) if mask_path else None, coverage)
-    present = set(np.unique(labels)) - {0}
     table["n_voxels"] = [int((labels == i).sum()) for i in table["index"]]
-    if len(present) < len(table):
-        # a parcel too small for a coarse grid stays in the table (columns are fixed) but is empty
-        print(f"[atlas] {len(table) - len(present)} parcels have no voxel on this grid", file=sys.stderr)
-    img = nib.Nifti1Image(labels, gm.affine)
+    return _write(labels, gm.affine, table, out_nii, out_tsv)
+
+
+def _write(labels: np.ndarray, affine, table: pd.DataFrame, out_nii, out_tsv):
+    """The int16 labels NIfTI and its table; a parcel too small for a coarse grid keeps its row (the feature
+    columns are fixed) with n_voxels 0, and is reported."""
+    empty = int((table["n_voxels"] == 0).sum())
+    if empty:
+        print(f"[atlas] {empty} regions have no voxel on this grid", file=sys.stderr)
+    img = nib.Nifti1Image(labels.astype(np.int16), affine)
     img.header.set_data_dtype(np.int16)
     bf_io.save_nifti(img, out_nii)
     bf_io.save_tsv(table, out_tsv)
@@ -168,14 +173,7 @@ def build_anatomical(gm_path, out_nii, out_tsv, mask_path=None, threshold: float
         c = xyz[lab == k].mean(0) if (lab == k).any() else np.full(3, np.nan)
         rows.append({"index": k, "name": name, "hemisphere": hemi, "x": c[0], "y": c[1], "z": c[2],
                      "n_voxels": int((lab == k).sum())})
-    table = pd.DataFrame(rows).round({"x": 2, "y": 2, "z": 2})
-    if (table["n_voxels"] == 0).any():
-        print(f"[atlas] {int((table['n_voxels'] == 0).sum())} structures have no voxel on this grid", file=sys.stderr)
-    img = nib.Nifti1Image(labels, gm.affine)
-    img.header.set_data_dtype(np.int16)
-    bf_io.save_nifti(img, out_nii)
-    bf_io.save_tsv(table, out_tsv)
-    return out_nii, out_tsv
+    return _write(labels, gm.affine, pd.DataFrame(rows).round({"x": 2, "y": 2, "z": 2}), out_nii, out_tsv)
 
 
 def cli(argv=None):
