@@ -124,7 +124,7 @@ rule atlas_regions:
         "../../envs/func.yaml"
     threads: 1
     resources:
-        mem_mb=2500,   # harvard-oxford: 1.7 GB peak (two 1 mm probability atlases), measured at 3 mm
+        mem_mb=2000,   # harvard-oxford: 1.2 GB peak (one 1 mm probability atlas at a time), measured at 3 mm
         runtime=10,
     shell:
         "{BRAINFUSE} func atlas --coverage {params.coverage} --gm {input.gm} --mask {input.mask} --output {output.nii}"
