@@ -103,15 +103,15 @@ def latent_scores(dirs: dict, man: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, index=man.participant_id)
 
 
-def putamen_breakdown(dirs: dict, F: pd.DataFrame, roi: np.ndarray, cohort: dict, y: np.ndarray, res: int) -> dict:
+def putamen_breakdown(F: pd.DataFrame, roi: np.ndarray, cohort: dict, y: np.ndarray, tensors_dir: Path) -> dict:
     """The putamen ROI against the aMRI region features: where the atrophy's signal is lost."""
-    atlas_nii, atlas_tsv = layout.region_atlas_paths(dirs["templates"], res)
+    atlas_nii, atlas_tsv = (a["path"] for a in cohort["regions"]["aMRI"]["atlas"])   # the atlas it was gathered with
     atlas = nib.load(atlas_nii).get_fdata()
     touched_index = np.unique(atlas[roi])
     regions = pd.read_csv(atlas_tsv, sep="\t")
     touched = set(regions.loc[regions["index"].isin(touched_index.astype(int)), "name"])
     names = cohort["feature_names"]["aMRI"]
-    region = np.nan_to_num(np.load(Path(dirs["tensors"]) / "aMRI.npy").reshape(len(y), -1))
+    region = np.nan_to_num(np.load(tensors_dir / "aMRI.npy").reshape(len(y), -1))
     lj = [i for i, nm in enumerate(names) if nm.startswith("logjacobian_")]
     near = [i for i in lj if names[i].split("_", 1)[1] in touched]
     return {"putamen ROI": score(F["putamen_logjac"], y),
@@ -137,7 +137,7 @@ def main(argv=None):
            "latent_scores": score(S[list(LATENT_OF.values())], y), "roi_oracle": score(F, y),
            "roi_alone": {c: score(F[c], y) for c in F},
            "roi_r_with_latent": {c: float(F[c].astype(float).corr(S[LATENT_OF[c]])) for c in F},
-           "putamen": putamen_breakdown(dirs, F, roi, cohort, y, a.res)}
+           "putamen": putamen_breakdown(F, roi, cohort, y, Path(dirs["tensors"]))}
     print(f"n = {out['n']}: realised Bayes rule {out['bayes_rule']:.3f}; latent scores {out['latent_scores']:.3f} (learning cost); "
           f"ROI oracle {out['roi_oracle']:.3f} (what the preprocessed images carry)")
     for c in F:
