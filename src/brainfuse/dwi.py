@@ -296,10 +296,15 @@ def _tensor_predict(corr, bvals, bvecs, mask, b0):
 
 
 def brain_mask(mean_b0) -> np.ndarray:
-    """dipy median_otsu on the mean b0, largest component, holes filled."""
-    from dipy.segment.mask import median_otsu
+    """dipy's median_otsu steps on the mean b0 (median filter, Otsu threshold), largest component, holes filled.
+    median_otsu itself is not called: it takes scikit-image's Otsu threshold when that package is importable and
+    dipy's otherwise, which differ (one voxel of the Canon mask), so the mask would depend on what else is
+    installed; dipy's own threshold, the one every measurement here was made with, is named explicitly."""
+    from dipy.segment.mask import multi_median
+    from dipy.segment.threshold import otsu
 
-    _, mask = median_otsu(np.asarray(mean_b0, np.float32), median_radius=2, numpass=1)
+    filtered = multi_median(np.asarray(mean_b0, np.float32), 2, 1)
+    mask = filtered > otsu(filtered)
     lab, n = ndimage.label(mask)
     if n > 1:
         mask = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
