@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainfuse.provenance import source_hash   # what `brainfuse --version` prints
+
 REPO = Path(__file__).resolve().parents[1]
 MOE_PRESETS = ("neuromoe", "permmoe", "flexmoe", "fusemoe")
 BASELINE_PRESETS = ("late", "single")
@@ -89,11 +91,6 @@ def balanced_accuracy(y, prob) -> float:
     from brainfuse.reference import balanced_accuracy as bacc
 
     return bacc(y, np.asarray(prob).argmax(1))
-
-
-def provenance_version() -> str:
-    return subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                          text=True).stdout.strip()
 
 
 def run(tensors: Path, bayes_json: Path | None, settings_json: dict, seeds, out: Path, presets) -> dict:
@@ -177,7 +174,7 @@ def main(argv=None):
     if a.json:
         # what was compared: the settings over the schema defaults, the cohort, and the code that ran
         a.json.write_text(json.dumps({**r, "settings": json.loads(a.settings), "tensors": str(tensors),
-                                      "code_version": provenance_version(), "results": r["results"].to_dict("records"),
+                                      "code_version": source_hash(), "results": r["results"].to_dict("records"),
                                       "targets": [(t, bool(ok)) for t, ok, _ in targets(r)],
                                       "bayes": {k: v for k, v in r["bayes"].items() if k != "subjects"}}, indent=1))
     return 0

@@ -55,11 +55,6 @@ def score(X: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(out))
 
 
-def _grid_mask(img, inside) -> np.ndarray:
-    ijk = np.indices(img.shape[:3]).reshape(3, -1).T
-    return inside(ijk @ img.affine[:3, :3].T + img.affine[:3, 3]).reshape(img.shape[:3])
-
-
 def roi_features(dirs: dict, man: pd.DataFrame, cohort: dict, res: int) -> pd.DataFrame:
     """One column per planted effect (NaN where the scan is missing), read from derivatives and tensors."""
     T, n = Path(dirs["tensors"]), len(man)
@@ -73,7 +68,8 @@ def roi_features(dirs: dict, man: pd.DataFrame, cohort: dict, res: int) -> pd.Da
         fa_path = Path(layout.dwi_paths(dirs["deriv"], sub, None, res)["mni_fa"])
         if fa_path.exists():
             fa = nib.load(fa_path)
-            tract = _grid_mask(fa, demo.tract_mask) if tract is None else tract
+            if tract is None:
+                tract = demo.tract_mask(demo.grid_points(fa.shape, fa.affine)).reshape(fa.shape)
             F.loc[pid, "cst_L_fa"] = fa.get_fdata()[tract].mean()
     parcels = pd.read_csv(layout.atlas_paths(dirs["templates"], res)[1], sep="\t")
     tree = cKDTree(parcels[["x", "y", "z"]].to_numpy())
@@ -138,7 +134,8 @@ def main(argv=None):
            "roi_alone": {c: score(F[c], y) for c in F},
            "roi_r_with_latent": {c: float(F[c].astype(float).corr(S[LATENT_OF[c]])) for c in F},
            "putamen": putamen_breakdown(F, roi, cohort, y, Path(dirs["tensors"]))}
-    print(f"n = {out['n']}: realised Bayes rule {out['bayes_rule']:.3f}; latent scores {out['latent_scores']:.3f} (learning cost); "
+    print(f"n = {out['n']}: realised Bayes rule {out['bayes_rule']:.3f}; "
+          f"latent scores {out['latent_scores']:.3f} (learning cost); "
           f"ROI oracle {out['roi_oracle']:.3f} (what the preprocessed images carry)")
     for c in F:
         print(f"  {c:15s} alone {out['roi_alone'][c]:.3f}; r with the latent {LATENT_OF[c]} "

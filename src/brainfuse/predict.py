@@ -30,7 +30,8 @@ from .tensors import load_cohort
 def checkpoints(models_dir, preset: str) -> list:
     paths = fold_checkpoints(models_dir, preset)
     if not paths:
-        raise BrainfuseError(f"no {os.path.relpath(fold_paths(models_dir, preset, '*')['checkpoint'], models_dir)}", path=models_dir,
+        pattern = os.path.relpath(fold_paths(models_dir, preset, "*")["checkpoint"], models_dir)
+        raise BrainfuseError(f"no {pattern}", path=models_dir,
                              fix="train the preset first (snakemake train), or check model.predict_from / "
                                  "model.predict_preset")
     return paths

@@ -174,7 +174,7 @@ def head_resolution(cfg: dict) -> int:
 
 def putamen_roi(img, radius_mm: float = 8.0) -> np.ndarray:
     """Voxels of ``img``'s grid within ``radius_mm`` of the phantom's putamen centres (where the atrophy is planted)."""
-    pts = apply_affine(img.affine, np.indices(img.shape).reshape(3, -1).T.astype(float))
+    pts = grid_points(img.shape, img.affine)
     d = np.min([np.linalg.norm(pts - c, axis=1) for c in PUTAMEN], axis=0)
     return (d < radius_mm).reshape(img.shape)
 
