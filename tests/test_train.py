@@ -303,6 +303,38 @@ def test_select_keeps_the_columns_that_carry_the_label_in_the_training_fold():
                                rtol=1e-5)
 
 
+def test_inner_cv_keeps_few_columns_for_a_focal_effect_and_many_for_a_spread_one():
+    """tabular_select_k: inner_cv chooses the count from the training rows: a focal effect (2 of 400 columns, as
+    the putamen parcels) keeps a few, an effect spread thinly over 64 columns keeps the maximum; test rows never
+    change the choice."""
+    rng = np.random.default_rng(5)
+    n = 120
+    y = rng.permutation(np.arange(n) % 3)
+    focal = rng.normal(size=(n, 400)).astype(np.float32)
+    focal[:, 17] += 2.0 * (y == 1)
+    focal[:, 250] -= 2.0 * (y == 2)
+    spread = rng.normal(size=(n, 400)).astype(np.float32)
+    spread[:, :64] += 0.45 * (y == 1)[:, None] - 0.45 * (y == 2)[:, None]
+    cohort = make_cohort({"focal": focal, "spread": spread}, y, classes=["control", "PD", "iRBD"])
+    fit, test = np.arange(90), np.arange(90, n)
+
+    def kept(c, yy):
+        st = bf_train.fit_preprocessing(c, fit, 1, tabular_components=32, tabular_reduce="select", y=yy,
+                                        select_k="inner_cv")
+        return {m: np.flatnonzero(st[m]["projection"].numpy().sum(1)) for m in ("focal", "spread")}
+
+    k = kept(cohort, y)
+    assert 2 <= len(k["focal"]) <= 4 and {17, 250} <= set(k["focal"])
+    assert len(k["spread"]) == 32 and (k["spread"] < 64).mean() >= 0.8
+    poisoned = make_cohort({m: cohort.arrays[m].copy() for m in ("focal", "spread")}, y, classes=cohort.classes)
+    for m in ("focal", "spread"):
+        poisoned.arrays[m][test] = rng.normal(size=(len(test), 400)) * 100
+    y_poisoned = y.copy()
+    y_poisoned[test] = 0
+    again = kept(poisoned, y_poisoned)
+    assert all(np.array_equal(again[m], k[m]) for m in k)
+
+
 def test_epoch_count_comes_from_the_mean_curve_of_inner_folds(tmp_path):
     """model.inner_folds 3: three models on grouped inner folds of train + val, side by side; the final model is
     refitted on train + val for the epoch of the lowest mean validation loss (patience on the mean)."""
