@@ -83,6 +83,32 @@ def test_unexpected_failure_is_one_line_with_the_way_to_the_traceback(monkeypatc
     assert "Traceback" in err and err.splitlines()[-1].startswith("brainfuse broken: error: unexpected error")
 
 
+def test_a_library_failure_on_a_full_disk_says_the_disk_is_full(monkeypatch, capsys, tmp_path):
+    """ITK reports a full disk as its own failure (antsApplyTransforms' exit code 1 after "wrote only 0 of
+    3063792 bytes", seen here when /tmp filled); the line then names the output folder's disk and the fix.
+    shutil.disk_usage reports 5 MB free below tmp_path: filling a real disk would fill the machine's."""
+    import collections
+    import shutil
+    import types
+
+    from brainfuse import cli
+
+    def broken(argv):
+        raise RuntimeError("antsApplyTransforms returned non-zero exit code 1")
+
+    real = shutil.disk_usage
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2 ** 30, 10 * 2 ** 30, 5 * 2 ** 20)
+                        if str(p).startswith(str(tmp_path)) else real(p))
+    monkeypatch.setitem(sys.modules, "brainfuse_broken", types.SimpleNamespace(cli=broken))
+    monkeypatch.setitem(cli.COMMANDS, "broken", ("brainfuse_broken", "a command that fails"))
+    assert cli.main(["broken", "--out-dir", str(tmp_path / "derivatives" / "brainfuse")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"brainfuse broken: error: RuntimeError: antsApplyTransforms returned non-zero exit code 1; the "
+                   f"disk is full at {tmp_path} (5 MB free): free space or set output_dir (and TMPDIR) on a larger "
+                   "file system, then rerun\n")
+
+
 def test_read_json_names_line_and_column(tmp_path):
     side = tmp_path / "sub-01_task-rest_bold.json"
     side.write_text('{\n  "RepetitionTime": 2.0,\n  "TaskName": rest\n}\n')

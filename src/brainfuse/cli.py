@@ -78,8 +78,13 @@ def main(argv=None) -> int:
     except Exception as e:      # one line for the user; the traceback only when asked for
         if debug:
             traceback.print_exc()
-        print(f"brainfuse {command}: error: {one_line(e)}", file=sys.stderr)
+        print(f"brainfuse {command}: error: {one_line(e, _outputs(rest))}", file=sys.stderr)
         return 1
+
+
+def _outputs(args: list) -> list:
+    """The folders and files a command writes (the values of --out-dir and --output)."""
+    return [b for a, b in zip(args, args[1:]) if a in ("--out-dir", "--output")]
 
 
 if __name__ == "__main__":

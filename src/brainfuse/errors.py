@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["BrainfuseError", "one_line", "os_error_line", "debug_enabled"]
+__all__ = ["BrainfuseError", "one_line", "os_error_line", "debug_enabled", "full_disk"]
 
 
 class BrainfuseError(ValueError):
@@ -58,11 +58,44 @@ def os_error_line(e: OSError) -> str:
     return f"{name}: {reason}"
 
 
-def one_line(e: BaseException) -> str:
+LOW_DISK_MB = 200
+
+
+def full_disk(paths) -> str | None:
+    """The first of ``paths`` (or its nearest existing parent) on a file system with under LOW_DISK_MB free,
+    with the free megabytes; None when every one has room. Why: ITK and other C++ libraries report a full disk
+    as their own failure ("antsApplyTransforms returned non-zero exit code 1" after ITK's "wrote only 0 of
+    3063792 bytes"), never as an OSError a user would recognise."""
+    import shutil
+
+    for path in paths:
+        p = os.path.abspath(str(path))
+        while not os.path.exists(p) and os.path.dirname(p) != p:
+            p = os.path.dirname(p)
+        try:
+            free_mb = shutil.disk_usage(p).free / 2 ** 20
+        except OSError:
+            continue
+        if free_mb < LOW_DISK_MB:
+            return f"{p} ({free_mb:.0f} MB free)"
+    return None
+
+
+def one_line(e: BaseException, outputs=()) -> str:
     """The message the CLI prints for ``e``: its own text for brainfuse errors, the file and the system's
-    words for an OSError, and for anything else its type and message with a pointer to ``--debug``."""
+    words for an OSError, and for anything else its type and message with a pointer to ``--debug``; then,
+    when the disk of ``outputs`` (the command's output folders) or of the temporary folder is full, says so."""
     if isinstance(e, BrainfuseError):
         return str(e).replace("\n", " ")
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        return os_error_line(e)
+    import tempfile
+
+    full = full_disk([*outputs, tempfile.gettempdir()])
+    if full:
+        text = f"{type(e).__name__}: {e}".replace("\n", " ")
+        return (f"{text}; the disk is full at {full}: free space or set output_dir (and TMPDIR) on a larger "
+                "file system, then rerun")
     if isinstance(e, OSError):
         return os_error_line(e)
     text = f"{type(e).__name__}: {e}".replace("\n", " ")
