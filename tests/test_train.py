@@ -276,15 +276,21 @@ def test_wide_table_is_projected_on_components_fitted_on_the_training_fold(tmp_p
     np.testing.assert_allclose(probs, pred[["prob_control", "prob_PD", "prob_iRBD"]].to_numpy(), atol=1e-5)
 
 
+def _focal_effect(rng, n: int, effect: float):
+    """Three classes over n rows of 400 noise columns; class 1 raises column 17, class 2 lowers column 250."""
+    y = rng.permutation(np.arange(n) % 3)
+    X = rng.normal(size=(n, 400)).astype(np.float32)
+    X[:, 17] += effect * (y == 1)
+    X[:, 250] -= effect * (y == 2)
+    return y, X
+
+
 def test_select_keeps_the_columns_that_carry_the_label_in_the_training_fold():
     """tabular_reduce: select keeps the columns most associated with the training rows' labels (a focal effect in 2
     of 400 region columns, as the demo's putamen Jacobian), as a selection matrix; test rows never change it."""
     rng = np.random.default_rng(3)
     n = 60
-    y = rng.permutation(np.arange(n) % 3)
-    X = rng.normal(size=(n, 400)).astype(np.float32)
-    X[:, 17] += 2.5 * (y == 1)
-    X[:, 250] -= 2.5 * (y == 2)
+    y, X = _focal_effect(rng, n, 2.5)
     cohort = make_cohort({"regions": X}, y, classes=["control", "PD", "iRBD"])
     fit, test = np.arange(45), np.arange(45, n)
     st = bf_train.fit_preprocessing(cohort, fit, 1, tabular_components=6, tabular_reduce="select", y=y)["regions"]
@@ -309,10 +315,7 @@ def test_inner_cv_keeps_few_columns_for_a_focal_effect_and_many_for_a_spread_one
     change the choice."""
     rng = np.random.default_rng(5)
     n = 120
-    y = rng.permutation(np.arange(n) % 3)
-    focal = rng.normal(size=(n, 400)).astype(np.float32)
-    focal[:, 17] += 2.0 * (y == 1)
-    focal[:, 250] -= 2.0 * (y == 2)
+    y, focal = _focal_effect(rng, n, 2.0)
     spread = rng.normal(size=(n, 400)).astype(np.float32)
     spread[:, :64] += 0.45 * (y == 1)[:, None] - 0.45 * (y == 2)[:, None]
     cohort = make_cohort({"focal": focal, "spread": spread}, y, classes=["control", "PD", "iRBD"])
