@@ -102,6 +102,8 @@ def test_a_library_failure_on_a_full_disk_says_the_disk_is_full(monkeypatch, cap
                         if str(p).startswith(str(tmp_path)) else real(p))
     monkeypatch.setitem(sys.modules, "brainfuse_broken", types.SimpleNamespace(cli=broken))
     monkeypatch.setitem(cli.COMMANDS, "broken", ("brainfuse_broken", "a command that fails"))
+    assert cli.main(["broken", f"--out-dir={tmp_path / 'derivatives' / 'brainfuse'}"]) == 1
+    assert f"the disk is full at {tmp_path} (5 MB free)" in capsys.readouterr().err    # argparse's other spelling
     assert cli.main(["broken", "--out-dir", str(tmp_path / "derivatives" / "brainfuse")]) == 1
     err = capsys.readouterr().err
     assert err == (f"brainfuse broken: error: RuntimeError: antsApplyTransforms returned non-zero exit code 1; the "

@@ -83,8 +83,10 @@ def main(argv=None) -> int:
 
 
 def _outputs(args: list) -> list:
-    """The folders and files a command writes (the values of --out-dir and --output)."""
-    return [b for a, b in zip(args, args[1:]) if a in ("--out-dir", "--output")]
+    """The folders and files a command writes (the values of --out-dir and --output, either spelling)."""
+    flags = ("--out-dir", "--output")
+    return ([b for a, b in zip(args, args[1:]) if a in flags]
+            + [a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in flags and "=" in a])
 
 
 if __name__ == "__main__":

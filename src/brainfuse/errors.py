@@ -92,11 +92,10 @@ def one_line(e: BaseException, outputs=()) -> str:
     import tempfile
 
     full = full_disk([*outputs, tempfile.gettempdir()])
+    text = f"{type(e).__name__}: {e}".replace("\n", " ")
     if full:
-        text = f"{type(e).__name__}: {e}".replace("\n", " ")
         return (f"{text}; the disk is full at {full}: free space or set output_dir (and TMPDIR) on a larger "
                 "file system, then rerun")
     if isinstance(e, OSError):
         return os_error_line(e)
-    text = f"{type(e).__name__}: {e}".replace("\n", " ")
     return f"unexpected error {text} (rerun with --debug or BRAINFUSE_DEBUG=1 for the traceback, and please report it)"
