@@ -278,6 +278,16 @@ def test_demo_subjects_that_do_not_exist_are_refused(tmp_path):
     refused(snakemake("-n", "--config", f"output_dir={tmp_path}/out", "subjects=[001,999]"), "'subjects'", "999")
 
 
+@pytest.mark.slow
+def test_a_demo_too_small_for_the_folds_is_refused_before_any_job(tmp_path):
+    """12 subjects of 3 classes are 4 per class, fewer than 5 folds: the splits rule would refuse them only after
+    ~10 minutes of preprocessing. Stages that stop before training are fine."""
+    small = ["--config", f"output_dir={tmp_path}/out", "demo={n_subjects: 12}"]
+    refused(snakemake("-n", *small), "control 4, PD 4, iRBD 4", "cv.n_folds=5", "demo.n_subjects to at least 15")
+    assert snakemake("-n", *small, "cv={n_folds: 4}").returncode == 0
+    assert snakemake("-n", *small, "stages=[convert, anat, dwi, func, tensors]").returncode == 0
+
+
 def test_input_folder_checks_name_the_key_and_path(tmp_path):
     """The library side of the parse-time checks (no Snakemake start): each error names the path and the key."""
     afile = tmp_path / "data.txt"
