@@ -44,6 +44,14 @@ MOE_PRESETS = ("neuromoe", "permmoe", "flexmoe", "fusemoe")
 BASELINE_PRESETS = ("late", "single")
 
 
+def cohort_demo(n: int, seed: int) -> dict:
+    """The generator's full protocol (its schema defaults: 2 b0 + 30 directions, 100 BOLD volumes, ...), not the
+    shortened one config/config.yaml gives the README demo: benchmark cohorts stay what their JSONs report."""
+    from brainfuse.phantom.generator import demo_config
+
+    return {**demo_config({}), "n_subjects": n, "seed": seed}
+
+
 def preprocess(n: int, seed: int, out: Path, cores: int) -> tuple[Path, Path]:
     """(tensors folder, truth/bayes.json) of an n-subject demo cohort, built by the workflow (cached)."""
     root = out / f"n{n}-seed{seed}"
@@ -51,7 +59,7 @@ def preprocess(n: int, seed: int, out: Path, cores: int) -> tuple[Path, Path]:
     cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--rerun-incomplete", "tensors", "-s",
            str(REPO / "Snakefile"),
            "-d", str(root), "--configfile", str(REPO / "config" / "config.yaml"),
-           "--config", f"output_dir={root}/results", f"demo={json.dumps({'n_subjects': n, 'seed': seed})}"]
+           "--config", f"output_dir={root}/results", f"demo={json.dumps(cohort_demo(n, seed))}"]
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(root / "snakemake.log", "a") as log:
