@@ -2,8 +2,9 @@
 
     ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=2 .venv/bin/python benchmarks/bench_anat.py [--res 2 3] [--threads 2]
 
-Target: the demo (36 subjects, 3 mm, 2 cores, every stage) in about 10 minutes, so anat <= 15 s per subject at
-3 mm with the accuracy goals (displacement error, brain-mask Dice) met. Timings depend on machine load: run alone.
+Target (issue 21): the README demo (15 subjects, 3 mm, 2 cores, every stage) in 10 minutes, which needs the image
+stages ~28 % faster than their 2026-12-07 timings (README), with the accuracy goals (displacement error, brain-mask
+Dice, real-scan MNI correlation) met. Timings depend on machine load: run alone.
 """
 import argparse
 import json

@@ -45,8 +45,8 @@ BASELINE_PRESETS = ("late", "single")
 
 
 def cohort_demo(n: int, seed: int) -> dict:
-    """The generator's full protocol (its schema defaults: 2 b0 + 30 directions, 100 BOLD volumes, ...), not the
-    shortened one config/config.yaml gives the README demo: benchmark cohorts stay what their JSONs report."""
+    """Every generator setting spelled out (its schema defaults), so that an edit to config/config.yaml's demo
+    section cannot change a benchmark cohort: the cohorts stay what their JSONs report."""
     from brainfuse.phantom.generator import demo_config
 
     return {**demo_config({}), "n_subjects": n, "seed": seed}
