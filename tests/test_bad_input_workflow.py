@@ -286,6 +286,9 @@ def test_a_demo_too_small_for_the_folds_is_refused_before_any_job(tmp_path):
     refused(snakemake("-n", *small), "control 4, PD 4, iRBD 4", "cv.n_folds=5", "demo.n_subjects to at least 15")
     assert snakemake("-n", *small, "cv={n_folds: 4}").returncode == 0
     assert snakemake("-n", *small, "stages=[convert, anat, dwi, func, tensors]").returncode == 0
+    # predicted with models trained elsewhere: nothing is trained on these 12
+    models = tmp_path / "models"
+    assert snakemake("-n", *small, f"model={{predict_from: {models}, predict_preset: late}}").returncode == 0
 
 
 def test_input_folder_checks_name_the_key_and_path(tmp_path):

@@ -73,7 +73,8 @@ def _check_subjects(found, where):
 def _check_demo_folds(cohort):
     """Too few demo subjects per class for cv.n_folds: said now, not after the preprocessing (~1 min per subject
     on 2 cores) when the splits rule would refuse them. The generator deals the classes out in turn."""
-    if "train" not in config["stages"] or config["tensors"]["task"] != "classification":
+    if ("train" not in config["stages"] or config["model"]["predict_from"]   # nothing trained here
+            or config["tensors"]["task"] != "classification"):
         return
     folds, classes = config["cv"]["n_folds"], config["demo"]["classes"]
     counts = {c: sum(s.diagnosis == c for s in cohort) for c in classes}
