@@ -149,7 +149,16 @@ RESUME_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_train import synthetic_cohort, settings, splits_for
-from brainfuse import train
+from brainfuse import io as bf_io, train
+if sys.argv[4:] == ["slow"]:   # the run to be killed: it pauses after each saved epoch, so that the test's poller sees
+    import time                # every state however loaded the machine (results unchanged: only the pace)
+    _save = bf_io.save_torch
+
+    def save_then_pause(obj, path):
+        _save(obj, path)
+        if str(path).endswith("resume.pt"):
+            time.sleep(0.2)
+    bf_io.save_torch = save_then_pause
 s = settings()
 s["model"].update(epochs=int(sys.argv[2]), patience=1000, inner_folds=int(sys.argv[3]))
 cohort = synthetic_cohort()
@@ -173,8 +182,8 @@ def test_killed_training_resumes_and_ends_with_the_same_model(tmp_path, kill_pha
     assert ref["refit"]["epochs"] == ref["best_epoch"] >= 1
     # killed (SIGKILL, no clean-up) once a few epochs of the phase are saved, then rerun
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(out), epochs, inner], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, str(script), str(out), epochs, inner, "slow"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint.pt").exists():
         try:
