@@ -71,7 +71,7 @@ def _check_subjects(found, where):
 
 
 def _check_demo_folds(cohort):
-    """Too few demo subjects per class for cv.n_folds: said now, not after the preprocessing (~1 min per subject
+    """Too few demo subjects per class for cv.n_folds: said now, not after the preprocessing (~40 s per subject
     on 2 cores) when the splits rule would refuse them. The generator deals the classes out in turn."""
     if ("train" not in config["stages"] or config["model"]["predict_from"]   # nothing trained here
             or config["tensors"]["task"] != "classification"):
