@@ -285,6 +285,9 @@ def test_a_demo_too_small_for_the_folds_is_refused_before_any_job(tmp_path):
     small = ["--config", f"output_dir={tmp_path}/out", "demo={n_subjects: 12}"]
     refused(snakemake("-n", *small), "control 4, PD 4, iRBD 4", "cv.n_folds=5", "demo.n_subjects to at least 15")
     assert snakemake("-n", *small, "cv={n_folds: 4}").returncode == 0
+    # grouped by site, the folds count the demo's two sites: more subjects would not help
+    line = refused(snakemake("-n", *small, "cv={n_folds: 4, group_by: site}"), "site groups (cv.group_by)")
+    assert "demo.n_subjects" not in line and "lower cv.n_folds" in line
     assert snakemake("-n", *small, "stages=[convert, anat, dwi, func, tensors]").returncode == 0
     # predicted with models trained elsewhere: nothing is trained on these 12
     models = tmp_path / "models"

@@ -336,8 +336,7 @@ def plot_metrics(results: pd.DataFrame, task: str, path, bayes: dict | None, cha
     if chance is not None or bayes:
         ax.legend(loc="lower right", fontsize=8)
     # n on the figure: at 15 participants a 95% CI is ~0.5 wide, and a reader should see why before comparing bars
-    n = int(r[r.analysis == "cv"].n.max()) if (r.analysis == "cv").any() else int(r.n.max())
-    ax.set_title(f"CV performance, n = {n} (blue: presets, grey: baselines,\nred: canary, green: Bayes rule)",
+    ax.set_title(f"CV performance, n = {int(r.n.max())} (blue: presets, grey: baselines,\nred: canary, green: Bayes rule)",
                  fontsize=10)
     fig.tight_layout()
     bf_io.save_figure(fig, path, dpi=110)

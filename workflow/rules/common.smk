@@ -71,18 +71,22 @@ def _check_subjects(found, where):
 
 
 def _check_demo_folds(cohort):
-    """Too few demo subjects per class for cv.n_folds: said now, not after the preprocessing (~40 s per subject
-    on 2 cores) when the splits rule would refuse them. The generator deals the classes out in turn."""
+    """The splits rule's label check, run on the demo's plan at parse time: labels that no fold split can take are
+    said now, not after the preprocessing (~40 s per subject on 2 cores)."""
     if ("train" not in config["stages"] or config["model"]["predict_from"]   # nothing trained here
             or config["tensors"]["task"] != "classification"):
         return
-    folds, classes = config["cv"]["n_folds"], config["demo"]["classes"]
-    counts = {c: sum(s.diagnosis == c for s in cohort) for c in classes}
-    if min(counts.values()) < folds:
-        raise WorkflowError(
-            f"the demo ({len(cohort)} subjects: " + ", ".join(f"{c} {n}" for c, n in counts.items())
-            + f") has fewer subjects per class than cv.n_folds={folds}, so some test folds would lack a class; "
-            f"set demo.n_subjects to at least {folds * len(classes)} (and subjects to [] for all), or lower cv.n_folds")
+    from brainfuse.splits import DegenerateLabelError, check_labels
+
+    folds, classes, group_by = config["cv"]["n_folds"], config["demo"]["classes"], config["cv"]["group_by"]
+    groups = [s.site if group_by == "site" else s.label for s in cohort]
+    try:
+        check_labels([classes.index(s.diagnosis) for s in cohort], "classification", folds, groups, classes,
+                     label="diagnosis", group_by=group_by)
+    except DegenerateLabelError as e:
+        more = f"set demo.n_subjects to at least {folds * len(classes)} (and subjects to [] for all), or " \
+            if group_by == "participant_id" else ""      # the generator deals the classes out in turn
+        raise WorkflowError(f"the demo ({len(cohort)} subjects): {e.problem}; {more}lower cv.n_folds") from None
 
 
 def _participant_rows(table):
