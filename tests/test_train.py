@@ -401,3 +401,14 @@ def test_too_small_a_training_part_gets_fewer_inner_folds_with_a_warning(tmp_pat
     warning = [m for m in logs if "WARNING" in m and "model.inner_folds=3" in m]
     assert warning and "per class [2, 2, 2]" in warning[0] and "using 2 inner folds" in warning[0], logs
     assert ckpt["refit"] is not None and (tmp_path / "a" / "predictions.tsv").exists()
+
+
+def test_training_runs_with_deterministic_algorithms_without_loading_the_compiler():
+    """set_determinism turns torch's deterministic algorithms on (warn-only: CPU ops without a deterministic
+    kernel warn instead of failing) without importing torch._inductor, 1.2 s of every training job."""
+    code = ("import sys, torch; from brainfuse.train import set_determinism; set_determinism(0, 1); "
+            "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), "
+            "'torch._inductor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert out.stdout.split() == ["True", "True", "False"], out.stdout + out.stderr
