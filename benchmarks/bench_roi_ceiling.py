@@ -116,11 +116,38 @@ def putamen_breakdown(F: pd.DataFrame, roi: np.ndarray, cohort: dict, y: np.ndar
             f"every aMRI region feature ({region.shape[1]})": score(region, y)}
 
 
+ORACLE_MODALITIES = {"aMRI": ["putamen_logjac"], "DTI": ["cst_L_fa"], "conn": ["sm_st_conn"],
+                     "clinical": ["updrs_iii", "rbdsq"], "serum": ["nfl_pg_ml"]}
+
+
+def models_on_oracle(F: pd.DataFrame, man: pd.DataFrame, meta: dict, presets, seeds, out: Path) -> pd.DataFrame:
+    """Every preset and the linear baselines trained on the ROI oracle's columns as their modalities (missing
+    scans absent, as in the workflow), on the splits bench_cohort uses: where the oracle's logistic regression
+    and the presets part, the loss is the models', not the features'."""
+    import bench_cohort as B
+    from brainfuse import config as C
+    from brainfuse.tensors import make_cohort
+
+    cohort = make_cohort({m: F[c].to_numpy(float) for m, c in ORACLE_MODALITIES.items()}, man["target"].to_numpy(),
+                         classes=meta["classes"], participant_ids=man["participant_id"].tolist(),
+                         feature_names=ORACLE_MODALITIES)
+    rows = []
+    for seed in seeds:
+        s = C.settings_from_json({"model": {}, "cv": {"seed": seed}})
+        for model, (y, prob) in B.cv_predictions(cohort, s, presets, out / f"seed-{seed}").items():
+            rows.append({"seed": seed, "model": model, "balanced_accuracy": B.balanced_accuracy(y, prob)})
+        print(f"[bench_roi_ceiling] models on the oracle, training seed {seed} done", flush=True)
+    return pd.DataFrame(rows).groupby("model")["balanced_accuracy"].agg(["mean", "std"]).reset_index()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, required=True, help="the cohort's output_dir (holds tensors/, derivatives/)")
     ap.add_argument("--res", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--models", type=Path, metavar="WORKDIR",
+                    help="also train every preset and linear baseline on the oracle's columns (models in WORKDIR)")
+    ap.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
     a = ap.parse_args(argv)
     dirs = layout.output_dirs(a.root)
     man = pd.read_csv(Path(dirs["tensors"]) / "manifest.tsv", sep="\t")
@@ -142,6 +169,15 @@ def main(argv=None):
               f"{out['roi_r_with_latent'][c]:+.2f}")
     for k, v in out["putamen"].items():
         print(f"  aMRI: {k}: {v:.3f}")
+    if a.models:
+        import bench_cohort as B
+
+        res = models_on_oracle(F, man, cohort, B.MOE_PRESETS + B.BASELINE_PRESETS, a.train_seeds, a.models.resolve())
+        out["models_on_oracle"] = res.to_dict("records")
+        print(f"every model on the oracle's {len(ORACLE_MODALITIES)} modalities (mean (SD) over training seeds "
+              f"{a.train_seeds}; the oracle's logistic regression {out['roi_oracle']:.3f}):")
+        for _, row in res.sort_values("mean", ascending=False).iterrows():
+            print(f"  {row['model']:18s} {row['mean']:.3f} ({row['std']:.3f})")
     if a.json:
         a.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0
