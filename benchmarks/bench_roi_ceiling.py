@@ -11,6 +11,10 @@ fold's median), 5-fold stratified CV, mean over three CV seeds.
    (fa), mean Fisher z of the atlas-brainfuse edges between the parcels nearest the somatomotor and striatal
    nodes (connectivity), updrs_iii, rbdsq and nfl_pg_ml (clinical, serum).
 3. Where aMRI's signal goes: the putamen ROI against the region features the models get.
+4. ``--models WORKDIR``: every preset and linear baseline of bench_cohort trained on the oracle's columns as their
+   modalities (aMRI = the putamen ROI, DTI = the corticospinal FA, conn = the planted edges, clinical, serum; missing
+   scans absent), on bench_cohort's splits and training seeds: where they reach the oracle's logistic regression,
+   what the presets lose on the workflow's tensors is the features', not the models'.
 A model of the region features can at best reach the ROI oracle, so issue 20's "within 5 points of the realised
 Bayes rule" is reachable only where (2) is.
 
