@@ -14,7 +14,9 @@ fold's median), 5-fold stratified CV, mean over three CV seeds.
 4. ``--models WORKDIR``: every preset and linear baseline of bench_cohort trained on the oracle's columns as their
    modalities (aMRI = the putamen ROI, DTI = the corticospinal FA, conn = the planted edges, clinical, serum; missing
    scans absent), on bench_cohort's splits and training seeds: where they reach the oracle's logistic regression,
-   what the presets lose on the workflow's tensors is the features', not the models'.
+   what the presets lose on the workflow's tensors is the features', not the models'. With ``--swap`` as well: the
+   workflow's own cohort, then with aMRI, DTI or conn alone replaced by its oracle column: what each modality's
+   features cost the models.
 A model of the region features can at best reach the ROI oracle, so issue 20's "within 5 points of the realised
 Bayes rule" is reachable only where (2) is.
 
@@ -122,25 +124,34 @@ def putamen_breakdown(F: pd.DataFrame, roi: np.ndarray, cohort: dict, y: np.ndar
 
 ORACLE_MODALITIES = {"aMRI": ["putamen_logjac"], "DTI": ["cst_L_fa"], "conn": ["sm_st_conn"],
                      "clinical": ["updrs_iii", "rbdsq"], "serum": ["nfl_pg_ml"]}
+SWAPPED = ("aMRI", "DTI", "conn")          # the image modalities with a planted effect (fMRI carries none)
 
 
-def models_on_oracle(F: pd.DataFrame, man: pd.DataFrame, meta: dict, presets, seeds, out: Path) -> pd.DataFrame:
-    """Every preset and the linear baselines trained on the ROI oracle's columns as their modalities (missing
-    scans absent, as in the workflow), on the splits bench_cohort uses: where the oracle's logistic regression
-    and the presets part, the loss is the models', not the features'."""
-    import bench_cohort as B
-    from brainfuse import config as C
+def oracle_cohort(F: pd.DataFrame, tensors: Path, swap=None):
+    """The cohort models are trained on: the oracle's columns as the modalities (``swap`` None), or the workflow's
+    own cohort with the modalities in ``swap`` replaced by their oracle columns (missing scans absent either way)."""
+    from brainfuse import train as T
     from brainfuse.tensors import make_cohort
 
-    cohort = make_cohort({m: F[c].to_numpy(float) for m, c in ORACLE_MODALITIES.items()}, man["target"].to_numpy(),
-                         classes=meta["classes"], participant_ids=man["participant_id"].tolist(),
-                         feature_names=ORACLE_MODALITIES)
+    wf = T.load(tensors)
+    cols = ORACLE_MODALITIES if swap is None else {m: ORACLE_MODALITIES[m] if m in swap else wf.feature_names[m]
+                                                   for m in wf.names}
+    arrays = {m: F[c].to_numpy(np.float32) if swap is None or m in swap else wf.arrays[m] for m, c in cols.items()}
+    return make_cohort(arrays, wf.target, classes=wf.classes, participant_ids=wf.manifest["participant_id"].tolist(),
+                       feature_names=cols, covariates=wf.covariates, covariate_names=wf.covariate_names)
+
+
+def models_on_oracle(cohort, presets, seeds, out: Path) -> pd.DataFrame:
+    """Every preset and the linear baselines of bench_cohort on ``cohort``, on the splits bench_cohort uses: mean
+    and SD of balanced accuracy over training seeds."""
+    import bench_cohort as B
+    from brainfuse import config as C
+
     rows = []
     for seed in seeds:
         s = C.settings_from_json({"model": {}, "cv": {"seed": seed}})
         for model, (y, prob) in B.cv_predictions(cohort, s, presets, out / f"seed-{seed}").items():
             rows.append({"seed": seed, "model": model, "balanced_accuracy": B.balanced_accuracy(y, prob)})
-        print(f"[bench_roi_ceiling] models on the oracle, training seed {seed} done", flush=True)
     return pd.DataFrame(rows).groupby("model")["balanced_accuracy"].agg(["mean", "std"]).reset_index()
 
 
@@ -151,6 +162,9 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, help="write every number here")
     ap.add_argument("--models", type=Path, metavar="WORKDIR",
                     help="also train every preset and linear baseline on the oracle's columns (models in WORKDIR)")
+    ap.add_argument("--swap", action="store_true",
+                    help="with --models: also the workflow's own features, and each with one image modality's "
+                         "features replaced by its oracle column (which modality's features lose the most)")
     ap.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
     a = ap.parse_args(argv)
     dirs = layout.output_dirs(a.root)
@@ -176,12 +190,18 @@ def main(argv=None):
     if a.models:
         import bench_cohort as B
 
-        res = models_on_oracle(F, man, cohort, B.MOE_PRESETS + B.BASELINE_PRESETS, a.train_seeds, a.models.resolve())
-        out["models_on_oracle"] = res.to_dict("records")
-        print(f"every model on the oracle's {len(ORACLE_MODALITIES)} modalities (mean (SD) over training seeds "
-              f"{a.train_seeds}; the oracle's logistic regression {out['roi_oracle']:.3f}):")
-        for _, row in res.sort_values("mean", ascending=False).iterrows():
-            print(f"  {row['model']:18s} {row['mean']:.3f} ({row['std']:.3f})")
+        runs = {"oracle": None} | ({"workflow": [], **{f"workflow, {m} from the oracle": [m] for m in SWAPPED}}
+                                   if a.swap else {})
+        out["models"] = {}
+        for name, swap in runs.items():
+            cohort_m = oracle_cohort(F, Path(dirs["tensors"]), swap)
+            res = models_on_oracle(cohort_m, list(B.MOE_PRESETS + B.BASELINE_PRESETS), a.train_seeds,
+                                   a.models.resolve() / name.replace(", ", "_").replace(" ", "-"))
+            out["models"][name] = res.to_dict("records")
+            print(f"every model on the {name} features (mean (SD) over training seeds {a.train_seeds}; the oracle's "
+                  f"logistic regression {out['roi_oracle']:.3f}):", flush=True)
+            for _, row in res.sort_values("mean", ascending=False).iterrows():
+                print(f"  {row['model']:18s} {row['mean']:.3f} ({row['std']:.3f})", flush=True)
     if a.json:
         a.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0
